@@ -1,0 +1,181 @@
+"""``bksdm <command>``: thin wrappers that parse arguments, call the library and print results.
+
+Errors a user can fix (a bad plan, a missing teacher, an occupied output folder) print one clear message
+and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from bksdm import __version__
+from bksdm.layout import LayoutError
+from bksdm.loading import TeacherNotFoundError
+from bksdm.plan import PRESETS, PlanError
+from bksdm.prune import OutputExistsError
+from bksdm.surgery import SurgeryError
+
+USER_ERRORS = (PlanError, LayoutError, SurgeryError, TeacherNotFoundError, OutputExistsError)
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="remove U-Net blocks from a teacher and write a student pipeline folder",
+        description="Build a student U-Net from a teacher by a plan, copy the kept weights, and write a complete "
+        "diffusers pipeline (teacher's tokenizer, text encoder, VAE, scheduler + student U-Net) with "
+        "a report of what was removed.",
+    )
+    p.add_argument(
+        "--teacher", required=True, help="hub id or local folder of a diffusers SD / SDXL pipeline"
+    )
+    p.add_argument(
+        "--plan", default="bk-small", help=f"preset ({', '.join(PRESETS)}) or plan YAML (default bk-small)"
+    )
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument(
+        "--init",
+        choices=("teacher", "random"),
+        default="teacher",
+        help="start kept blocks from the teacher's weights (default) or from random weights (ablation)",
+    )
+    p.add_argument(
+        "--allow-partial-init",
+        action="store_true",
+        help="let tensors whose shape differs from the teacher's start from random weights",
+    )
+    p.add_argument(
+        "--save-dtype", default="fp32", help="dtype of the saved weights: fp32 (default), fp16, bf16"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_run_prune)
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from bksdm.loading import parse_dtype
+    from bksdm.prune import prune
+
+    report = prune(
+        args.teacher,
+        args.plan,
+        args.out,
+        init=args.init,
+        allow_partial_init=args.allow_partial_init,
+        overwrite=args.overwrite,
+        save_dtype=parse_dtype(args.save_dtype),
+        seed=args.seed,
+    )
+    t, s = report["unet"]["teacher"], report["unet"]["student"]
+    removed = sum(1 for r in report["blocks"] if r["student"] is None)
+    print(f"student written to {args.out} (plan {report['plan']['name']}, {removed} blocks removed)")
+    print(
+        f"  U-Net params {t['params']:,} -> {s['params']:,} ({100 * (1 - s['params'] / t['params']):.1f}% fewer)"
+    )
+    print(f"  U-Net MACs/step @{report['resolution']}px {t['macs'] / 1e9:.2f}G -> {s['macs'] / 1e9:.2f}G")
+    print(f"  report: {args.out}/prune_report.md")
+    return 0
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="inspect plans")
+    plan_sub = p.add_subparsers(dest="plan_command", required=True)
+    show = plan_sub.add_parser("show", help="print the blocks a plan keeps and removes, per stage")
+    show.add_argument("plan", help=f"preset ({', '.join(PRESETS)}), plan YAML, or a student folder")
+    where = show.add_mutually_exclusive_group()
+    where.add_argument(
+        "--arch", default=None, help="architecture preset to resolve against (default sd-v1.4)"
+    )
+    where.add_argument("--teacher", default=None, help="hub id or local folder whose U-Net config to use")
+    show.add_argument("--json", action="store_true", help="print the resolved plan as JSON")
+    show.set_defaults(func=_run_plan_show)
+    listing = plan_sub.add_parser("list", help="list the presets")
+    listing.set_defaults(
+        func=lambda args: print("\n".join(f"{n:<10} {p.description}" for n, p in PRESETS.items()))
+    )
+
+
+def _run_plan_show(args: argparse.Namespace) -> int:
+    from bksdm.archs import get_arch
+    from bksdm.loading import load_plan, load_unet_config
+    from bksdm.plan import plan_to_dict, resolve
+    from bksdm.prune import group_macs, unet_macs
+    from bksdm.reports import block_rows, format_plan
+    from bksdm.surgery import block_params
+
+    plan = load_plan(args.plan)
+    if args.teacher:
+        config, name = load_unet_config(args.teacher), args.teacher
+    else:
+        arch = get_arch(args.arch or "sd-v1.4")
+        config, name = dict(arch.unet_config), f"{arch.name} (architecture preset)"
+    resolved = resolve(plan, config)
+    resolution = int(config.get("sample_size", 64)) * 8
+    macs = unet_macs(config, resolution)
+    fates = [a for a, _ in resolved.block_fates()]
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        teacher = UNet2DConditionModel.from_config(config)
+    params = block_params(resolved, {k: tuple(v.shape) for k, v in teacher.state_dict().items()})
+    rows = block_rows(resolved, params, group_macs(macs.per_module, fates))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "plan": plan_to_dict(plan),
+                    "resolved": plan_to_dict(resolved.explicit()),
+                    "student_config": resolved.student_config(),
+                    "blocks": rows,
+                    "feature_pairs": [vars(p) for p in resolved.feature_pairs()],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(format_plan(resolved, rows, teacher=name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bksdm`` argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="bksdm",
+        description="Make Stable Diffusion small and fast: block removal + knowledge distillation.",
+    )
+    parser.add_argument("--version", action="version", version=f"bksdm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune(sub)
+    _add_plan(sub)
+    from bksdm.profile_cmd import add_profile
+
+    add_profile(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bksdm`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        result = args.func(args)
+    except USER_ERRORS as err:
+        print(f"bksdm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # bad option values that the library rejects with a message
+        print(f"bksdm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Finding what the user points at: plans (preset names or YAML files) and teachers (hub ids or folders).
+
+Teachers load through diffusers' own ``from_pretrained``, so hub ids, local folders, the Hugging Face cache and
+offline mode (``HF_HUB_OFFLINE=1``) all behave as in diffusers. Failures say what to do next.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from bksdm.plan import PRESETS, Plan, PlanError, plan_from_dict
+
+PLAN_FILE = "bksdm_plan.yaml"
+"""Name of the file, next to a student pipeline's model_index.json, recording the plan that made it."""
+
+
+def load_plan(spec: str | os.PathLike) -> Plan:
+    """A preset by name (``bk-base``, ``bk-small``, ``bk-tiny``, ``identity``) or a plan YAML file.
+
+    A student folder written by ``bksdm prune`` also works: its recorded plan is loaded.
+
+    Raises:
+        PlanError: the spec is neither a preset nor a readable plan file, or the file is malformed.
+    """
+    spec = str(spec)
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = Path(spec)
+    if path.is_dir() and (path / PLAN_FILE).is_file():
+        path = path / PLAN_FILE
+    if not path.is_file():
+        raise PlanError(spec, [f"not a preset ({', '.join(sorted(PRESETS))}) and no plan file at {path}"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PlanError(spec, [f"{path} is not valid YAML: {err}"]) from None
+    if isinstance(data, dict) and "plan" in data and isinstance(data["plan"], dict):
+        data = data["plan"]  # a student's bksdm_plan.yaml wraps the plan with its provenance
+    return plan_from_dict(data, source=path.stem)
+
+
+class TeacherNotFoundError(FileNotFoundError):
+    """The teacher is neither a local diffusers folder nor reachable on the hub."""
+
+
+def _hub_hint(ref: str, err: Exception) -> TeacherNotFoundError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    where = (
+        "offline mode is on (HF_HUB_OFFLINE)"
+        if offline
+        else "the hub could not be reached or has no such repo"
+    )
+    return TeacherNotFoundError(
+        f"cannot load teacher '{ref}': it is not a local diffusers folder and {where} ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}).\n"
+        f"Fix: pass a local folder with model_index.json, or on a machine with network run "
+        f"`huggingface-cli download {ref}` (it fills the Hugging Face cache that offline mode reads)."
+    )
+
+
+def is_local(ref: str | os.PathLike) -> bool:
+    """Whether ``ref`` names an existing local folder."""
+    return Path(ref).is_dir()
+
+
+def load_unet_config(ref: str | os.PathLike) -> dict[str, Any]:
+    """The teacher U-Net's config, without loading any weights (a pipeline folder/id, or a U-Net folder).
+
+    Raises:
+        TeacherNotFoundError: neither a local folder nor a reachable hub repo.
+    """
+    from diffusers import UNet2DConditionModel
+
+    ref = str(ref)
+    if is_local(ref):
+        folder = Path(ref)
+        unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+        if not (unet_dir / "config.json").is_file():
+            raise TeacherNotFoundError(
+                f"{ref} is a folder but holds neither unet/config.json (a diffusers pipeline) nor config.json "
+                "(a diffusers U-Net)"
+            )
+        return dict(UNet2DConditionModel.load_config(unet_dir))
+    try:
+        return dict(UNet2DConditionModel.load_config(ref, subfolder="unet"))
+    except Exception as err:  # diffusers raises several error types for hub failures
+        raise _hub_hint(ref, err) from err
+
+
+def load_pipeline(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Loads a whole diffusers pipeline (SD-v1/v2, SDXL, ...) with the class its model_index.json names.
+
+    Raises:
+        TeacherNotFoundError: neither a local folder nor a reachable hub repo.
+    """
+    from diffusers import DiffusionPipeline
+
+    ref = str(ref)
+    if is_local(ref) and not (Path(ref) / "model_index.json").is_file():
+        raise TeacherNotFoundError(
+            f"{ref} has no model_index.json: give the folder of a whole diffusers pipeline"
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        if is_local(ref):
+            raise
+        raise _hub_hint(ref, err) from err
+    return pipe.to(device)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``fp32``/``float32``, ``fp16``/``float16``, ``bf16``/``bfloat16`` → torch dtype."""
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
+    if name not in table:
+        raise ValueError(f"unknown dtype '{name}'; use fp32, fp16 or bf16")
+    return table[name]
