@@ -42,8 +42,7 @@ def _rel(measured: float, published: float) -> float:
 
 def _hooks_left(model: nn.Module) -> int:
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_with_kwargs)
-        for m in model.modules()
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._forward_hooks_with_kwargs) for m in model.modules()
     )
 
 

@@ -109,13 +109,8 @@ def test_every_preset_fills_the_student_exactly_once(arch: str, preset: str) -> 
 def test_base_up_layer_one_comes_from_teacher_layer_two() -> None:
     resolved = resolve(PRESETS["bk-base"], get_arch("sd-v1.4").unet_config)
     assert resolved.teacher_key("up_blocks.1.resnets.1.conv1.weight") == "up_blocks.1.resnets.2.conv1.weight"
-    assert (
-        resolved.teacher_key("up_blocks.3.attentions.1.proj_in.weight")
-        == "up_blocks.3.attentions.2.proj_in.weight"
-    )
-    assert (
-        resolved.teacher_key("down_blocks.2.resnets.0.conv1.weight") == "down_blocks.2.resnets.0.conv1.weight"
-    )
+    assert resolved.teacher_key("up_blocks.3.attentions.1.proj_in.weight") == "up_blocks.3.attentions.2.proj_in.weight"
+    assert resolved.teacher_key("down_blocks.2.resnets.0.conv1.weight") == "down_blocks.2.resnets.0.conv1.weight"
     assert resolved.teacher_key("mid_block.resnets.1.conv2.bias") == "mid_block.resnets.1.conv2.bias"
     assert resolved.teacher_key("conv_in.weight") == "conv_in.weight"
 
@@ -123,12 +118,8 @@ def test_base_up_layer_one_comes_from_teacher_layer_two() -> None:
 def test_tiny_up_stage_k_comes_from_teacher_stage_k_plus_one() -> None:
     resolved = resolve(PRESETS["bk-tiny"], get_arch("sd-v1.4").unet_config)
     assert resolved.teacher_key("up_blocks.0.resnets.1.conv1.weight") == "up_blocks.1.resnets.2.conv1.weight"
-    assert (
-        resolved.teacher_key("up_blocks.2.upsamplers.0.conv.weight") == "up_blocks.3.upsamplers.0.conv.weight"
-    )
-    assert (
-        resolved.teacher_key("up_blocks.1.upsamplers.0.conv.weight") == "up_blocks.2.upsamplers.0.conv.weight"
-    )
+    assert resolved.teacher_key("up_blocks.2.upsamplers.0.conv.weight") == "up_blocks.3.upsamplers.0.conv.weight"
+    assert resolved.teacher_key("up_blocks.1.upsamplers.0.conv.weight") == "up_blocks.2.upsamplers.0.conv.weight"
     fates = dict(resolved.block_fates())
     assert fates["down_blocks.2.downsamplers.0"] is None
     assert fates["down_blocks.3.resnets.0"] is None and fates["up_blocks.0.resnets.2"] is None

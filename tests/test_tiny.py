@@ -69,9 +69,7 @@ def test_saved_pipeline_loads_with_stock_diffusers_and_generates(
     assert image.std() > 0.01  # a random VAE still decodes something, not a constant grey
 
 
-def test_saved_pipeline_reproduces_the_in_memory_one(
-    tiny_sd_dir: Path, tiny_sd_pipe: StableDiffusionPipeline
-) -> None:
+def test_saved_pipeline_reproduces_the_in_memory_one(tiny_sd_dir: Path, tiny_sd_pipe: StableDiffusionPipeline) -> None:
     reloaded = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     reloaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(_generate(reloaded), _generate(tiny_sd_pipe))
@@ -84,11 +82,7 @@ def test_saved_pipeline_reproduces_the_in_memory_one(
 
 def _state(pipe: Any) -> dict[str, torch.Tensor]:
     modules = {name: module for name, module in pipe.components.items() if hasattr(module, "state_dict")}
-    return {
-        f"{name}.{key}": value
-        for name, module in modules.items()
-        for key, value in module.state_dict().items()
-    }
+    return {f"{name}.{key}": value for name, module in modules.items() for key, value in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("layout", ["sd-v1", "sdxl"])
@@ -156,9 +150,7 @@ def test_sd_v2_unet_matches_the_sd_v2_layout() -> None:
     assert unet.down_blocks[0].attentions[0].proj_in.weight.ndim == 2
     assert _module_shapes(unet) == _module_shapes(real)
 
-    head_widths = {
-        c // h for c, h in zip(config["block_out_channels"], config["attention_head_dim"], strict=True)
-    }
+    head_widths = {c // h for c, h in zip(config["block_out_channels"], config["attention_head_dim"], strict=True)}
     assert head_widths == {16}  # a constant head width per stage, like SD-v2's 64
     assert config["cross_attention_dim"] != tiny_unet_config("sd-v1")["cross_attention_dim"]
     assert tiny_unet_config("sd-v2-v")["upcast_attention"] is True
@@ -205,9 +197,7 @@ def test_sdxl_unet_has_nested_transformer_depths_and_text_time_conditioning(
     time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]]).repeat(2, 1)
     with torch.no_grad():
         out = unet(sample, 10, context, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
-        cropped = unet(
-            sample, 10, context, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids + 16}
-        )
+        cropped = unet(sample, 10, context, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids + 16})
     assert out.sample.shape == sample.shape
     assert torch.isfinite(out.sample).all()
     assert not torch.allclose(out.sample, cropped.sample)  # the micro-conditioning reaches the output

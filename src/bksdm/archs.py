@@ -365,10 +365,7 @@ def build_unet(
     Returns:
         The U-Net, in eval mode.
     """
-    if isinstance(arch_or_config, Mapping):
-        config = dict(arch_or_config)
-    else:
-        config = _as_arch(arch_or_config).unet_config
+    config = dict(arch_or_config) if isinstance(arch_or_config, Mapping) else _as_arch(arch_or_config).unet_config
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(copy.deepcopy(config))
     if dtype is not None:
@@ -402,9 +399,7 @@ def build_text_encoders(
     return encoders
 
 
-def build_vae(
-    arch: Arch | str, device: torch.device | str = "meta", dtype: torch.dtype | None = None
-) -> AutoencoderKL:
+def build_vae(arch: Arch | str, device: torch.device | str = "meta", dtype: torch.dtype | None = None) -> AutoencoderKL:
     """Build the architecture's VAE (encoder and decoder) with random weights.
 
     Args:

@@ -30,12 +30,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         "diffusers pipeline (teacher's tokenizer, text encoder, VAE, scheduler + student U-Net) with "
         "a report of what was removed.",
     )
-    p.add_argument(
-        "--teacher", required=True, help="hub id or local folder of a diffusers SD / SDXL pipeline"
-    )
-    p.add_argument(
-        "--plan", default="bk-small", help=f"preset ({', '.join(PRESETS)}) or plan YAML (default bk-small)"
-    )
+    p.add_argument("--teacher", required=True, help="hub id or local folder of a diffusers SD / SDXL pipeline")
+    p.add_argument("--plan", default="bk-small", help=f"preset ({', '.join(PRESETS)}) or plan YAML (default bk-small)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument(
         "--init",
@@ -48,9 +44,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="let tensors whose shape differs from the teacher's start from random weights",
     )
-    p.add_argument(
-        "--save-dtype", default="fp32", help="dtype of the saved weights: fp32 (default), fp16, bf16"
-    )
+    p.add_argument("--save-dtype", default="fp32", help="dtype of the saved weights: fp32 (default), fp16, bf16")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_run_prune)
@@ -73,9 +67,7 @@ def _run_prune(args: argparse.Namespace) -> int:
     t, s = report["unet"]["teacher"], report["unet"]["student"]
     removed = sum(1 for r in report["blocks"] if r["student"] is None)
     print(f"student written to {args.out} (plan {report['plan']['name']}, {removed} blocks removed)")
-    print(
-        f"  U-Net params {t['params']:,} -> {s['params']:,} ({100 * (1 - s['params'] / t['params']):.1f}% fewer)"
-    )
+    print(f"  U-Net params {t['params']:,} -> {s['params']:,} ({100 * (1 - s['params'] / t['params']):.1f}% fewer)")
     print(f"  U-Net MACs/step @{report['resolution']}px {t['macs'] / 1e9:.2f}G -> {s['macs'] / 1e9:.2f}G")
     print(f"  report: {args.out}/prune_report.md")
     return 0
@@ -87,16 +79,12 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     show = plan_sub.add_parser("show", help="print the blocks a plan keeps and removes, per stage")
     show.add_argument("plan", help=f"preset ({', '.join(PRESETS)}), plan YAML, or a student folder")
     where = show.add_mutually_exclusive_group()
-    where.add_argument(
-        "--arch", default=None, help="architecture preset to resolve against (default sd-v1.4)"
-    )
+    where.add_argument("--arch", default=None, help="architecture preset to resolve against (default sd-v1.4)")
     where.add_argument("--teacher", default=None, help="hub id or local folder whose U-Net config to use")
     show.add_argument("--json", action="store_true", help="print the resolved plan as JSON")
     show.set_defaults(func=_run_plan_show)
     listing = plan_sub.add_parser("list", help="list the presets")
-    listing.set_defaults(
-        func=lambda args: print("\n".join(f"{n:<10} {p.description}" for n, p in PRESETS.items()))
-    )
+    listing.set_defaults(func=lambda args: print("\n".join(f"{n:<10} {p.description}" for n, p in PRESETS.items())))
 
 
 def _run_plan_show(args: argparse.Namespace) -> int:

@@ -104,9 +104,7 @@ class UNetLayout:
         channels = list(config.get("block_out_channels") or [])
         n = len(down_types)
         if n == 0:
-            raise LayoutError(
-                "the U-Net config has no down_block_types: is this a UNet2DConditionModel config?"
-            )
+            raise LayoutError("the U-Net config has no down_block_types: is this a UNet2DConditionModel config?")
         if len(up_types) != n or len(channels) != n:
             problems.append(
                 f"{n} down blocks, {len(up_types)} up blocks and {len(channels)} block_out_channels: "
@@ -123,11 +121,7 @@ class UNetLayout:
             problems.append(f"mid block is a {mid_type}; bksdm handles {[t for t in MID_TYPES if t]} or none")
         for i in range(min(n, len(up_types))):
             mirrored = up_types[n - 1 - i]
-            if (
-                down_types[i] in DOWN_TYPES
-                and mirrored in UP_TYPES
-                and DOWN_TYPES[down_types[i]] != UP_TYPES[mirrored]
-            ):
+            if down_types[i] in DOWN_TYPES and mirrored in UP_TYPES and DOWN_TYPES[down_types[i]] != UP_TYPES[mirrored]:
                 problems.append(
                     f"down_blocks.{i} ({down_types[i]}) and its mirror up_blocks.{n - 1 - i} "
                     f"({mirrored}) disagree about attention"
@@ -203,9 +197,7 @@ def _transformer_depths(
         if isinstance(entry, int):
             down.append((entry,) * layers[i])
         elif len(entry) != layers[i]:
-            problems.append(
-                f"transformer_layers_per_block[{i}] has {len(entry)} entries for {layers[i]} layers"
-            )
+            problems.append(f"transformer_layers_per_block[{i}] has {len(entry)} entries for {layers[i]} layers")
             down.append((int(entry[0]),) * layers[i])
         else:
             down.append(tuple(int(d) for d in entry))
@@ -217,9 +209,7 @@ def _transformer_depths(
         if isinstance(entry, int):
             up.append((entry,) * num)
         elif len(entry) != num:
-            problems.append(
-                f"reverse_transformer_layers_per_block[{i}] has {len(entry)} entries for {num} layers"
-            )
+            problems.append(f"reverse_transformer_layers_per_block[{i}] has {len(entry)} entries for {num} layers")
             up.append((int(entry[0]),) * num)
         else:
             up.append(tuple(int(d) for d in entry))

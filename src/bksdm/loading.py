@@ -50,11 +50,7 @@ class TeacherNotFoundError(FileNotFoundError):
 
 def _hub_hint(ref: str, err: Exception) -> TeacherNotFoundError:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    where = (
-        "offline mode is on (HF_HUB_OFFLINE)"
-        if offline
-        else "the hub could not be reached or has no such repo"
-    )
+    where = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the hub could not be reached or has no such repo"
     return TeacherNotFoundError(
         f"cannot load teacher '{ref}': it is not a local diffusers folder and {where} ({type(err).__name__}: "
         f"{str(err).splitlines()[0] if str(err) else ''}).\n"
@@ -102,9 +98,7 @@ def load_pipeline(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, de
 
     ref = str(ref)
     if is_local(ref) and not (Path(ref) / "model_index.json").is_file():
-        raise TeacherNotFoundError(
-            f"{ref} has no model_index.json: give the folder of a whole diffusers pipeline"
-        )
+        raise TeacherNotFoundError(f"{ref} has no model_index.json: give the folder of a whole diffusers pipeline")
     try:
         pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dtype)
     except (OSError, ValueError) as err:

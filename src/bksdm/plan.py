@@ -178,17 +178,11 @@ class ResolvedPlan:
                 down.append([len(b) for b in stage.blocks])
             else:
                 last = i == len(self.down) - 1 and self.mid
-                down.append(
-                    [len(self.mid) if last else teacher_value(stage.teacher.index)] * len(stage.layers)
-                )
+                down.append([len(self.mid) if last else teacher_value(stage.teacher.index)] * len(stage.layers))
         up = []
         for i, stage in enumerate(self.up):
             mirror = down[len(down) - 1 - i][0]
-            up.append(
-                [len(b) for b in stage.blocks]
-                if stage.teacher.has_attention
-                else [mirror] * len(stage.layers)
-            )
+            up.append([len(b) for b in stage.blocks] if stage.teacher.has_attention else [mirror] * len(stage.layers))
         uniform = all(len(set(d)) == 1 for d in down) and all(
             set(u) == {down[len(down) - 1 - i][0]} for i, u in enumerate(up)
         )
@@ -430,9 +424,7 @@ def resolve(plan: Plan, teacher_config: Mapping[str, Any]) -> ResolvedPlan:
             problems.append(f"{address} keeps no transformer block; keep at least one")
         return chosen
 
-    def build(
-        stages: tuple[StageLayout, ...], chosen: list[tuple[int, ...]], is_last
-    ) -> tuple[KeptStage, ...]:
+    def build(stages: tuple[StageLayout, ...], chosen: list[tuple[int, ...]], is_last) -> tuple[KeptStage, ...]:
         result = []
         for i, (stage, layers) in enumerate(zip(stages, chosen, strict=True)):
             blocks = tuple(
@@ -494,7 +486,7 @@ _YAML_KEYS = {f.name for f in fields(Plan)} | {"base"}
 
 
 def plan_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Plan:
-    """Builds a Plan from its YAML/dict form (see ``configs/plans/README.md``).
+    """Builds a Plan from its YAML/dict form (examples in ``configs/plans/``).
 
     ``base: <preset>`` starts from a preset; ``layers`` and ``transformer_blocks`` are mappings from
     address (or glob) to a selector. Raises PlanError listing every unknown key and wrong type.
@@ -552,13 +544,9 @@ def _selector(value: Any, where: str, problems: list[str]) -> Selector:
             if "unknown selector" in str(err) or "whole number" in str(err):
                 problems.append(f"{where}: {err}")
         return value
-    if isinstance(value, (list, tuple)) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return tuple(value)
-    problems.append(
-        f"{where}: expected a rule ({', '.join(_SELECTOR_WORDS)}) or a list of indices, found {value!r}"
-    )
+    problems.append(f"{where}: expected a rule ({', '.join(_SELECTOR_WORDS)}) or a list of indices, found {value!r}")
     return "all"
 
 

@@ -40,9 +40,7 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file; give a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"--out {out} exists and is not empty; choose another folder or pass --overwrite"
-        )
+        raise OutputExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
 
 
 def unet_macs(config: dict[str, Any], resolution: int, group_depth: int = 6):
@@ -58,9 +56,7 @@ def group_macs(per_module: dict[str, int], addresses: list[str]) -> dict[str, in
     for module, macs in per_module.items():
         best = None
         for address in addresses:
-            if (module == address or module.startswith(address + ".")) and (
-                best is None or len(address) > len(best)
-            ):
+            if (module == address or module.startswith(address + ".")) and (best is None or len(address) > len(best)):
                 best = address
         if best is not None:
             totals[best] += macs
@@ -68,9 +64,18 @@ def group_macs(per_module: dict[str, int], addresses: list[str]) -> dict[str, in
 
 
 def vae_decoder_params(vae: torch.nn.Module) -> int:
-    """Parameters on the decoding path of an AutoencoderKL (``post_quant_conv`` + ``decoder``)."""
-    post = getattr(vae, "post_quant_conv", None)
-    return count_params(vae.decoder) + (count_params(post) if post is not None else 0)
+    """Parameters of an AutoencoderKL's decoder as the BK-SDM paper counts them: ``vae.decoder`` only.
+
+    The published 49,490,179 (and so the paper's "whole model" totals) is ``vae.decoder`` alone; the 4->4
+    ``post_quant_conv`` that ``vae.decode`` also runs adds 20 parameters and is left out to match.
+
+    Args:
+        vae: The pipeline's VAE (any module with a ``decoder``, on any device including ``meta``).
+
+    Returns:
+        The number of scalar parameters of ``vae.decoder``.
+    """
+    return count_params(vae.decoder)
 
 
 def build_report(
@@ -111,9 +116,7 @@ def build_report(
         },
         "whole": {"teacher": t_params + other_params, "student": s_params + other_params},
         "blocks": rows,
-        "config_changes": {
-            k: list(v) for k, v in describe_config_changes(teacher_unet.config, student_config).items()
-        },
+        "config_changes": {k: list(v) for k, v in describe_config_changes(teacher_unet.config, student_config).items()},
         "feature_pairs": [vars(p) for p in resolved.feature_pairs()],
         "weights": {
             "init": init,
@@ -157,21 +160,18 @@ def prune(
     logger.info("plan %s resolves against %s; loading the teacher", plan.name, teacher)
     pipe = load_pipeline(teacher)
     surgery = build_student(pipe.unet, resolved, init=init, allow_mismatched=allow_partial_init, seed=seed)
-    other = sum(
-        count_params(getattr(pipe, name)) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None
-    )
+    other = sum(count_params(getattr(pipe, name)) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None)
     other += vae_decoder_params(pipe.vae)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    report = build_report(
-        teacher, resolved, pipe.unet, surgery.student, other, resolution, surgery.weights, init
-    )
+    report = build_report(teacher, resolved, pipe.unet, surgery.student, other, resolution, surgery.weights, init)
     report["out"] = str(out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         pipe.unet = surgery.student
-        pipe.to(dtype=save_dtype)
+        if save_dtype != torch.float32:
+            pipe.to(dtype=save_dtype)
         pipe.save_pretrained(tmp, safe_serialization=True)
         provenance = {
             "bksdm_version": __version__,

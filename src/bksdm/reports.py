@@ -33,9 +33,7 @@ def block_rows(
     return rows
 
 
-def format_plan(
-    resolved: ResolvedPlan, rows: Sequence[Mapping[str, Any]] | None = None, teacher: str = ""
-) -> str:
+def format_plan(resolved: ResolvedPlan, rows: Sequence[Mapping[str, Any]] | None = None, teacher: str = "") -> str:
     """A terminal view of a resolved plan: per stage, each block kept (and where it goes) or removed."""
     rows = rows if rows is not None else block_rows(resolved)
     plan = resolved.plan
@@ -71,8 +69,7 @@ def format_plan(
     lines.append(
         "feature-KD pairs (teacher ↔ student): "
         + ", ".join(
-            f"{p.teacher} ↔ {p.student}" if p.teacher != p.student else p.teacher
-            for p in resolved.feature_pairs()
+            f"{p.teacher} ↔ {p.student}" if p.teacher != p.student else p.teacher for p in resolved.feature_pairs()
         )
     )
     return "\n".join(lines)

@@ -201,8 +201,4 @@ def _numel(shape: Shape) -> int:
 def describe_config_changes(teacher_config: Mapping[str, Any], student_config: Mapping[str, Any]) -> dict:
     """Config keys whose value differs between teacher and student: key → (teacher, student)."""
     keys = [k for k in student_config if not k.startswith("_")]
-    return {
-        k: (teacher_config.get(k), student_config[k])
-        for k in keys
-        if teacher_config.get(k) != student_config[k]
-    }
+    return {k: (teacher_config.get(k), student_config[k]) for k in keys if teacher_config.get(k) != student_config[k]}

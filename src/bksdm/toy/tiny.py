@@ -174,9 +174,7 @@ def _text_width(layout: str, second: bool = False) -> int:
     return 32 if layout == "sd-v1" else 48
 
 
-def _text_encoder_config(
-    layout: str, vocab_size: int, token_ids: dict[str, int], second: bool
-) -> CLIPTextConfig:
+def _text_encoder_config(layout: str, vocab_size: int, token_ids: dict[str, int], second: bool) -> CLIPTextConfig:
     hidden = _text_width(layout, second)
     # CLIP ViT-L uses quick_gelu; the OpenCLIP encoders of SD-v2 and SDXL's second encoder use gelu.
     openclip = layout in ("sd-v2", "sd-v2-v") or second
@@ -323,9 +321,7 @@ def _scheduler(layout: str) -> SchedulerMixin:
     if layout == "sdxl":
         return EulerDiscreteScheduler(**schedule, timestep_spacing="leading")
     prediction_type = "v_prediction" if layout == "sd-v2-v" else "epsilon"
-    return DDIMScheduler(
-        **schedule, clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type
-    )
+    return DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type)
 
 
 def _seeded(seed: int, factory: Callable[[], _T]) -> _T:
@@ -367,9 +363,7 @@ def build_tiny_pipeline(layout: str = "sd-v1", seed: int = 0) -> DiffusionPipeli
         if layout == "sdxl":
             text_encoder_2 = _seeded(
                 seeds[3],
-                lambda: CLIPTextModelWithProjection(
-                    _text_encoder_config(layout, vocab_size, token_ids, second=True)
-                ),
+                lambda: CLIPTextModelWithProjection(_text_encoder_config(layout, vocab_size, token_ids, second=True)),
             )
 
     scheduler = _scheduler(layout)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One-command set-up: bksdm and its dependencies into the active Python environment.
+# Installs torch 2.13.0 first: on CPU-only machines that is the CPU build; an unpinned torch would pull the
+# multi-GB CUDA build. On a GPU machine, install the torch build you want first and skip this pin with
+# BKSDM_SKIP_TORCH=1 ./setup.sh.
+set -euo pipefail
+cd "$(dirname "$0")"
+python -m pip install --quiet --upgrade pip
+if [ "${BKSDM_SKIP_TORCH:-0}" != "1" ]; then
+    python -m pip install --quiet "torch==2.13.0"
+fi
+python -m pip install --quiet -e ".[dev]"
+python -c "import bksdm, torch, diffusers; print(f'bksdm {bksdm.__version__} ready (torch {torch.__version__}, diffusers {diffusers.__version__})')"

@@ -1,0 +1,232 @@
+"""``bksdm profile``: params, MACs, latency and peak memory of a pipeline or an architecture preset.
+
+A thin wrapper: it parses the options, calls :func:`bksdm.measure.load_components` and
+:func:`bksdm.measure.profile_components`, and prints a table (or the JSON object those return).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bksdm.archs import ARCHS
+from bksdm.plan import PRESETS
+
+__all__ = ["add_profile", "format_profile", "run_profile"]
+
+
+def add_profile(sub: argparse._SubParsersAction) -> None:
+    """Add the ``profile`` sub-command to the ``bksdm`` parser.
+
+    Args:
+        sub: The sub-parsers object of the ``bksdm`` parser.
+    """
+    p = sub.add_parser(
+        "profile",
+        help="params, MACs, latency and peak memory of a pipeline or an architecture preset",
+        description="Count parameters and MACs per component (text encoder(s), U-Net, VAE decoder) and time "
+        "them: one U-Net step with and without classifier-free guidance, and per image for --steps steps. "
+        "Give a diffusers pipeline folder or hub id, or --arch for a real architecture with random weights "
+        "(no download). --plan profiles the student a plan makes of the U-Net.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("model", nargs="?", default=None, help="diffusers pipeline folder or hub id")
+    source.add_argument(
+        "--model", dest="model_option", metavar="MODEL", default=None, help="same as the positional MODEL"
+    )
+    source.add_argument(
+        "--arch",
+        default=None,
+        help=f"architecture preset with random weights: {', '.join(ARCHS)}",
+    )
+    p.add_argument(
+        "--plan", default=None, help=f"apply a plan to the U-Net first: preset ({', '.join(PRESETS)}) or YAML"
+    )
+    p.add_argument(
+        "--resolution", type=int, default=None, help="image side in pixels (default: the model's native one)"
+    )
+    p.add_argument("--steps", type=int, default=25, help="denoising steps per image (default 25)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per component (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--no-latency", action="store_true", help="only count params and MACs (no weights built)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--out", default=None, help="also write the JSON object to this file")
+    p.set_defaults(func=run_profile)
+
+
+def _resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    """Handle ``bksdm profile``: measure, then print a table or JSON (and write ``--out``).
+
+    Returns:
+        The exit code (0).
+
+    Raises:
+        ValueError: Bad option values, or an unknown architecture.
+        PlanError: The plan is malformed or does not fit the U-Net.
+        TeacherNotFoundError: The model is neither a pipeline folder nor a reachable hub repo.
+    """
+    from bksdm.loading import parse_dtype
+    from bksdm.measure import load_components, profile_components
+
+    model = args.model if args.model is not None else args.model_option
+    if model is None and args.arch is None:
+        raise ValueError("give a model (pipeline folder or hub id) or --arch NAME")
+    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+        raise ValueError("need --steps >= 1, --repeats >= 1 and --warmup >= 0")
+    if args.resolution is not None and args.resolution <= 0:
+        raise ValueError(f"--resolution must be positive, got {args.resolution}")
+    latency = not args.no_latency
+    device = _resolve_device(args.device)
+    dtype = parse_dtype(args.dtype) if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
+
+    def progress(message: str) -> None:
+        print(f"bksdm profile: {message} ...", file=sys.stderr, flush=True)
+
+    if latency:
+        progress(f"loading weights onto {device} ({'random' if args.arch else 'from ' + str(model)})")
+    parts = load_components(
+        model=model, arch=args.arch, plan=args.plan, materialize=latency, device=device, dtype=dtype
+    )
+    result = profile_components(
+        parts.unet,
+        parts.text_encoders,
+        parts.vae,
+        args.resolution or parts.resolution,
+        latency=latency,
+        steps=args.steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=device if latency else None,
+        dtype=dtype if latency else None,
+        on_stage=progress if latency else None,
+    )
+    result = {"source": parts.source, "plan": parts.plan, **result}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text if args.json else format_profile(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def _macs(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _seconds(s: float) -> str:
+    if s >= 1:
+        return f"{s:.2f} s"
+    return f"{s * 1e3:.1f} ms" if s >= 1e-2 else f"{s * 1e3:.3f} ms"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_profile(result: dict[str, Any]) -> str:
+    """Render a :func:`bksdm.measure.profile_components` result (plus ``source``/``plan``) as a table.
+
+    Args:
+        result: The dict ``bksdm profile --json`` prints.
+
+    Returns:
+        An aligned, multi-line table: one row per component, then the per-image figures and the device.
+    """
+    timed = bool(result.get("latency"))
+    header = ["component", "params", "MACs conv+linear", "MACs incl. attention"]
+    header += ["latency median (min)"] if timed else []
+
+    def row(label: str, params: int | None, macs: int, macs_att: int, times: dict[str, Any], key: str) -> list[str]:
+        cells = [label, "" if params is None else f"{params:,}", _macs(macs), _macs(macs_att)]
+        if timed:
+            cells.append(f"{_seconds(times[f'{key}_s'])} (min {_seconds(times[f'{key}_min_s'])})")
+        return cells
+
+    r = result
+    rows = [
+        row(name, enc["params"], enc["macs"], enc["macs_with_attention"], enc, "latency")
+        for name, enc in r["text_encoders"].items()
+    ]
+    rows.append(row("U-Net step", r["unet_params"], r["unet_macs"], r["unet_macs_with_attention"], r, "unet_step"))
+    # MACs scale linearly with the batch, so the guided step (batch 2) costs exactly twice.
+    rows.append(
+        row(
+            "U-Net step, CFG (batch 2)",
+            None,
+            2 * r["unet_macs"],
+            2 * r["unet_macs_with_attention"],
+            r,
+            "unet_step_cfg",
+        )
+    )
+    rows.append(
+        row(
+            "VAE decoder",
+            r["vae_decoder_params"],
+            r["vae_decoder_macs"],
+            r["vae_decoder_macs_with_attention"],
+            r,
+            "vae_decode",
+        )
+    )
+    rows.append(["whole (U-Net + text + VAE dec.)", f"{r['whole_params']:,}"] + [""] * (len(header) - 2))
+
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        return "  ".join(cells).rstrip()
+
+    side, latent = result["resolution"], result["latent_size"]
+    title = f"bksdm profile: {result.get('source', '?')}"
+    if result.get("plan"):
+        title += f", plan {result['plan']}"
+    lines = [f"{title}, {side}x{side} px (latent {latent}x{latent})", "", line(header)]
+    lines += [line(row) for row in rows]
+    lines.append("")
+    if timed:
+        steps = result["steps"]
+        lines.append(
+            f"per image, {steps} steps: {_seconds(result['image_s'])} without guidance, "
+            f"{_seconds(result['image_cfg_s'])} with classifier-free guidance"
+        )
+        lines += [
+            f"  composed from separately timed components: text encoders + {steps} x U-Net step + VAE decode",
+            "  (guidance: 2 text-encoder calls, batch-2 steps); apart, as --arch presets have no tokenizer",
+            f"  {result['warmup']} warm-up + {result['repeats']} timed calls per component; medians (min)",
+            f"peak memory: {_bytes(result['peak_memory_bytes'])}, {result['peak_memory_method']}",
+        ]
+    else:
+        lines.append("latency: not measured (--no-latency)")
+    lines.append(f"device: {result['device']}, {result['dtype']}, torch {result['torch_version']}")
+    lines += [
+        "MACs: one forward at batch 1 (U-Net: one step; text encoders: 77 tokens); 'conv+linear' is the",
+        "  BK-SDM paper's count, 'incl. attention' adds the attention products QK^T and AV",
+    ]
+    return "\n".join(lines)
