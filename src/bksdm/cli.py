@@ -150,19 +150,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bksdm`` command."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args.verbose)
     try:
         result = args.func(args)
-    except USER_ERRORS as err:
-        print(f"bksdm {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # bad option values that the library rejects with a message
+    except (*USER_ERRORS, ValueError) as err:  # ValueError: option values the library rejects with a message
+        if args.verbose:
+            raise
         print(f"bksdm {args.command}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Our INFO logs with -v; the libraries' own chatter (loading bars, dtype notes) only with -v."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not verbose:
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
 
 
 if __name__ == "__main__":
