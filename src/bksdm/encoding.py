@@ -1,0 +1,80 @@
+"""The frozen encoders of a Stable Diffusion pipeline, as the trainer and the cache both call them.
+
+``bksdm cache`` stores what these functions return and ``bksdm distill`` either reads it back or calls them
+again, so the two paths give the same training inputs (bit for bit when the cache is stored in float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TextEncoders:
+    """The tokenizer(s) and text encoder(s) of a pipeline: one pair for SD-v1/v2, two for SDXL."""
+
+    tokenizers: list
+    encoders: list[torch.nn.Module]
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.encoders) == 2
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> TextEncoders:
+        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
+        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+        return cls([t for t in tokenizers if t is not None], [e for e in encoders if e is not None])
+
+
+@torch.no_grad()
+def encode_text(
+    captions: Sequence[str], text: TextEncoders, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encodes captions the way the pipelines do.
+
+    SD-v1/v2: the last hidden state of the text encoder. SDXL: the penultimate hidden states of both
+    encoders, concatenated, plus the second encoder's pooled projection.
+
+    Returns:
+        ``(encoder_hidden_states (B, 77, D), pooled (B, P) or None)`` in float32.
+    """
+    states, pooled = [], None
+    for tokenizer, encoder in zip(text.tokenizers, text.encoders, strict=True):
+        ids = tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        if not text.is_sdxl:
+            states.append(encoder(ids)[0])
+            continue
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds (B, P)
+            pooled = out[0]
+    hidden = torch.cat(states, dim=-1).float()
+    return hidden, pooled.float() if pooled is not None else None
+
+
+@torch.no_grad()
+def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent distribution of images in [-1, 1]: ``(mean, std)``, each (B, 4, H/8, W/8), float32."""
+    dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """A scaled latent drawn from the VAE distribution with given standard-normal ``eps`` (B, 4, h, w)."""
+    return (mean + std * eps.to(mean.device)) * scaling_factor
+
+
+def sdxl_time_ids(batch: int, resolution: int, device: torch.device | str) -> torch.Tensor:
+    """SDXL's micro-conditioning for center-cropped square training images: (orig h, w, crop top, left, h, w)."""
+    row = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32, device=device)
+    return row.expand(batch, 6).clone()

@@ -1,0 +1,337 @@
+"""The distillation recipe (BK-SDM, Sec. 3.2): setup, one flat loop, checkpoints and logs.
+
+All side effects of training live here: loading, accelerate, files, logging. The objective itself is
+:func:`bksdm.distill.kd_step`. The loop reads top to bottom; each optimizer step is ``accumulation`` micro
+steps, and micro step ``m`` always trains on the same samples with the same noise (``bksdm.seeding``), whatever
+the number of processes, so a resumed or re-sharded run takes the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from bksdm.config import DistillConfig, config_to_dict, save_config
+from bksdm.distill import LossWeights, draw_noise, kd_step
+from bksdm.encoding import TextEncoders, sample_latents
+from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype
+from bksdm.plan import resolve
+from bksdm.surgery import build_student
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingSetupError(ValueError):
+    """The recipe cannot start (missing teacher or data, an unusable combination of options)."""
+
+
+@dataclass
+class Models:
+    """Everything the loop needs from the teacher pipeline and the student."""
+
+    pipe: Any  # the teacher pipeline (its tokenizer/encoders/VAE are shared with the saved student)
+    teacher: UNet2DConditionModel
+    student: UNet2DConditionModel
+    text: TextEncoders
+    scheduler: DDPMScheduler
+    feature_pairs: tuple
+    plan_source: str
+
+
+def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dtype) -> Models:
+    """Loads the teacher pipeline, builds (or loads) the student, and freezes every teacher part."""
+    if not cfg.model.teacher:
+        raise TrainingSetupError("model.teacher is not set: give a hub id or a diffusers folder (model.teacher=...)")
+    pipe = load_pipeline(cfg.model.teacher)
+    teacher = pipe.unet
+    if cfg.model.student:
+        folder = Path(cfg.model.student)
+        unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+        student = UNet2DConditionModel.from_pretrained(unet_dir)
+        plan = load_plan(folder if (folder / PLAN_FILE).is_file() else cfg.model.plan)
+        plan_source = str(folder)
+    else:
+        plan = load_plan(cfg.model.plan)
+        surgery = build_student(
+            teacher, plan, init=cfg.model.init, allow_mismatched=cfg.model.allow_partial_init, seed=cfg.train.seed
+        )
+        student, plan_source = surgery.student, cfg.model.plan
+    pairs = resolve(plan, dict(teacher.config)).feature_pairs()
+    for module in [teacher, pipe.vae, *TextEncoders.from_pipeline(pipe).encoders]:
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device=device, dtype=weight_dtype)
+    if pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+    student.to(device)
+    student.train()
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return Models(pipe, teacher, student, TextEncoders.from_pipeline(pipe), scheduler, pairs, plan_source)
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """``latest`` → the newest complete checkpoint in ``output_dir`` (None if there is none); else a path."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise TrainingSetupError(f"train.resume={resume}: not a complete checkpoint (no {STATE_FILE})")
+        return path
+    done = [p for p in (output_dir / "checkpoints").glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+
+
+def save_checkpoint(accelerator: Accelerator, cfg: DistillConfig, models: Models, ema, step: int, out: Path) -> None:
+    """Writes accelerate state + the student (and EMA) in diffusers format, atomically, then rotates.
+
+    The checkpoint is written under a ``.partial`` name and renamed when complete, so a crash mid-write never
+    leaves a folder that ``resume=latest`` would pick.
+    """
+    root = out / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
+    partial = root / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(models.student).save_pretrained(partial / "unet")
+        if ema is not None:
+            ema.save_pretrained(partial / "unet_ema")
+        save_config(cfg, partial / "config.yaml")
+        (partial / STATE_FILE).write_text(json.dumps({"step": step, "time": time.time()}))
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        done = sorted(root.glob(CHECKPOINT_PREFIX + "*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+        for old in done[: -cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def save_student(accelerator: Accelerator, models: Models, ema, out: Path) -> Path:
+    """The final output: a complete pipeline (teacher's encoders/VAE/scheduler + student U-Net, EMA if on)."""
+    target = out / "student"
+    student = accelerator.unwrap_model(models.student)
+    if ema is not None:
+        raw = out / "student_unet_no_ema"
+        student.save_pretrained(raw)
+        ema.copy_to(student.parameters())
+    partial = out / ".student.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe = models.pipe
+    pipe.unet = student
+    pipe.to(torch.float32)
+    pipe.save_pretrained(partial, safe_serialization=True)
+    plan_file = Path(models.plan_source) / PLAN_FILE
+    if plan_file.is_file():
+        shutil.copy(plan_file, partial / PLAN_FILE)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Runs the recipe and returns the folder of the final student pipeline."""
+    from bksdm.batches import batch_stream
+    from bksdm.validation import Validator, plot_losses
+
+    out = Path(cfg.train.output_dir)
+    mixed = cfg.train.mixed_precision
+    if not torch.cuda.is_available() and mixed == "fp16":
+        logging.getLogger(__name__).warning("no CUDA device: training in fp32 (mixed_precision=fp16 needs a GPU)")
+        mixed = "no"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        mixed_precision=mixed,
+        log_with=cfg.train.trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    set_seed(cfg.train.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+    if cfg.train.teacher_dtype != "auto":
+        weight_dtype = parse_dtype(cfg.train.teacher_dtype)
+    models = load_models(cfg, accelerator.device, weight_dtype)
+    if cfg.train.gradient_checkpointing:
+        models.student.enable_gradient_checkpointing()
+    if cfg.train.attention == "default":  # the classic attention processor, e.g. to compare against SDPA
+        from diffusers.models.attention_processor import AttnProcessor
+
+        models.student.set_attn_processor(AttnProcessor())
+    if cfg.train.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    o = cfg.optim
+    world = accelerator.num_processes
+    lr = o.lr * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world if o.scale_lr else o.lr
+    adam = torch.optim.AdamW
+    if o.use_8bit_adam:
+        import bitsandbytes as bnb  # optional: pip install bitsandbytes
+
+        adam = bnb.optim.AdamW8bit
+    optimizer = adam(
+        models.student.parameters(),
+        lr=lr,
+        betas=(o.adam_beta1, o.adam_beta2),
+        weight_decay=o.weight_decay,
+        eps=o.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=cfg.train.max_steps
+    )
+    ema = None
+    if cfg.train.use_ema:
+        ema = EMAModel(
+            models.student.parameters(),
+            decay=cfg.train.ema_decay,
+            model_cls=UNet2DConditionModel,
+            model_config=models.student.config,
+        )
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    # The lr schedule is stepped by hand once per optimizer step (accelerate would step it once per process).
+    accelerator.register_for_checkpointing(lr_scheduler)
+    models.student, optimizer = accelerator.prepare(models.student, optimizer)
+
+    step = 0
+    if cfg.train.resume:
+        checkpoint = find_checkpoint(out, cfg.train.resume)
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+            logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        accelerator.init_trackers("bksdm-distill", config=_flat(config_to_dict(cfg)))
+    weights = LossWeights(cfg.loss.lambda_task, cfg.loss.lambda_out, cfg.loss.lambda_feat)
+    accum = cfg.train.gradient_accumulation_steps
+    validator = Validator(cfg, models, out) if accelerator.is_main_process and cfg.train.validate_every else None
+    batches = batch_stream(cfg, models, accelerator, start_micro_step=step * accum)
+    metrics_file = (out / "logs" / "metrics.jsonl") if accelerator.is_main_process else None
+    if metrics_file:
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="distill", disable=not accelerator.is_main_process)
+    window: dict[str, float] = {}
+    window_steps, samples, skipped, tick = 0, 0, 0, time.perf_counter()
+
+    while step < cfg.train.max_steps:
+        batch = next(batches)  # one micro batch of this process: latents' distribution, text states, positions
+        with accelerator.accumulate(models.student):
+            timesteps, noise, eps = draw_noise(
+                cfg.train.seed,
+                batch["micro_step"],
+                batch["positions"],
+                tuple(batch["mean"].shape[1:]),
+                models.scheduler.config.num_train_timesteps,
+                accelerator.device,
+            )
+            latents = sample_latents(batch["mean"], batch["std"], eps, models.pipe.vae.config.scaling_factor)
+            losses = kd_step(
+                models.student,
+                models.teacher,
+                models.scheduler,
+                latents,
+                batch["text"],
+                timesteps,
+                noise,
+                models.feature_pairs,
+                weights,
+                batch.get("added_cond_kwargs"),
+            )
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and o.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(models.student.parameters(), o.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for key, value in losses.items():
+            window[key] = window.get(key, 0.0) + accelerator.reduce(value.detach(), "mean").item() / accum
+        samples += batch["mean"].shape[0] * accelerator.num_processes
+        skipped += int(accelerator.reduce(torch.tensor(batch["skipped"], device=accelerator.device), "sum"))
+        if not accelerator.sync_gradients:
+            continue
+        # ---- one optimizer step is complete ----
+        lr_scheduler.step()
+        step += 1
+        window_steps += 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(models.student).parameters())
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - tick
+            record = {
+                "step": step,
+                **{k: v / window_steps for k, v in window.items()},
+                "lr": lr_scheduler.get_last_lr()[0],
+                "samples_per_s": samples / elapsed,
+                "peak_memory_mb": _peak_memory_mb(accelerator.device),
+                "skipped_samples": skipped,
+            }
+            accelerator.log(record, step=step)
+            if metrics_file:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix_str(_status(record))
+                logger.info(_status(record), main_process_only=True)
+            window, window_steps, samples, tick = {}, 0, 0, time.perf_counter()
+        every = cfg.train.checkpoint_every
+        if (every and step % every == 0) or step == cfg.train.max_steps:
+            save_checkpoint(accelerator, cfg, models, ema, step, out)
+        if validator and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
+            validator.run(accelerator.unwrap_model(models.student), step)
+
+    bar.close()
+    accelerator.wait_for_everyone()
+    target = out / "student"
+    if accelerator.is_main_process:
+        target = save_student(accelerator, models, ema, out)
+        if metrics_file and metrics_file.is_file():
+            plot_losses(metrics_file, out / "loss_curve.png")
+        logger.info(f"student pipeline written to {target}", main_process_only=True)
+    accelerator.end_training()
+    return target
+
+
+def _status(record: dict[str, Any]) -> str:
+    terms = " ".join(
+        f"{k}={record[k]:.4f}" for k in ("loss", "loss_task", "loss_kd_out", "loss_kd_feat") if k in record
+    )
+    return (
+        f"step {record['step']} {terms} lr={record['lr']:.2e} {record['samples_per_s']:.1f} samples/s "
+        f"peak {record['peak_memory_mb']:.0f} MB"
+    )
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Flattens the config for trackers (they take scalars)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

@@ -1,0 +1,336 @@
+"""Distillation on tiny SD-shaped teachers: loss values, hooks, frozen teacher, seeding, DDP, mixed precision."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from diffusers import DDPMScheduler
+from torch import nn
+
+from bksdm.distill import FeatureTap, LossWeights, diffusion_target, draw_noise, kd_losses, kd_step, unwrap
+from bksdm.plan import PRESETS, resolve
+from bksdm.surgery import build_student
+from bksdm.toy.tiny import build_tiny_pipeline
+
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def pipes() -> dict:
+    return {layout: build_tiny_pipeline(layout, seed=1) for layout in ("sd-v1", "sd-v2-v", "sdxl")}
+
+
+def setup(pipes: dict, layout: str, preset: str) -> tuple:
+    """Teacher, student, training scheduler and feature pairs for a layout and a preset."""
+    pipe = pipes[layout]
+    teacher = pipe.unet
+    resolved = resolve(PRESETS[preset], dict(teacher.config))
+    student = build_student(teacher, resolved).student
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return teacher, student, scheduler, resolved.feature_pairs()
+
+
+def batch(config: dict, seed: int = 0) -> dict:
+    """Unit-scale latents, text states, timesteps and noise (SDXL: with added conditioning)."""
+    side = config["sample_size"]
+    gen = torch.Generator().manual_seed(seed)
+    timesteps, noise, _ = draw_noise(seed, 0, range(BATCH), (4, side, side), 1000, "cpu")
+    inputs = {
+        "latents": torch.randn(BATCH, 4, side, side, generator=gen),
+        "encoder_hidden_states": torch.randn(BATCH, 77, config["cross_attention_dim"], generator=gen),
+        "timesteps": timesteps,
+        "noise": noise,
+    }
+    if config.get("addition_embed_type") == "text_time":
+        text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(BATCH, text_dim, generator=gen),
+            "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * BATCH),
+        }
+    return inputs
+
+
+def forward_hooks(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if m._forward_hooks]
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def test_kd_losses_equal_hand_computed_mse() -> None:
+    gen = torch.Generator().manual_seed(0)
+    s_pred, t_pred, target = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
+    s_feats = [torch.randn(2, 5, 3, 3, generator=gen), torch.randn(2, 9, 6, generator=gen)]
+    t_feats = [torch.randn(2, 5, 3, 3, generator=gen), torch.randn(2, 9, 6, generator=gen)]
+    weights = LossWeights(task=0.5, out=2.0, feat=3.0)
+    got = kd_losses(s_pred, t_pred, target, s_feats, t_feats, weights)
+
+    task = ((s_pred - target) ** 2).mean()
+    out = ((s_pred - t_pred) ** 2).mean()
+    feat = ((s_feats[0] - t_feats[0]) ** 2).mean() + ((s_feats[1] - t_feats[1]) ** 2).mean()
+    assert torch.allclose(got["loss_task"], task, rtol=1e-6, atol=0)
+    assert torch.allclose(got["loss_kd_out"], out, rtol=1e-6, atol=0)
+    assert torch.allclose(got["loss_kd_feat"], feat, rtol=1e-6, atol=0)
+    assert torch.allclose(got["loss"], 0.5 * task + 2.0 * out + 3.0 * feat, rtol=1e-6, atol=0)
+    assert all(v.dtype == torch.float32 and v.ndim == 0 for v in got.values())
+
+
+def test_kd_losses_are_float32_for_half_inputs() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)
+    got = kd_losses(a.bfloat16(), b.bfloat16(), b, [a.bfloat16()], [b], LossWeights())
+    expected = ((a.bfloat16().float() - b) ** 2).mean()
+    assert got["loss_task"].dtype == torch.float32
+    assert torch.allclose(got["loss_task"], expected, rtol=1e-6, atol=0)
+    assert torch.allclose(got["loss_kd_feat"], expected, rtol=1e-6, atol=0)
+
+
+def test_kd_losses_reject_mismatched_features() -> None:
+    pred = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match=r"pair 1.*\(1, 8, 2, 2\).*\(1, 8, 4, 4\)"):
+        kd_losses(pred, pred, pred, [pred, torch.zeros(1, 8, 2, 2)], [pred, torch.zeros(1, 8, 4, 4)], LossWeights())
+    with pytest.raises(ValueError, match="2 student features but 1 teacher"):
+        kd_losses(pred, pred, pred, [pred, pred], [pred], LossWeights())
+
+
+def test_kd_losses_task_only_needs_no_teacher() -> None:
+    a, b = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    got = kd_losses(a, None, b, [], None, LossWeights(task=1.0, out=0.0, feat=0.0))
+    assert got["loss"].item() == 1.0 and got["loss_kd_out"].item() == 0.0 and got["loss_kd_feat"].item() == 0.0
+    with pytest.raises(ValueError, match="teacher outputs are needed"):
+        kd_losses(a, None, b, [], None, LossWeights(out=0.0))
+    with pytest.raises(ValueError, match=">= 0"):
+        LossWeights(feat=-1.0)
+
+
+# ------------------------------------------------------------------------------------------ kd_step
+
+
+def test_identity_student_has_zero_kd_terms(pipes: dict) -> None:
+    teacher, student, scheduler, pairs = setup(pipes, "sd-v1", "identity")
+    assert len(pairs) == 8
+    losses = kd_step(
+        student, teacher, scheduler, **batch(dict(teacher.config)), feature_pairs=pairs, weights=LossWeights()
+    )
+    assert losses["loss_kd_out"].item() == 0.0
+    assert losses["loss_kd_feat"].item() == 0.0
+    assert losses["loss_task"].item() > 0.1
+    assert losses["loss"].item() == losses["loss_task"].item()
+
+
+@pytest.mark.parametrize("preset", ["bk-small", "bk-tiny"])
+def test_pruned_student_has_positive_kd_terms(pipes: dict, preset: str) -> None:
+    teacher, student, scheduler, pairs = setup(pipes, "sd-v1", preset)
+    assert len(pairs) == (8 if preset == "bk-small" else 6)
+    losses = kd_step(
+        student, teacher, scheduler, **batch(dict(teacher.config)), feature_pairs=pairs, weights=LossWeights()
+    )
+    assert losses["loss_kd_out"].item() > 0 and losses["loss_kd_feat"].item() > 0 and losses["loss_task"].item() > 0
+    expected = losses["loss_task"] + losses["loss_kd_out"] + losses["loss_kd_feat"]
+    assert torch.allclose(losses["loss"], expected, rtol=1e-6, atol=0)
+    assert set(losses) == {"loss", "loss_task", "loss_kd_out", "loss_kd_feat"}
+
+
+def test_kd_step_freezes_teacher_trains_student_and_leaves_no_hooks(pipes: dict) -> None:
+    teacher, student, scheduler, pairs = setup(pipes, "sd-v1", "bk-small")
+    student.train()
+    assert not teacher.training and all(p.requires_grad for p in teacher.parameters())  # nothing to hide behind
+    grad_mode = []  # no_grad keeps the teacher from storing activations for a backward that never comes
+    handle = teacher.register_forward_pre_hook(lambda *_: grad_mode.append(torch.is_grad_enabled()))
+    try:
+        losses = kd_step(
+            student, teacher, scheduler, **batch(dict(teacher.config)), feature_pairs=pairs, weights=LossWeights()
+        )
+    finally:
+        handle.remove()
+    assert grad_mode == [False]
+    losses["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not any(m.training for m in teacher.modules())
+    grads = [p.grad for p in student.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+    assert forward_hooks(teacher) == [] and forward_hooks(student) == []
+
+
+def test_task_only_ablation_skips_the_teacher(pipes: dict) -> None:
+    teacher, student, scheduler, pairs = setup(pipes, "sd-v1", "bk-small")
+    calls = []
+    handle = teacher.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        inputs = batch(dict(teacher.config))
+        only = kd_step(student, teacher, scheduler, **inputs, feature_pairs=pairs, weights=LossWeights(1.0, 0.0, 0.0))
+        assert calls == []
+        full = kd_step(student, teacher, scheduler, **inputs, feature_pairs=pairs, weights=LossWeights())
+        assert calls == [1]
+    finally:
+        handle.remove()
+    assert only["loss_kd_out"].item() == 0.0 and only["loss_kd_feat"].item() == 0.0
+    assert torch.equal(only["loss"], only["loss_task"])
+    assert torch.equal(only["loss_task"], full["loss_task"])
+
+
+def test_bf16_teacher_with_fp32_student(pipes: dict) -> None:
+    teacher, student, scheduler, pairs = setup(pipes, "sd-v1", "bk-small")
+    teacher_bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
+    inputs = batch(dict(teacher.config))
+    losses = kd_step(student, teacher_bf16, scheduler, **inputs, feature_pairs=pairs, weights=LossWeights())
+    reference = kd_step(student, teacher, scheduler, **inputs, feature_pairs=pairs, weights=LossWeights())
+    for key, value in losses.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), key
+    # the task term never sees the teacher; the KD terms do, at bf16's precision
+    assert torch.equal(losses["loss_task"], reference["loss_task"])
+    assert losses["loss_kd_out"].item() != reference["loss_kd_out"].item()
+    assert math.isclose(losses["loss_kd_out"].item(), reference["loss_kd_out"].item(), rel_tol=0.1)
+    assert next(teacher_bf16.parameters()).dtype == torch.bfloat16
+
+
+def test_sdxl_with_added_conditioning(pipes: dict) -> None:
+    teacher, student, scheduler, pairs = setup(pipes, "sdxl", "bk-small")
+    inputs = batch(dict(teacher.config))
+    losses = kd_step(student, teacher, scheduler, **inputs, feature_pairs=pairs, weights=LossWeights())
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_kd_out"].item() > 0 and losses["loss_kd_feat"].item() > 0
+    # the conditioning really reaches both models
+    inputs["added_cond_kwargs"] = {k: v + 1 for k, v in inputs["added_cond_kwargs"].items()}
+    other = kd_step(student, teacher, scheduler, **inputs, feature_pairs=pairs, weights=LossWeights())
+    assert other["loss_task"].item() != losses["loss_task"].item()
+
+
+def test_ddp_wrapped_student_matches_unwrapped(pipes: dict, tmp_path) -> None:
+    teacher, student, scheduler, pairs = setup(pipes, "sd-v1", "bk-small")
+    inputs = batch(dict(teacher.config))
+    expected = kd_step(student, teacher, scheduler, **inputs, feature_pairs=pairs, weights=LossWeights())
+    expected["loss"].backward()
+    expected_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(student)
+        assert unwrap(wrapped) is student
+        losses = kd_step(wrapped, teacher, scheduler, **inputs, feature_pairs=pairs, weights=LossWeights())
+        losses["loss"].backward()
+    finally:
+        dist.destroy_process_group()
+    for key in expected:
+        assert torch.equal(losses[key], expected[key]), key
+    for name, param in student.named_parameters():
+        assert param.grad is not None, name
+        assert torch.allclose(param.grad, expected_grads[name], rtol=1e-6, atol=1e-8), name
+    assert forward_hooks(student) == []
+
+
+# ------------------------------------------------------------------------------------------ FeatureTap
+
+
+def test_feature_tap_records_outputs_in_address_order(pipes: dict) -> None:
+    unet = pipes["sd-v1"].unet
+    inputs = batch(dict(unet.config))
+    sample, t, text = inputs["latents"], inputs["timesteps"], inputs["encoder_hidden_states"]
+    addresses = ["up_blocks.3", "conv_in", "down_blocks.1.attentions.0"]
+    with torch.no_grad(), FeatureTap(unet, addresses) as tap:
+        out = unet(sample, t, encoder_hidden_states=text).sample
+        features = tap.features
+        assert sorted(forward_hooks(unet)) == sorted(addresses)
+    assert forward_hooks(unet) == []
+    assert [tuple(f.shape) for f in features] == [(2, 32, 16, 16), (2, 32, 16, 16), (2, 64, 8, 8)]
+    assert torch.equal(features[1], unet.conv_in(sample))
+    assert torch.equal(unet.conv_out(unet.conv_act(unet.conv_norm_out(features[0]))), out)
+    tap.clear()
+    with pytest.raises(RuntimeError, match="'up_blocks.3'"):
+        _ = tap.features
+
+
+def test_feature_tap_unwraps_wrappers(pipes: dict) -> None:
+    unet = pipes["sd-v1"].unet
+
+    class Wrapper(nn.Module):  # the shape of DDP / accelerate wrappers and torch.compile's OptimizedModule
+        def __init__(self, inner: nn.Module, attribute: str):
+            super().__init__()
+            setattr(self, attribute, inner)
+
+    wrapped = Wrapper(Wrapper(unet, "_orig_mod"), "module")
+    assert unwrap(wrapped) is unet and unwrap(unet) is unet
+    with FeatureTap(wrapped, ["conv_in"]) as tap:
+        x = torch.randn(1, 4, 16, 16)
+        with torch.no_grad():
+            expected = unet.conv_in(x)
+        assert torch.equal(tap.features[0], expected)
+    assert forward_hooks(unet) == []
+
+
+def test_feature_tap_removes_hooks_when_forward_raises(pipes: dict) -> None:
+    unet = pipes["sd-v1"].unet
+    bad_text = torch.zeros(1, 77, 5)  # wrong cross-attention width
+    with pytest.raises(RuntimeError), FeatureTap(unet, ["down_blocks.0", "conv_in"]):
+        assert len(forward_hooks(unet)) == 2
+        unet(torch.zeros(1, 4, 16, 16), torch.tensor([1]), encoder_hidden_states=bad_text)
+    assert forward_hooks(unet) == []
+
+
+def test_feature_tap_unknown_address() -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(KeyError, match="down_blocks.9"):
+        FeatureTap(model, ["0", "down_blocks.9"])
+    assert forward_hooks(model) == []
+
+
+# ------------------------------------------------------------------------------------------ randomness
+
+
+def test_draw_noise_depends_only_on_seed_step_and_position() -> None:
+    shape = (4, 8, 8)
+    t_all, n_all, e_all = draw_noise(7, 3, [0, 1, 2, 3], shape, 1000, "cpu")
+    t_sub, n_sub, e_sub = draw_noise(7, 3, torch.tensor([2, 3]), shape, 1000, "cpu")
+    assert t_all.dtype == torch.long and t_all.shape == (4,)
+    assert n_all.dtype == e_all.dtype == torch.float32 and n_all.shape == e_all.shape == (4, *shape)
+    assert torch.equal(t_all[2:], t_sub) and torch.equal(n_all[2:], n_sub) and torch.equal(e_all[2:], e_sub)
+    assert not torch.equal(n_all[0], n_all[1]) and not torch.equal(n_all[0], e_all[0])
+    t_next, n_next, e_next = draw_noise(7, 4, [0, 1, 2, 3], shape, 1000, "cpu")
+    assert not torch.equal(n_next, n_all) and not torch.equal(e_next, e_all) and not torch.equal(t_next, t_all)
+    assert not torch.equal(draw_noise(8, 3, [0], shape, 1000, "cpu")[1], n_all[:1])
+
+
+def test_draw_noise_timesteps_are_uniform() -> None:
+    t, _, _ = draw_noise(0, 0, range(2000), (1, 1, 1), 10, "cpu")
+    counts = torch.bincount(t, minlength=10)
+    assert t.min() >= 0 and t.max() <= 9 and counts.numel() == 10
+    assert counts.min() > 150 and counts.max() < 250  # 200 expected per bin
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+
+def test_diffusion_target_follows_prediction_type(pipes: dict) -> None:
+    config = pipes["sd-v2-v"].scheduler.config
+    scheduler = DDPMScheduler.from_config(config)
+    assert scheduler.config.prediction_type == "v_prediction"
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 4, 4, generator=gen), torch.randn(2, 4, 4, 4, generator=gen)
+    t = torch.tensor([5, 900])
+    v = diffusion_target(scheduler, latents, noise, t)
+    assert torch.equal(v, scheduler.get_velocity(latents, noise, t))
+    alpha_bar = scheduler.alphas_cumprod[t].view(2, 1, 1, 1)
+    assert torch.allclose(v, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents, atol=1e-6)
+
+    eps = DDPMScheduler.from_config(config, prediction_type="epsilon")
+    assert torch.equal(diffusion_target(eps, latents, noise, t), noise)
+    with pytest.raises(ValueError, match="'sample'"):
+        diffusion_target(DDPMScheduler.from_config(config, prediction_type="sample"), latents, noise, t)
+
+
+def test_v_prediction_teacher_distils_velocity(pipes: dict) -> None:
+    teacher, student, scheduler, pairs = setup(pipes, "sd-v2-v", "identity")
+    inputs = batch(dict(teacher.config))
+    losses = kd_step(student, teacher, scheduler, **inputs, feature_pairs=pairs, weights=LossWeights())
+    noisy = scheduler.add_noise(inputs["latents"], inputs["noise"], inputs["timesteps"])
+    with torch.no_grad():
+        pred = teacher(noisy, inputs["timesteps"], encoder_hidden_states=inputs["encoder_hidden_states"]).sample
+    velocity = scheduler.get_velocity(inputs["latents"], inputs["noise"], inputs["timesteps"])
+    assert torch.allclose(losses["loss_task"], ((pred - velocity) ** 2).mean(), rtol=1e-5, atol=0)
+    assert losses["loss_kd_out"].item() == 0.0
