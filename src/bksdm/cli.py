@@ -163,7 +163,10 @@ def _run_distill(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
     target = distill(cfg)
-    print(f"student pipeline written to {target}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"student pipeline written to {target}")
     return 0
 
 

@@ -158,6 +158,9 @@ def distill(cfg: DistillConfig) -> Path:
         logging.getLogger(__name__).warning("no CUDA device: training in fp32 (mixed_precision=fp16 needs a GPU)")
         mixed = "no"
     accelerator = Accelerator(
+        # Without cpu=True, accelerate ignores a multi-process launch on a machine with no GPU (it runs N
+        # independent single-process trainings); with it, processes join one gloo group.
+        cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         mixed_precision=mixed,
         log_with=cfg.train.trackers or None,

@@ -1,0 +1,261 @@
+"""The distillation recipe end to end on tiny SD-shaped teachers: CLI runs, resume after SIGKILL, two
+processes, cache equivalence, bad data and bad configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from bksdm.cli import main
+from bksdm.config import load_config
+from bksdm.distill import LossWeights, draw_noise, kd_step
+from bksdm.plan import PRESETS, resolve
+from bksdm.surgery import build_student
+from bksdm.train import find_checkpoint
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+def make_shapes(folder: Path, n: int = 24, seed: int = 0) -> Path:
+    """A folder of coloured circles and squares with captions and a metadata.csv, as LAION subsets ship."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        color, shape = list(COLORS)[rng.integers(4)], ["circle", "square"][rng.integers(2)]
+        image = Image.new("RGB", (150, 130), "white")
+        x, y = int(rng.integers(5, 80)), int(rng.integers(5, 60))
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)([x, y, x + 60, y + 60], fill=COLORS[color])
+        image.save(folder / f"{i:03d}.png")
+        rows.append((f"{i:03d}.png", f"a {color} {shape}"))
+    with (folder / "metadata.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "text"])
+        writer.writerows(rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> Path:
+    return make_shapes(tmp_path_factory.mktemp("shapes"))
+
+
+def overrides(teacher: Path, data: Path, out: Path, **extra) -> list[str]:
+    settings = {
+        "model.teacher": teacher, "model.plan": "bk-tiny", "data.train": data, "data.resolution": 128,
+        "data.num_workers": 0, "train.output_dir": out, "train.max_steps": 4, "train.batch_size": 2,
+        "train.gradient_accumulation_steps": 1, "train.mixed_precision": "no", "train.gradient_checkpointing": False,
+        "train.validate_every": 0, "train.log_every": 1, "train.checkpoint_every": 2, "train.use_ema": False,
+    }  # fmt: skip
+    settings.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def held_out_loss(unet, teacher, pipe, data: Path, plan: str = "bk-tiny") -> float:
+    """KD loss on 8 fixed images with fixed noise: the same yardstick before and after training."""
+    from bksdm.encoding import TextEncoders, encode_images, encode_text, sample_latents
+
+    images, captions = [], []
+    with (data / "metadata.csv").open() as f:
+        for row in list(csv.DictReader(f))[:8]:
+            image = Image.open(data / row["file_name"]).convert("RGB").resize((128, 128))
+            images.append(torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 127.5 - 1)
+            captions.append(row["text"])
+    mean, std = encode_images(pipe.vae, torch.stack(images))
+    text, _ = encode_text(captions, TextEncoders.from_pipeline(pipe), "cpu")
+    t, noise, eps = draw_noise(99, 0, range(8), tuple(mean.shape[1:]), 1000, "cpu")
+    latents = sample_latents(mean, std, eps, pipe.vae.config.scaling_factor)
+    pairs = resolve(PRESETS[plan], dict(teacher.config)).feature_pairs()
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        return kd_step(unet, teacher, scheduler, latents, text, t, noise, pairs, LossWeights())["loss"].item()
+
+
+def test_short_run_lowers_the_loss_and_writes_a_stock_pipeline(tiny_sd_dir, shapes_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    argv = ["distill", *overrides(tiny_sd_dir, shapes_dir, out, train__max_steps=12, optim__lr=1e-3)]
+    assert main(argv) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(out / "student")
+    teacher = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    before = held_out_loss(build_student(teacher.unet, PRESETS["bk-tiny"]).student, teacher.unet, teacher, shapes_dir)
+    after = held_out_loss(pipe.unet, teacher.unet, teacher, shapes_dir)
+    assert after < 0.9 * before, (before, after)
+    image = pipe("a red circle", num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)).images[0]
+    assert image.shape == (128, 128, 3) and np.isfinite(image).all()
+
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert all({"loss_task", "loss_kd_out", "loss_kd_feat", "lr", "samples_per_s"} <= set(r) for r in records)
+    assert (out / "loss_curve.png").is_file() and (out / "config.yaml").is_file()
+    assert load_config(out / "config.yaml").optim.lr == 1e-3
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-0000008", "checkpoint-0000010", "checkpoint-0000012"]  # keep the last 3
+    assert (out / "checkpoints" / "checkpoint-0000012" / "config.yaml").is_file()
+
+
+def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bksdm.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)  # fmt: skip
+
+
+def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def test_sigkill_then_resume_gives_the_same_weights(tiny_sd_dir, shapes_dir, tmp_path) -> None:
+    common = dict(
+        train__max_steps=10, train__checkpoint_every=2, train__use_ema=True, train__gradient_accumulation_steps=2
+    )
+    straight = run_cli(["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "a", **common)])
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+
+    args = ["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "b", **common)]
+    victim = run_cli(args)
+    marker = tmp_path / "b" / "checkpoints" / "checkpoint-0000004" / "trainer_state.json"
+    deadline = time.time() + 240
+    while not marker.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "b" / "student").exists()
+
+    resumed = run_cli([*args, "--resume", "latest"])
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    for name in ("student/unet", "student_unet_no_ema"):
+        a, b = unet_weights(tmp_path / "a" / name), unet_weights(tmp_path / "b" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    lines = (tmp_path / "b" / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 10
+
+
+def test_two_processes_take_the_same_step_as_one(tiny_sd_dir, shapes_dir, tmp_path) -> None:
+    one = run_cli(["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "one", train__batch_size=4,
+                                         train__max_steps=2)])  # fmt: skip
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bksdm.cli", "distill",
+         *overrides(tiny_sd_dir, shapes_dir, tmp_path / "two", train__batch_size=2, train__max_steps=2)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = unet_weights(tmp_path / "one" / "student" / "unet"), unet_weights(tmp_path / "two" / "student" / "unet")
+    teacher = build_student(UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet"), PRESETS["bk-tiny"])
+    start = teacher.student.state_dict()
+    update_a = torch.cat([(a[k] - start[k]).flatten() for k in a])
+    update_b = torch.cat([(b[k] - start[k]).flatten() for k in a])
+    # Float tolerance: the gradients are all-reduced sums of other partial sums; Adam's first steps scale
+    # each update to about lr, so a gradient near zero can move by ~1e-6 either way.
+    assert (update_a - update_b).abs().max() < 1e-5
+    assert (update_a - update_b).norm() < 1e-3 * update_a.norm()
+    assert (update_a != 0).float().mean() > 0.5  # the steps really moved the weights
+
+
+def test_cache_gives_the_same_batches_and_loss(tiny_sd_dir, shapes_dir, tmp_path, capsys) -> None:
+    from bksdm.batches import make_loader, prepare_batch
+    from bksdm.train import load_models
+
+    cache = tmp_path / "cache"
+    args = ["cache", "--out", str(cache), "--dtype", "fp32", "--shard-size", "10",
+            *overrides(tiny_sd_dir, shapes_dir, tmp_path / "unused")[:5]]  # fmt: skip
+    assert main(args) == 0
+    assert "cached 24 samples (0 skipped) in 3 shards" in capsys.readouterr().out
+    raw_cfg = load_config(None, overrides(tiny_sd_dir, shapes_dir, tmp_path / "x", train__batch_size=4))
+    cached_cfg = load_config(None, overrides(tiny_sd_dir, shapes_dir, tmp_path / "x", train__batch_size=4,
+                                             data__cache=cache))  # fmt: skip
+    models = load_models(raw_cfg, torch.device("cpu"), torch.float32)
+    models.student.eval()
+    raw = iter(make_loader(raw_cfg, 0, 1, start_micro_step=5))
+    cached = iter(make_loader(cached_cfg, 0, 1, start_micro_step=5))
+    flips = set()
+    for _ in range(3):
+        batch_raw, batch_cached = next(raw), next(cached)
+        flips |= set(batch_raw["flipped"].tolist())
+        a = prepare_batch(batch_raw, models, raw_cfg, torch.device("cpu"))
+        b = prepare_batch(batch_cached, models, cached_cfg, torch.device("cpu"))
+        assert a["micro_step"] == b["micro_step"] and torch.equal(a["positions"], b["positions"])
+        for key in ("mean", "std", "text"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+        losses = []
+        for prepared in (a, b):
+            t, noise, eps = draw_noise(1, prepared["micro_step"], prepared["positions"],
+                                       tuple(prepared["mean"].shape[1:]), 1000, "cpu")  # fmt: skip
+            latents = (prepared["mean"] + prepared["std"] * eps) * models.pipe.vae.config.scaling_factor
+            with torch.no_grad():
+                losses.append(kd_step(models.student, models.teacher, models.scheduler, latents, prepared["text"], t,
+                                      noise, models.feature_pairs, LossWeights())["loss"].item())  # fmt: skip
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert flips == {True, False}  # both flip variants were exercised
+
+
+def test_bad_data_is_skipped_and_counted(tiny_sd_dir, tmp_path) -> None:
+    data = make_shapes(tmp_path / "messy", n=10)
+    (data / "003.png").write_bytes(b"not an image")  # undecodable
+    truncated = (data / "004.png").read_bytes()
+    (data / "004.png").write_bytes(truncated[: len(truncated) // 3])
+    Image.new("LA", (40, 30), (120, 200)).save(data / "005.png")  # grayscale + alpha, tiny
+    with (data / "metadata.csv").open("a", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["missing.png", "a ghost"])
+        writer.writerow(["006.png", ""])  # empty caption
+    out = tmp_path / "run"
+    assert main(["distill", *overrides(tiny_sd_dir, data, out, train__max_steps=6, train__batch_size=4)]) == 0
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["skipped_samples"] for r in records) > 0
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_bad_config_fails_before_any_work(tiny_sd_dir, shapes_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "never"
+    args = ["distill", *overrides(tiny_sd_dir, shapes_dir, out), "train.max_step=3", "optim.lr=fast"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "train.max_step: unknown key; did you mean 'max_steps'" in err and "optim.lr" in err
+    assert not out.exists()
+    assert main(["distill", *overrides(tiny_sd_dir, shapes_dir, out, model__teacher="null")]) == 2
+    assert "model.teacher" in capsys.readouterr().err
+
+
+def test_partial_checkpoints_are_never_resumed(tmp_path) -> None:
+    root = tmp_path / "checkpoints"
+    (root / "checkpoint-0000002").mkdir(parents=True)
+    (root / "checkpoint-0000002" / "trainer_state.json").write_text('{"step": 2}')
+    (root / ".checkpoint-0000004.partial").mkdir()
+    (root / "checkpoint-0000006").mkdir()  # no state file: a crash before completion
+    assert find_checkpoint(tmp_path, "latest") == root / "checkpoint-0000002"
+    assert find_checkpoint(tmp_path / "empty", "latest") is None
+
+
+@pytest.mark.parametrize("layout", ["sd-v2-v", "sdxl"])
+def test_v_prediction_and_sdxl_teachers_train(layout, shapes_dir, tmp_path) -> None:
+    from bksdm.toy.tiny import save_tiny_pipeline
+
+    teacher = save_tiny_pipeline(tmp_path / "teacher", layout)
+    out = tmp_path / "run"
+    assert main(["distill", *overrides(teacher, shapes_dir, out, model__plan="bk-small", train__max_steps=2)]) == 0
+    cls = StableDiffusionXLPipeline if layout == "sdxl" else StableDiffusionPipeline
+    pipe = cls.from_pretrained(out / "student")
+    assert pipe.unet.config.mid_block_type is None
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_kd_feat"] > 0 for r in records)
