@@ -56,11 +56,22 @@ def shapes_dir(tmp_path_factory) -> Path:
 
 def overrides(teacher: Path, data: Path, out: Path, **extra) -> list[str]:
     settings = {
-        "model.teacher": teacher, "model.plan": "bk-tiny", "data.train": data, "data.resolution": 128,
-        "data.num_workers": 0, "train.output_dir": out, "train.max_steps": 4, "train.batch_size": 2,
-        "train.gradient_accumulation_steps": 1, "train.mixed_precision": "no", "train.gradient_checkpointing": False,
-        "train.validate_every": 0, "train.log_every": 1, "train.checkpoint_every": 2, "train.use_ema": False,
-    }  # fmt: skip
+        "model.teacher": teacher,
+        "model.plan": "bk-tiny",
+        "data.train": data,
+        "data.resolution": 128,
+        "data.num_workers": 0,
+        "train.output_dir": out,
+        "train.max_steps": 4,
+        "train.batch_size": 2,
+        "train.gradient_accumulation_steps": 1,
+        "train.mixed_precision": "no",
+        "train.gradient_checkpointing": False,
+        "train.validate_every": 0,
+        "train.log_every": 1,
+        "train.checkpoint_every": 2,
+        "train.use_ema": False,
+    }
     settings.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"{k}={v}" for k, v in settings.items()]
 
@@ -111,8 +122,14 @@ def test_short_run_lowers_the_loss_and_writes_a_stock_pipeline(tiny_sd_dir, shap
 
 def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "bksdm.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "bksdm.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -149,16 +166,35 @@ def test_sigkill_then_resume_gives_the_same_weights(tiny_sd_dir, shapes_dir, tmp
 
 
 def test_two_processes_take_the_same_step_as_one(tiny_sd_dir, shapes_dir, tmp_path) -> None:
-    one = run_cli(["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "one", train__batch_size=4,
-                                         train__max_steps=2)])  # fmt: skip
+    one = run_cli(
+        ["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "one", train__batch_size=4, train__max_steps=2)]
+    )
     assert one.wait(timeout=300) == 0, one.stdout.read()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bksdm.cli", "distill",
-         *overrides(tiny_sd_dir, shapes_dir, tmp_path / "two", train__batch_size=2, train__max_steps=2)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "bksdm.cli",
+            "distill",
+            *overrides(tiny_sd_dir, shapes_dir, tmp_path / "two", train__batch_size=2, train__max_steps=2),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = unet_weights(tmp_path / "one" / "student" / "unet"), unet_weights(tmp_path / "two" / "student" / "unet")
     teacher = build_student(UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet"), PRESETS["bk-tiny"])
@@ -177,13 +213,22 @@ def test_cache_gives_the_same_batches_and_loss(tiny_sd_dir, shapes_dir, tmp_path
     from bksdm.train import load_models
 
     cache = tmp_path / "cache"
-    args = ["cache", "--out", str(cache), "--dtype", "fp32", "--shard-size", "10",
-            *overrides(tiny_sd_dir, shapes_dir, tmp_path / "unused")[:5]]  # fmt: skip
+    args = [
+        "cache",
+        "--out",
+        str(cache),
+        "--dtype",
+        "fp32",
+        "--shard-size",
+        "10",
+        *overrides(tiny_sd_dir, shapes_dir, tmp_path / "unused")[:5],
+    ]
     assert main(args) == 0
     assert "cached 24 samples (0 skipped) in 3 shards" in capsys.readouterr().out
     raw_cfg = load_config(None, overrides(tiny_sd_dir, shapes_dir, tmp_path / "x", train__batch_size=4))
-    cached_cfg = load_config(None, overrides(tiny_sd_dir, shapes_dir, tmp_path / "x", train__batch_size=4,
-                                             data__cache=cache))  # fmt: skip
+    cached_cfg = load_config(
+        None, overrides(tiny_sd_dir, shapes_dir, tmp_path / "x", train__batch_size=4, data__cache=cache)
+    )
     models = load_models(raw_cfg, torch.device("cpu"), torch.float32)
     models.student.eval()
     raw = iter(make_loader(raw_cfg, 0, 1, start_micro_step=5))
@@ -199,12 +244,24 @@ def test_cache_gives_the_same_batches_and_loss(tiny_sd_dir, shapes_dir, tmp_path
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
         losses = []
         for prepared in (a, b):
-            t, noise, eps = draw_noise(1, prepared["micro_step"], prepared["positions"],
-                                       tuple(prepared["mean"].shape[1:]), 1000, "cpu")  # fmt: skip
+            t, noise, eps = draw_noise(
+                1, prepared["micro_step"], prepared["positions"], tuple(prepared["mean"].shape[1:]), 1000, "cpu"
+            )
             latents = (prepared["mean"] + prepared["std"] * eps) * models.pipe.vae.config.scaling_factor
             with torch.no_grad():
-                losses.append(kd_step(models.student, models.teacher, models.scheduler, latents, prepared["text"], t,
-                                      noise, models.feature_pairs, LossWeights())["loss"].item())  # fmt: skip
+                losses.append(
+                    kd_step(
+                        models.student,
+                        models.teacher,
+                        models.scheduler,
+                        latents,
+                        prepared["text"],
+                        t,
+                        noise,
+                        models.feature_pairs,
+                        LossWeights(),
+                    )["loss"].item()
+                )
         assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert flips == {True, False}  # both flip variants were exercised
 
