@@ -316,3 +316,57 @@ def test_v_prediction_and_sdxl_teachers_train(layout, shapes_dir, tmp_path) -> N
     assert pipe.unet.config.mid_block_type is None
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_kd_feat"] > 0 for r in records)
+
+
+def test_webdataset_shards_and_hf_datasets_feed_the_recipe(tiny_sd_dir, shapes_dir, tmp_path) -> None:
+    import datasets
+    import webdataset
+
+    rows = list(csv.DictReader((shapes_dir / "metadata.csv").open()))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard in range(2):
+        with webdataset.TarWriter(str(shards / f"{shard:05d}.tar")) as sink:
+            for i, row in enumerate(rows[shard::2]):
+                sink.write(
+                    {"__key__": f"{shard}-{i}", "png": (shapes_dir / row["file_name"]).read_bytes(), "txt": row["text"]}
+                )
+    out = tmp_path / "wds"
+    spec = str(shards / "{00000..00001}.tar")
+    assert main(["distill", *overrides(tiny_sd_dir, shapes_dir, out, data__train=spec, train__max_steps=2)]) == 0
+    assert len((out / "logs" / "metrics.jsonl").read_text().splitlines()) == 2
+
+    table = datasets.Dataset.from_dict(
+        {
+            "image": [Image.open(shapes_dir / r["file_name"]).convert("RGB") for r in rows[:8]],
+            "text": [r["text"] for r in rows[:8]],
+        }
+    )
+    table.save_to_disk(str(tmp_path / "hf"))
+    out = tmp_path / "hf-run"
+    assert (
+        main(
+            [
+                "distill",
+                *overrides(tiny_sd_dir, shapes_dir, out, data__train=f"hf:{tmp_path / 'hf'}", train__max_steps=2),
+            ]
+        )
+        == 0
+    )
+    assert (out / "student" / "model_index.json").is_file()
+
+
+def test_validation_grid_shows_teacher_and_student(tiny_sd_dir, shapes_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    args = overrides(
+        tiny_sd_dir,
+        shapes_dir,
+        out,
+        train__max_steps=2,
+        train__validate_every=2,
+        train__validation_steps=2,
+        train__validation_prompts='["a red circle", "a blue square"]',
+    )
+    assert main(["distill", *args]) == 0
+    grid = Image.open(out / "validation" / "step-0000002.png")
+    assert grid.size == (2 * 128, 2 * (128 + 14))  # two prompts; a teacher row and a student row with labels
