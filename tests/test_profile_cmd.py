@@ -208,7 +208,14 @@ def test_folder_without_pipeline_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     assert "model_index.json" in err
 
 
-def test_bad_plan_and_missing_source_exit_2(tiny_sd_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_source_profiles_the_bundled_teacher(capsys: pytest.CaptureFixture[str]) -> None:
+    from bksdm.loading import BUNDLED_TEACHER
+
+    assert main(["profile", "--no-latency", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["source"] == str(BUNDLED_TEACHER) and out["unet_params"] > 0
+
+
+def test_bad_plan_exits_2(tiny_sd_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "no-such-plan" in _fail(capsys, str(tiny_sd_dir), "--plan", "no-such-plan", "--no-latency")
-    assert "--arch" in _fail(capsys, "--no-latency")
     assert "multiple of 8" in _fail(capsys, "--arch", "sd-v1.4", "--no-latency", "--resolution", "500")

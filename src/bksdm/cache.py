@@ -36,7 +36,7 @@ from bksdm import __version__
 from bksdm.config import DistillConfig
 from bksdm.data import BadRecordError, ImageTransform, SampleRef, load_sample, open_source
 from bksdm.encoding import TextEncoders, encode_images, encode_text
-from bksdm.loading import load_pipeline, parse_dtype
+from bksdm.loading import load_pipeline, parse_dtype, teacher_or_default
 from bksdm.seeding import STREAM_DATA, sample_generator
 
 logger = logging.getLogger(__name__)
@@ -94,13 +94,12 @@ def build_cache(
     Returns:
         The cache's metadata (also written to ``out/cache.json``).
     """
-    if not cfg.model.teacher:
-        raise CacheError("model.teacher is not set: the cache is encoded with the teacher's VAE and text encoder")
     if not cfg.data.train:
         raise CacheError("data.train is not set: give the image-text folder or hf:NAME to encode")
     if not cfg.data.center_crop:
         raise CacheError("a cache stores one crop per image: use data.center_crop=true (the paper's setting)")
     store = parse_dtype(dtype)
+    teacher = teacher_or_default(cfg.model.teacher)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,7 +108,7 @@ def build_cache(
     meta = {
         "format": FORMAT_VERSION,
         "bksdm_version": __version__,
-        "teacher": cfg.model.teacher,
+        "teacher": teacher,
         "data": cfg.data.train,
         "resolution": cfg.data.resolution,
         "flips": cfg.data.random_flip,
@@ -125,7 +124,7 @@ def build_cache(
             raise CacheError(f"{out} holds a cache made with other settings {changed}; use another folder")
     previous.write_text(json.dumps({**meta, "complete": False}, indent=2))
 
-    pipe = load_pipeline(cfg.model.teacher, device=device)
+    pipe = load_pipeline(teacher, device=device)
     text = TextEncoders.from_pipeline(pipe)
     transform = ImageTransform(cfg.data.resolution, center_crop=True, random_flip=False)
     num_shards = (total + shard_size - 1) // shard_size

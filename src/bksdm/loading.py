@@ -15,6 +15,9 @@ import yaml
 
 from bksdm.plan import PRESETS, Plan, PlanError, plan_from_dict
 
+BUNDLED_TEACHER = Path(__file__).parent / "toy" / "assets" / "teacher"
+"""The shapes-world teacher shipped with bksdm: the default of every command that takes a teacher."""
+
 PLAN_FILE = "bksdm_plan.yaml"
 """Name of the file, next to a student pipeline's model_index.json, recording the plan that made it."""
 
@@ -46,6 +49,18 @@ def load_plan(spec: str | os.PathLike) -> Plan:
 
 class TeacherNotFoundError(FileNotFoundError):
     """The teacher is neither a local diffusers folder nor reachable on the hub."""
+
+
+def teacher_or_default(ref: str | os.PathLike | None) -> str:
+    """``ref``, or the bundled shapes teacher when no teacher is given."""
+    if ref:
+        return str(ref)
+    if not (BUNDLED_TEACHER / "model_index.json").is_file():
+        raise TeacherNotFoundError(
+            f"no teacher given and the bundled shapes teacher is missing from {BUNDLED_TEACHER}; "
+            "reinstall bksdm, or retrain it with `python -m bksdm.toy.train_teacher --out` that folder"
+        )
+    return str(BUNDLED_TEACHER)
 
 
 def _hub_hint(ref: str, err: Exception) -> TeacherNotFoundError:

@@ -35,7 +35,9 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
         "(no download). --plan profiles the student a plan makes of the U-Net.",
     )
     source = p.add_mutually_exclusive_group()
-    source.add_argument("model", nargs="?", default=None, help="diffusers pipeline folder or hub id")
+    source.add_argument(
+        "model", nargs="?", default=None, help="diffusers pipeline folder or hub id (default: the bundled teacher)"
+    )
     source.add_argument(
         "--model", dest="model_option", metavar="MODEL", default=None, help="same as the positional MODEL"
     )
@@ -84,12 +86,12 @@ def run_profile(args: argparse.Namespace) -> int:
         PlanError: The plan is malformed or does not fit the U-Net.
         TeacherNotFoundError: The model is neither a pipeline folder nor a reachable hub repo.
     """
-    from bksdm.loading import parse_dtype
+    from bksdm.loading import parse_dtype, teacher_or_default
     from bksdm.measure import load_components, profile_components
 
     model = args.model if args.model is not None else args.model_option
-    if model is None and args.arch is None:
-        raise ValueError("give a model (pipeline folder or hub id) or --arch NAME")
+    if model is None and args.arch is None:  # nothing given: the bundled shapes teacher
+        model = teacher_or_default(None)
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("need --steps >= 1, --repeats >= 1 and --warmup >= 0")
     if args.resolution is not None and args.resolution <= 0:

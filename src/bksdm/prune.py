@@ -20,7 +20,7 @@ import yaml
 from diffusers import UNet2DConditionModel
 
 from bksdm import __version__
-from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, load_unet_config
+from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, load_unet_config, teacher_or_default
 from bksdm.plan import ResolvedPlan, plan_to_dict, resolve
 from bksdm.profiling import count_macs, count_params, unet_inputs
 from bksdm.reports import block_rows, prune_markdown
@@ -128,7 +128,7 @@ def build_report(
 
 
 def prune(
-    teacher: str,
+    teacher: str | None,
     plan_spec: str,
     out: str | os.PathLike,
     *,
@@ -141,7 +141,7 @@ def prune(
     """Prunes ``teacher`` with ``plan_spec`` and writes a complete diffusers pipeline to ``out``.
 
     Args:
-        teacher: Hub id or local folder of a diffusers SD / SDXL pipeline.
+        teacher: Hub id or local folder of a diffusers SD / SDXL pipeline; None: the bundled shapes teacher.
         plan_spec: Preset name or plan YAML path.
         out: Output folder; written atomically.
         init: ``"teacher"`` (copy kept weights) or ``"random"`` (ablation).
@@ -154,6 +154,7 @@ def prune(
         The report (also written to ``out/prune_report.json`` and ``.md``).
     """
     out = Path(out)
+    teacher = teacher_or_default(teacher)
     plan = load_plan(plan_spec)
     check_output_dir(out, overwrite)
     resolved = resolve(plan, load_unet_config(teacher))  # fails here, before any weights are read

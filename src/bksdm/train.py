@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from bksdm.config import DistillConfig, config_to_dict, save_config
 from bksdm.distill import LossWeights, draw_noise, kd_step
 from bksdm.encoding import TextEncoders, sample_latents
-from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype
+from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
 from bksdm.plan import resolve
 from bksdm.surgery import build_student
 
@@ -57,9 +57,7 @@ class Models:
 
 def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dtype) -> Models:
     """Loads the teacher pipeline, builds (or loads) the student, and freezes every teacher part."""
-    if not cfg.model.teacher:
-        raise TrainingSetupError("model.teacher is not set: give a hub id or a diffusers folder (model.teacher=...)")
-    pipe = load_pipeline(cfg.model.teacher)
+    pipe = load_pipeline(teacher_or_default(cfg.model.teacher))  # no teacher given: the bundled shapes teacher
     teacher = pipe.unet
     if cfg.model.student:
         folder = Path(cfg.model.student)
