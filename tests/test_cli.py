@@ -135,3 +135,15 @@ def test_small_commands(argv, capsys) -> None:
         code = stop.code
     assert code == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_prune_without_teacher_uses_the_bundled_one(tiny_sd_dir, tmp_path, monkeypatch, capsys) -> None:
+    import bksdm.loading
+
+    monkeypatch.setattr(bksdm.loading, "BUNDLED_TEACHER", tiny_sd_dir)  # stands in for the shipped teacher
+    out = tmp_path / "student"
+    assert main(["prune", "--plan", "bk-base", "--out", str(out)]) == 0
+    assert json.loads((out / "prune_report.json").read_text())["teacher"] == str(tiny_sd_dir)
+    monkeypatch.setattr(bksdm.loading, "BUNDLED_TEACHER", tmp_path / "missing")
+    assert main(["prune", "--out", str(tmp_path / "other")]) == 2
+    assert "bundled shapes teacher is missing" in capsys.readouterr().err

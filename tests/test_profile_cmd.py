@@ -208,12 +208,17 @@ def test_folder_without_pipeline_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     assert "model_index.json" in err
 
 
-def test_no_source_profiles_the_bundled_teacher(capsys: pytest.CaptureFixture[str]) -> None:
-    from bksdm.loading import BUNDLED_TEACHER
+def test_no_source_profiles_the_bundled_teacher(
+    tiny_sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import bksdm.loading
 
+    monkeypatch.setattr(bksdm.loading, "BUNDLED_TEACHER", tiny_sd_dir)  # stands in for the shipped teacher
     assert main(["profile", "--no-latency", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["source"] == str(BUNDLED_TEACHER) and out["unet_params"] > 0
+    assert out["source"] == str(tiny_sd_dir) and out["unet_params"] == 5_456_292
+    monkeypatch.setattr(bksdm.loading, "BUNDLED_TEACHER", tmp_path / "missing")
+    assert "bundled shapes teacher is missing" in _fail(capsys, "--no-latency")
 
 
 def test_bad_plan_exits_2(tiny_sd_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
