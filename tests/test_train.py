@@ -283,15 +283,19 @@ def test_bad_data_is_skipped_and_counted(tiny_sd_dir, tmp_path) -> None:
     assert all(np.isfinite(r["loss"]) for r in records)
 
 
-def test_bad_config_fails_before_any_work(tiny_sd_dir, shapes_dir, tmp_path, capsys) -> None:
+def test_bad_config_fails_before_any_work(tiny_sd_dir, shapes_dir, tmp_path, capsys, monkeypatch) -> None:
     out = tmp_path / "never"
     args = ["distill", *overrides(tiny_sd_dir, shapes_dir, out), "train.max_step=3", "optim.lr=fast"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "train.max_step: unknown key; did you mean 'max_steps'" in err and "optim.lr" in err
     assert not out.exists()
+    import bksdm.loading
+
+    monkeypatch.setattr(bksdm.loading, "BUNDLED_TEACHER", tmp_path / "missing")  # no teacher given, none bundled
     assert main(["distill", *overrides(tiny_sd_dir, shapes_dir, out, model__teacher="null")]) == 2
-    assert "model.teacher" in capsys.readouterr().err
+    assert "bundled shapes teacher is missing" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_partial_checkpoints_are_never_resumed(tmp_path) -> None:
