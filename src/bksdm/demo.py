@@ -64,11 +64,13 @@ def _slug(name: str) -> str:
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str, Any]:
     """Runs the demo and writes ``out/summary.md``, ``summary.json``, ``grid.png``, ``loss_curve*.png``."""
+    from bksdm.loading import teacher_or_default
     from bksdm.toy import classifier as shapes_classifier
     from bksdm.toy.shapes import all_scenes, export
     from bksdm.toy.teacher import TEACHER_DIR, load_teacher, recommended_settings
     from bksdm.train import distill
 
+    teacher_or_default(None)  # fails at once, with the fix, when the bundled teacher is missing
     settings = settings or DemoSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
