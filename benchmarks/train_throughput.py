@@ -47,11 +47,13 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from bksdm.archs import ARCHS, build_scheduler, build_text_encoders, build_unet, build_vae, get_arch
+from bksdm.config import OptimConfig
 from bksdm.distill import LossWeights, draw_noise, kd_step
 from bksdm.encoding import encode_images, sample_latents, sdxl_time_ids
 from bksdm.loading import load_plan, parse_dtype
 from bksdm.profiling import TEXT_LENGTH, VAE_SCALE, count_params
 from bksdm.surgery import build_student
+from bksdm.train import make_optimizer
 
 MODES = ("cached", "uncached")
 TINY = "tiny"
@@ -131,7 +133,7 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Bench, int]:
     if vae.config.get("force_upcast", False):
         vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as in the trainer
     student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=1e-2)
+    optimizer = make_optimizer(student.parameters(), OptimConfig(fused_adam=not args.unfused_adam), lr=5e-5)
     wrapped: nn.Module = student
     scaler = None
     if weight_dtype != torch.float32:
@@ -212,9 +214,17 @@ def train_step(bench: Bench, inputs: dict[str, Any], mode: str, step: int, devic
     )
     latents = sample_latents(mean, std, eps, bench.scaling_factor)  # (B, 4, R/8, R/8)
     losses = kd_step(
-        bench.student, bench.teacher, bench.scheduler, latents, text, timesteps, noise, bench.feature_pairs,
-        LossWeights(), added,
-    )  # fmt: skip
+        bench.student,
+        bench.teacher,
+        bench.scheduler,
+        latents,
+        text,
+        timesteps,
+        noise,
+        bench.feature_pairs,
+        LossWeights(),
+        added,
+    )
     params = bench.unwrapped.parameters()
     if bench.grad_scaler is not None:
         bench.grad_scaler.scale(losses["loss"]).backward()
@@ -319,7 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "modes": list(modes),
             "loss_weights": asdict(LossWeights()),
             "max_grad_norm": MAX_GRAD_NORM,
-            "optimizer": "AdamW",
+            "optimizer": "AdamW (for-each)" if args.unfused_adam else "AdamW (fused)",
         },
         "environment": {
             "device": describe_device(device),
@@ -425,6 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="teacher/VAE/text dtype; fp16/bf16 also train the fp32 student under autocast",
     )
     parser.add_argument("--modes", default=",".join(MODES[::-1]), help="comma-separated: cached, uncached")
+    parser.add_argument("--unfused-adam", action="store_true", help="the for-each AdamW (before 0.1: default)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_throughput.json"))
     args = parser.parse_args(argv)

@@ -334,3 +334,25 @@ def test_v_prediction_teacher_distils_velocity(pipes: dict) -> None:
     velocity = scheduler.get_velocity(inputs["latents"], inputs["noise"], inputs["timesteps"])
     assert torch.allclose(losses["loss_task"], ((pred - velocity) ** 2).mean(), rtol=1e-5, atol=0)
     assert losses["loss_kd_out"].item() == 0.0
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_for_each_one() -> None:
+    from bksdm.config import OptimConfig
+    from bksdm.train import make_optimizer
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4))
+    inputs, targets = torch.randn(32, 8), torch.randn(32, 4)
+    finals = []
+    for fused in (True, False):
+        model = copy.deepcopy(base)
+        optimizer = make_optimizer(model.parameters(), OptimConfig(fused_adam=fused), lr=1e-2)
+        assert optimizer.defaults["fused"] is fused
+        for _ in range(5):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(inputs), targets).backward()
+            optimizer.step()
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    start = torch.cat([p.detach().flatten() for p in base.parameters()])
+    assert (finals[0] - start).abs().max() > 1e-3  # it really trained
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-6, atol=1e-6)

@@ -257,8 +257,12 @@ def test_tokenizer_round_trips_offline_and_encodes_words_whole(tmp_path: Path) -
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     assert len(ids) == 77
     assert tokenizer.convert_ids_to_tokens(ids[:5]) == [
-        "<|startoftext|>", "a</w>", "red</w>", "circle</w>", "<|endoftext|>",
-    ]  # fmt: skip
+        "<|startoftext|>",
+        "a</w>",
+        "red</w>",
+        "circle</w>",
+        "<|endoftext|>",
+    ]
     assert ids[0] == bos and ids[4:] == [eos] * 73  # SD-v1 pads with end-of-text
     assert tokenizer.pad_token_id == eos
     assert eos == len(tokenizer) - 1  # the largest id, as in CLIP (legacy argmax pooling relies on it)

@@ -140,6 +140,10 @@ class OptimConfig:
     """AdamW ε. Paper: 1e-8."""
     use_8bit_adam: bool = False
     """Use bitsandbytes' 8-bit AdamW to save optimizer memory. Paper: False."""
+    fused_adam: bool = True
+    """Use PyTorch's fused AdamW kernel (CPU and CUDA): the same update as the for-each implementation up to float
+    rounding, one kernel over all parameters instead of a loop of small ones (on a 2-core CPU the bk-small
+    optimizer step drops from about 2 s to 0.25 s). Ignored with ``use_8bit_adam``."""
     max_grad_norm: float = 1.0
     """Clip the global gradient L2 norm to this value; 0 turns clipping off. Paper: 1.0."""
     lr_scheduler: str = "constant"

@@ -86,14 +86,27 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
         logger.info("2/4 distilling student %d: %s (%d steps)", i + 1, name, settings.steps)
         run_dir = out / "runs" / _slug(name)
         overrides = [
-            f"model.teacher={TEACHER_DIR}", f"model.plan={settings.plan}", f"data.train={data}",
-            "data.resolution=64", "data.num_workers=0", f"train.output_dir={run_dir}",
-            f"train.max_steps={settings.steps}", f"train.batch_size={settings.batch_size}",
-            "train.gradient_accumulation_steps=1", "train.mixed_precision=no", "train.gradient_checkpointing=false",
-            "train.validate_every=0", f"train.checkpoint_every={settings.steps}", "train.keep_checkpoints=1",
-            f"train.log_every={max(1, settings.steps // 40)}", "train.use_ema=false", f"optim.lr={settings.lr}",
-            f"train.seed={settings.seed}", *extra, *settings.extra,
-        ]  # fmt: skip
+            f"model.teacher={TEACHER_DIR}",
+            f"model.plan={settings.plan}",
+            f"data.train={data}",
+            "data.resolution=64",
+            "data.num_workers=0",
+            f"train.output_dir={run_dir}",
+            f"train.max_steps={settings.steps}",
+            f"train.batch_size={settings.batch_size}",
+            "train.gradient_accumulation_steps=1",
+            "train.mixed_precision=no",
+            "train.gradient_checkpointing=false",
+            "train.validate_every=0",
+            f"train.checkpoint_every={settings.steps}",
+            "train.keep_checkpoints=1",
+            f"train.log_every={max(1, settings.steps // 40)}",
+            "train.use_ema=false",
+            f"optim.lr={settings.lr}",
+            f"train.seed={settings.seed}",
+            *extra,
+            *settings.extra,
+        ]
         if run_dir.exists():
             shutil.rmtree(run_dir)
         runs[name] = distill(load_config(None, overrides))
@@ -114,8 +127,9 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
     images: dict[str, list] = {}
     for name, pipe in models.items():
         pipe.set_progress_bar_config(disable=True)
-        images[name] = generate_images(pipe, prompts, seeds, steps=settings.sampling_steps, guidance_scale=guidance,
-                                       batch_size=16, progress=True)  # fmt: skip
+        images[name] = generate_images(
+            pipe, prompts, seeds, steps=settings.sampling_steps, guidance_scale=guidance, batch_size=16, progress=True
+        )
         logger.info("4/4 evaluating %s", name)
         summary["models"][name] = _evaluate(pipe, images[name], prompts, classifier, reference)
     teacher_accuracy = summary["models"]["teacher"]["prompt_accuracy"]
@@ -169,24 +183,27 @@ def _write_report(out: Path, summary: dict[str, Any], images: dict[str, list], p
         for n, m in summary["models"].items()
     ]
     s = summary["settings"]
-    text = "\n".join([
-        "# bksdm demo",
-        "",
-        f"Plan `{s['plan']}`, {s['steps']} distillation steps of batch {s['batch_size']} per student, "
-        f"{len(prompts)} held-out prompts, {s['sampling_steps']} sampling steps at guidance {s['guidance_scale']}; "
-        f"{summary['seconds'] / 60:.1f} minutes in all.",
-        "",
-        "| model | prompt accuracy | of teacher's | Fréchet distance | U-Net params | U-Net MACs | U-Net step (ms) |",
-        "|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        "Prompt accuracy: share of images whose shape, colour, size and position, as the shapes classifier reads "
-        "them, all match the prompt. Fréchet distance: between classifier features of the generated images and "
-        "of real shapes images (lower is better).",
-        "",
-        "![teacher vs students](grid.png)",
-        "",
-        *[f"![loss curve {n}](loss_curve-{_slug(n)}.png)" for n in runs],
-        "",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            "# bksdm demo",
+            "",
+            f"Plan `{s['plan']}`, {s['steps']} distillation steps of batch {s['batch_size']} per student, "
+            f"{len(prompts)} held-out prompts, {s['sampling_steps']} sampling steps at guidance {s['guidance_scale']}; "
+            f"{summary['seconds'] / 60:.1f} minutes in all.",
+            "",
+            "| model | prompt accuracy | of teacher's | Fréchet distance | U-Net params | U-Net MACs "
+            "| U-Net step (ms) |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "Prompt accuracy: share of images whose shape, colour, size and position, as the shapes classifier reads "
+            "them, all match the prompt. Fréchet distance: between classifier features of the generated images and "
+            "of real shapes images (lower is better).",
+            "",
+            "![teacher vs students](grid.png)",
+            "",
+            *[f"![loss curve {n}](loss_curve-{_slug(n)}.png)" for n in runs],
+            "",
+        ]
+    )
     (out / "summary.md").write_text(text)

@@ -25,7 +25,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from bksdm.config import DistillConfig, config_to_dict, save_config
+from bksdm.config import DistillConfig, OptimConfig, config_to_dict, save_config
 from bksdm.distill import LossWeights, draw_noise, kd_step
 from bksdm.encoding import TextEncoders, sample_latents
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
@@ -53,6 +53,16 @@ class Models:
     scheduler: DDPMScheduler
     feature_pairs: tuple
     plan_source: str
+
+
+def make_optimizer(params, o: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The student's AdamW as configured: bitsandbytes' 8-bit one, or PyTorch's (fused unless turned off)."""
+    kwargs = {"lr": lr, "betas": (o.adam_beta1, o.adam_beta2), "weight_decay": o.weight_decay, "eps": o.adam_epsilon}
+    if o.use_8bit_adam:
+        import bitsandbytes as bnb  # optional: pip install bitsandbytes
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=o.fused_adam, **kwargs)
 
 
 def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dtype) -> Models:
@@ -181,18 +191,7 @@ def distill(cfg: DistillConfig) -> Path:
     o = cfg.optim
     world = accelerator.num_processes
     lr = o.lr * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world if o.scale_lr else o.lr
-    adam = torch.optim.AdamW
-    if o.use_8bit_adam:
-        import bitsandbytes as bnb  # optional: pip install bitsandbytes
-
-        adam = bnb.optim.AdamW8bit
-    optimizer = adam(
-        models.student.parameters(),
-        lr=lr,
-        betas=(o.adam_beta1, o.adam_beta2),
-        weight_decay=o.weight_decay,
-        eps=o.adam_epsilon,
-    )
+    optimizer = make_optimizer(models.student.parameters(), o, lr)
     lr_scheduler = get_scheduler(
         o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=cfg.train.max_steps
     )
