@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub)
     _add_cache(sub)
     _add_demo(sub)
+    from bksdm.img2img_cmd import add_img2img
+
+    add_img2img(sub)
     from bksdm.profile_cmd import add_profile
 
     add_profile(sub)
