@@ -260,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     from bksdm.profile_cmd import add_profile
 
     add_profile(sub)
+    from bksdm.generate_cmd import add_coco_prompts, add_generate
+
+    add_generate(sub)
+    add_coco_prompts(sub)
     return parser
 
 

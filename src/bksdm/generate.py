@@ -16,6 +16,17 @@ from tqdm.auto import tqdm
 from bksdm.seeding import mix_seed
 
 
+def resize_image(image: Image.Image, size: int) -> Image.Image:
+    """Resize to ``size`` x ``size`` the paper's way: PIL's ``resize`` with its default filter for RGB, bicubic.
+
+    The official evaluation generated at 512 px and called ``img.resize((256, 256))`` before computing FID, IS
+    and CLIP score (REFERENCE.md, "Evaluation protocol").
+    """
+    if image.size == (size, size):
+        return image
+    return image.resize((size, size), resample=Image.Resampling.BICUBIC)
+
+
 def prompt_seed(base_seed: int, index: int) -> int:
     """The seed of prompt ``index`` (stable across runs, batch sizes and processes)."""
     return mix_seed(base_seed, index) % 2**32

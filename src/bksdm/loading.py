@@ -103,8 +103,10 @@ def load_unet_config(ref: str | os.PathLike) -> dict[str, Any]:
         raise _hub_hint(ref, err) from err
 
 
-def load_pipeline(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_pipeline(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu", **components: Any):
     """Loads a whole diffusers pipeline (SD-v1/v2, SDXL, ...) with the class its model_index.json names.
+
+    ``components`` replace the pipeline's own (e.g. ``unet=student``), which are then not loaded at all.
 
     Raises:
         TeacherNotFoundError: neither a local folder nor a reachable hub repo.
@@ -115,7 +117,7 @@ def load_pipeline(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     if is_local(ref) and not (Path(ref) / "model_index.json").is_file():
         raise TeacherNotFoundError(f"{ref} has no model_index.json: give the folder of a whole diffusers pipeline")
     try:
-        pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dtype, **components)
     except (OSError, ValueError) as err:
         if is_local(ref):
             raise

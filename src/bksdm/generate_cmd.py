@@ -1,0 +1,447 @@
+"""``bksdm generate`` and ``bksdm coco-prompts``: a prompt set to a folder of images, the paper's way but faster.
+
+``bksdm generate`` loads a stock diffusers pipeline (optionally with a student U-Net swapped in), gives prompt
+``i`` the seed ``prompt_seed(seed, i)`` and generates in batches (:func:`bksdm.generate.generate_images`), so an
+image depends on its prompt, its index and the settings, never on the batch size or on how many processes share
+the work. Launched with ``accelerate launch``, each process takes every N-th missing image.
+
+The output folder::
+
+    OUT/settings.json    what determines the images (model, U-Net, scheduler, steps, guidance, size, dtype,
+                         seed, resize, ...), the versions, and one entry per run (processes, batch size, device)
+    OUT/manifest.jsonl   one line per prompt: index, prompt, seed, file, plus the prompt file's other fields
+                         (e.g. a COCO image_id)
+    OUT/000000.png ...   one image per prompt, named by index
+
+Every image is written under a temporary name and renamed, so a killed run leaves only whole images; running the
+same command again skips them and makes the rest. A folder made with other settings is refused (mixing them
+would corrupt an evaluation); a longer prompt file that starts with the same prompts extends a folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bksdm import __version__
+from bksdm.prompts import PromptFileError, PromptRecord
+
+__all__ = [
+    "MANIFEST_FILE",
+    "SETTINGS_FILE",
+    "GenerateError",
+    "GenerationSettings",
+    "add_coco_prompts",
+    "add_generate",
+    "image_name",
+    "load_generation_pipeline",
+    "run_coco_prompts",
+    "run_generate",
+]
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "settings.json"
+MANIFEST_FILE = "manifest.jsonl"
+_RESERVED = ("index", "prompt", "seed", "file")
+
+
+class GenerateError(ValueError):
+    """A user error of ``bksdm generate`` (the message says what is wrong and how to fix it)."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides what the images look like (compared when a run resumes)."""
+
+    model: str
+    unet: str | None
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    negative_prompt: str | None
+    dtype: str
+    seed: int
+    resize: int | None
+    safety_checker: bool
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    """Add the ``generate`` sub-command to the ``bksdm`` parser."""
+    p = sub.add_parser(
+        "generate",
+        help="generate one image per prompt of a prompt file (seeded per prompt, resumable, multi-GPU)",
+        description="Generate one image per prompt with a stock diffusers pipeline. Prompt i gets the seed "
+        "prompt_seed(--seed, i), so images do not depend on --batch-size or on the number of processes. Run it "
+        "again to resume (finished images are skipped). Multi-GPU: accelerate launch --multi_gpu --num_processes "
+        "N -m bksdm.cli generate ...",
+    )
+    p.add_argument(
+        "--model", default=None, help="diffusers pipeline folder or hub id (default: the bundled shapes teacher)"
+    )
+    p.add_argument(
+        "--unet",
+        default=None,
+        help="use this U-Net instead of the model's: a student pipeline folder (with unet/), a U-Net folder "
+        "(with config.json) or a hub id whose unet/ to load",
+    )
+    p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line), .json, .jsonl or .csv")
+    p.add_argument("--out", required=True, help="output folder (resumed when it holds a run with the same settings)")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="scheduler class name, e.g. PNDMScheduler (the paper's), DPMSolverMultistepScheduler, "
+        "EulerDiscreteScheduler (default: the model's own)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default 25 as in the paper; the bundled teacher's own)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default 7.5 as in the paper; the bundled teacher's own)",
+    )
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
+    p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses prompt_seed(seed, i) (default 0)")
+    p.add_argument(
+        "--resize", type=int, default=None, help="resize every image to SIZE x SIZE before saving (paper: 256)"
+    )
+    p.add_argument(
+        "--no-safety-checker",
+        action="store_true",
+        help="turn off the pipeline's NSFW filter, as the paper's evaluation did (it blacks out images)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: accelerate's, CUDA if available)")
+    p.set_defaults(func=run_generate)
+
+
+def add_coco_prompts(sub: argparse._SubParsersAction) -> None:
+    """Add the ``coco-prompts`` sub-command to the ``bksdm`` parser."""
+    from bksdm.coco import COCO_30K
+
+    p = sub.add_parser(
+        "coco-prompts",
+        help="build the MS-COCO 30K prompt file (one caption per image, chosen by seed) from captions_val2014.json",
+        description="Pick --count images of a COCO captions file and one caption for each, reproducibly by --seed "
+        "(a smaller count gives a prefix of a larger one). Writes image_id, file_name, caption and annotation_id "
+        "per prompt, so generated images can be matched with the real ones.",
+    )
+    p.add_argument("--captions", required=True, help="COCO captions annotations, e.g. captions_val2014.json")
+    p.add_argument("--out", required=True, help="prompt file to write: .jsonl or .csv")
+    p.add_argument(
+        "--count", default=str(COCO_30K), help=f"images to pick, or 'all' (default {COCO_30K}, the paper's 30K)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the choice of images and captions (default 0)")
+    p.set_defaults(func=run_coco_prompts)
+
+
+def run_coco_prompts(args: argparse.Namespace) -> int:
+    """Handle ``bksdm coco-prompts``."""
+    from bksdm.coco import load_coco_captions, select_captions, write_prompt_file
+
+    if args.count == "all":
+        count = None
+    else:
+        try:
+            count = int(args.count)
+        except ValueError:
+            raise PromptFileError(f"--count takes a number or 'all', got '{args.count}'") from None
+    data = load_coco_captions(args.captions)
+    records = select_captions(data, count, args.seed)
+    write_prompt_file(records, args.out)
+    print(
+        f"wrote {len(records)} prompts (one caption per image, seed {args.seed}) of {len(data['images'])} images "
+        f"to {args.out}"
+    )
+    return 0
+
+
+def image_name(index: int, total: int) -> str:
+    """File name of image ``index`` in a set of ``total``: zero-padded to 6 digits or more."""
+    return f"{index:0{max(6, len(str(total - 1)))}d}.png"
+
+
+def load_generation_pipeline(
+    model: str, unet: str | None, dtype: torch.dtype, device: torch.device | str, scheduler: str | None
+):
+    """The pipeline to generate with: ``model`` with ``unet``'s U-Net and the scheduler class ``scheduler``.
+
+    Raises:
+        GenerateError: The U-Net cannot be found or does not fit the model, or ``scheduler`` is no scheduler.
+        TeacherNotFoundError: The model cannot be found.
+    """
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    from bksdm.loading import TeacherNotFoundError, load_pipeline, load_unet_config
+
+    components: dict[str, Any] = {}
+    if unet is not None:
+        folder, subfolder = _unet_location(unet)
+        given = _unet_config(unet, folder, subfolder)
+        try:
+            expected = load_unet_config(model)
+        except TeacherNotFoundError as err:
+            raise TeacherNotFoundError(f"--model: {err}") from None
+        keys = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type")
+        wrong = [f"{k} {given.get(k)} (model: {expected.get(k)})" for k in keys if given.get(k) != expected.get(k)]
+        if wrong:
+            raise GenerateError(
+                f"--unet {unet} does not fit --model {model}: {', '.join(wrong)}; pass as --model the teacher the "
+                "student was made from"
+            )
+        components["unet"] = UNet2DConditionModel.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
+    try:
+        pipe = load_pipeline(model, dtype, str(device), **components)
+    except TeacherNotFoundError as err:
+        raise TeacherNotFoundError(f"--model: {err}") from None
+    if scheduler is not None:
+        cls = getattr(diffusers, scheduler, None)
+        compatible = sorted(c.__name__ for c in getattr(pipe.scheduler, "compatibles", []))
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+            raise GenerateError(
+                f"--scheduler {scheduler}: not a diffusers scheduler class; this model's compatible schedulers: "
+                f"{', '.join(compatible)}"
+            )
+        if scheduler not in compatible:
+            logger.warning("%s is not listed as compatible with %s", scheduler, type(pipe.scheduler).__name__)
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _unet_location(ref: str) -> tuple[str, str | None]:
+    """Where ``--unet`` points: (folder or hub id, subfolder)."""
+    path = Path(ref)
+    if path.is_dir():
+        if (path / "unet" / "config.json").is_file():
+            return str(path), "unet"
+        if (path / "config.json").is_file():
+            return str(path), None
+        raise GenerateError(
+            f"--unet {ref}: the folder holds neither unet/config.json (a student pipeline) nor config.json "
+            "(a U-Net folder)"
+        )
+    return ref, "unet"
+
+
+def _unet_config(ref: str, folder: str, subfolder: str | None) -> dict[str, Any]:
+    from diffusers import UNet2DConditionModel
+
+    try:
+        return dict(UNet2DConditionModel.load_config(folder, subfolder=subfolder))
+    except (OSError, ValueError) as err:
+        raise GenerateError(
+            f"--unet {ref}: no such folder, and no pipeline with a unet/ of that name on the hub or in its cache "
+            f"({type(err).__name__}); give a student pipeline folder or a U-Net folder"
+        ) from None
+
+
+def _settings_of(args: argparse.Namespace, pipe, model: str, dtype_name: str) -> GenerationSettings:
+    sample_size = pipe.unet.config.sample_size
+    native = sample_size * pipe.vae_scale_factor if isinstance(sample_size, int) else None
+    height, width = args.height or native, args.width or native
+    if height is None or width is None:
+        raise GenerateError("the model has no single native size: pass --height and --width")
+    for name, side in (("--height", height), ("--width", width)):
+        if side % pipe.vae_scale_factor:
+            raise GenerateError(f"{name} {side} is not a multiple of the VAE's factor {pipe.vae_scale_factor}")
+    return GenerationSettings(
+        model=_canonical(model),
+        unet=_canonical(args.unet) if args.unet else None,
+        scheduler=type(pipe.scheduler).__name__,
+        steps=args.steps,
+        guidance_scale=float(args.guidance),
+        height=int(height),
+        width=int(width),
+        negative_prompt=args.negative_prompt,
+        dtype=dtype_name,
+        seed=args.seed,
+        resize=args.resize,
+        safety_checker=getattr(pipe, "safety_checker", None) is not None,
+    )
+
+
+def _canonical(ref: str) -> str:
+    """Local folders as absolute paths (the same folder compares equal from any working directory)."""
+    return str(Path(ref).resolve()) if Path(ref).is_dir() else ref
+
+
+def _check_resume(out: Path, settings: GenerationSettings, prompts: list[PromptRecord], names: list[str]) -> None:
+    """Refuse a folder whose images were made with other settings or for other prompts."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise GenerateError(f"--out {out} is a file; give a folder")
+    settings_file = out / SETTINGS_FILE
+    if not settings_file.is_file():
+        if any(out.iterdir()):
+            raise GenerateError(f"--out {out} is not empty and holds no {SETTINGS_FILE}; give a new or empty folder")
+        return
+    previous = json.loads(settings_file.read_text(encoding="utf-8")).get("settings", {})
+    current = json.loads(json.dumps(asdict(settings)))
+    changed = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in current.items() if previous.get(k) != v]
+    if changed:
+        raise GenerateError(
+            f"--out {out} holds images made with other settings ({'; '.join(changed)}); use a new --out, or delete "
+            "the folder to start over"
+        )
+    manifest = out / MANIFEST_FILE
+    if manifest.is_file():
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            i = entry["index"]
+            if i < len(prompts) and entry["prompt"] != prompts[i].prompt and (out / names[i]).is_file():
+                raise GenerateError(
+                    f"--out {out}: image {names[i]} was made for the prompt {entry['prompt']!r}, but prompt {i} of the "
+                    f"prompt file is {prompts[i].prompt!r}; use a new --out for another prompt file"
+                )
+
+
+def _write_json_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_image(image, path: Path) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half image that would count as done."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Handle ``bksdm generate``: load, check the folder, generate this process's share, write the records."""
+    import diffusers
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from bksdm.generate import generate_images, prompt_seed, resize_image
+    from bksdm.loading import parse_dtype, teacher_or_default
+    from bksdm.prompts import read_prompts
+
+    model = teacher_or_default(args.model)
+    defaults = {"num_inference_steps": 25, "guidance_scale": 7.5}
+    if args.model is None:  # the bundled teacher was validated with its own sampling settings
+        from bksdm.toy.teacher import recommended_settings
+
+        defaults = recommended_settings(model)
+    args.steps = args.steps if args.steps is not None else int(defaults["num_inference_steps"])
+    args.guidance = args.guidance if args.guidance is not None else float(defaults["guidance_scale"])
+    if args.batch_size < 1 or args.steps < 1:
+        raise GenerateError("--batch-size and --steps must be at least 1")
+    if args.resize is not None and args.resize < 1:
+        raise GenerateError(f"--resize must be a positive size in pixels, got {args.resize}")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerateError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    prompts = read_prompts(args.prompts)
+    # Without cpu=True, accelerate runs N independent copies of a multi-process launch on a machine with no GPU.
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    device = torch.device(args.device) if args.device not in (None, "cuda") else state.device
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = parse_dtype(dtype_name)
+    dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+    pipe = load_generation_pipeline(model, args.unet, dtype, device, args.scheduler)
+    if args.no_safety_checker and getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    settings = _settings_of(args, pipe, model, dtype_name)
+    out = Path(args.out)
+    names = [image_name(i, len(prompts)) for i in range(len(prompts))]
+    seeds = [prompt_seed(args.seed, i) for i in range(len(prompts))]
+    # Every process checks and lists the folder before anyone writes to it, so all see the same state.
+    _check_resume(out, settings, prompts, names)
+    todo = [i for i in range(len(prompts)) if not (out / names[i]).is_file()]
+    state.wait_for_everyone()
+
+    started = time.time()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        settings_path = out / SETTINGS_FILE
+        runs = json.loads(settings_path.read_text(encoding="utf-8"))["runs"] if settings_path.is_file() else []
+        record = {"settings": asdict(settings), "versions": _versions(diffusers.__version__), "runs": runs}
+        _write_json_atomic(settings_path, json.dumps(record, indent=2) + "\n")
+        lines = []
+        for i, (p, name) in enumerate(zip(prompts, names, strict=True)):
+            extra = {(f"source_{k}" if k in _RESERVED else k): v for k, v in p.extra.items()}
+            entry = {"index": i, "prompt": p.prompt, "seed": seeds[i], "file": name, **extra}
+            lines.append(json.dumps(entry, ensure_ascii=False))
+        _write_json_atomic(out / MANIFEST_FILE, "\n".join(lines) + "\n")
+    state.wait_for_everyone()
+
+    share = todo[state.process_index :: state.num_processes]
+    logger.info("process %d: %d of %d missing images", state.process_index, len(share), len(todo))
+    bar = tqdm(
+        total=len(share),
+        unit="img",
+        desc="generate" if state.num_processes == 1 else f"generate (process 0 of {state.num_processes})",
+        disable=not state.is_main_process,
+    )
+    for start in range(0, len(share), args.batch_size):
+        chunk = share[start : start + args.batch_size]
+        images = generate_images(
+            pipe,
+            [prompts[i].prompt for i in chunk],
+            [seeds[i] for i in chunk],
+            steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            batch_size=len(chunk),
+            height=settings.height,
+            width=settings.width,
+            negative_prompt=settings.negative_prompt,
+        )
+        for i, image in zip(chunk, images, strict=True):
+            _save_image(resize_image(image, settings.resize) if settings.resize else image, out / names[i])
+        bar.update(len(chunk))
+    bar.close()
+    state.wait_for_everyone()
+
+    if state.is_main_process:
+        for stale in out.glob(".*.tmp"):  # left by a killed run; every live process has finished
+            stale.unlink()
+        missing = [n for n in names if not (out / n).is_file()]
+        if missing:
+            raise GenerateError(f"{len(missing)} images are missing after the run (first: {missing[0]}); run again")
+        seconds = time.time() - started
+        record = json.loads((out / SETTINGS_FILE).read_text(encoding="utf-8"))
+        record["runs"].append(
+            {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+                "seconds": round(seconds, 3),
+                "generated": len(todo),
+                "skipped": len(prompts) - len(todo),
+                "num_processes": state.num_processes,
+                "batch_size": args.batch_size,
+                "device": str(device),
+            }
+        )
+        _write_json_atomic(out / SETTINGS_FILE, json.dumps(record, indent=2) + "\n")
+        rate = f", {len(todo) / seconds:.2f} images/s" if todo and seconds > 0 else ""
+        print(
+            f"{len(prompts)} images in {out} ({len(todo)} generated, {len(prompts) - len(todo)} already there; "
+            f"{seconds:.1f} s on {state.num_processes} process(es){rate})"
+        )
+    return 0
+
+
+def _versions(diffusers_version: str) -> dict[str, str]:
+    return {"bksdm": __version__, "diffusers": diffusers_version, "torch": torch.__version__}
