@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate(sub)
     add_coco_prompts(sub)
+    from bksdm.evaluate_cmd import add_evaluate_commands
+
+    add_evaluate_commands(sub)
     return parser
 
 
