@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bksdm.img2img_cmd import add_img2img
 
     add_img2img(sub)
+    from bksdm.export_cmd import add_export
+
+    add_export(sub)
     from bksdm.profile_cmd import add_profile
 
     add_profile(sub)

@@ -58,6 +58,13 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-latency", action="store_true", help="only count params and MACs (no weights built)")
+    p.add_argument(
+        "--onnx",
+        default=None,
+        metavar="DIR",
+        help="also time the U-Net exported to DIR by `bksdm export onnx` in ONNX Runtime (CPU), same inputs, "
+        "beside PyTorch's (needs --device cpu, fp32)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
     p.set_defaults(func=run_profile)
@@ -99,6 +106,8 @@ def run_profile(args: argparse.Namespace) -> int:
     latency = not args.no_latency
     device = _resolve_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
+    if args.onnx is not None:
+        _check_onnx_options(args, latency, device, dtype)
 
     def progress(message: str) -> None:
         print(f"bksdm profile: {message} ...", file=sys.stderr, flush=True)
@@ -122,6 +131,8 @@ def run_profile(args: argparse.Namespace) -> int:
         on_stage=progress if latency else None,
     )
     result = {"source": parts.source, "plan": parts.plan, **result}
+    if args.onnx is not None:
+        result["onnx"] = _time_onnx(args, parts.unet.config, result, progress)
     text = json.dumps(result, indent=2)
     if args.out:
         out = Path(args.out)
@@ -129,6 +140,37 @@ def run_profile(args: argparse.Namespace) -> int:
         out.write_text(text + "\n")
     print(text if args.json else format_profile(result))
     return 0
+
+
+def _check_onnx_options(args: argparse.Namespace, latency: bool, device: torch.device, dtype: torch.dtype) -> None:
+    """``--onnx`` compares ONNX Runtime on the CPU in fp32 with PyTorch: refuse anything else before loading."""
+    from bksdm.onnx_runtime import read_report
+
+    if not latency:
+        raise ValueError("--onnx times the exported U-Net: drop --no-latency")
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ValueError("--onnx times ONNX Runtime on the CPU in fp32: profile with --device cpu --dtype fp32")
+    read_report(args.onnx)  # not an export folder: fail before any weights are read
+
+
+def _time_onnx(args: argparse.Namespace, unet_config: Any, result: dict[str, Any], progress: Any) -> dict[str, Any]:
+    """ONNX Runtime U-Net step timings with the same inputs, warm-up, repeats and threads as PyTorch's."""
+    from bksdm.onnx_runtime import time_onnx_unet
+
+    progress(f"timing the ONNX Runtime U-Net in {args.onnx} ({torch.get_num_threads()} threads)")
+    onnx = time_onnx_unet(
+        args.onnx,
+        unet_config,
+        result["latent_size"],
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=torch.get_num_threads(),
+    )
+    # Per image as for PyTorch, with the U-Net steps from ONNX Runtime (text encoder and VAE decoder from PyTorch).
+    steps, text, decode = result["steps"], result["text_encoder_s"], result["vae_decode_s"]
+    onnx["image_s"] = text + steps * onnx["unet_step_s"] + decode
+    onnx["image_cfg_s"] = 2 * text + steps * onnx["unet_step_cfg_s"] + decode
+    return onnx
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -187,6 +229,20 @@ def format_profile(result: dict[str, Any]) -> str:
             "unet_step_cfg",
         )
     )
+    if r.get("onnx"):
+        rows += [
+            row(
+                "U-Net step, ONNX Runtime", None, r["unet_macs"], r["unet_macs_with_attention"], r["onnx"], "unet_step"
+            ),
+            row(
+                "U-Net step, CFG, ONNX Runtime",
+                None,
+                2 * r["unet_macs"],
+                2 * r["unet_macs_with_attention"],
+                r["onnx"],
+                "unet_step_cfg",
+            ),
+        ]
     rows.append(
         row(
             "VAE decoder",
@@ -222,8 +278,18 @@ def format_profile(result: dict[str, Any]) -> str:
             f"  composed from separately timed components: text encoders + {steps} x U-Net step + VAE decode",
             "  (guidance: 2 text-encoder calls, batch-2 steps); apart, as --arch presets have no tokenizer",
             f"  {result['warmup']} warm-up + {result['repeats']} timed calls per component; medians (min)",
-            f"peak memory: {_bytes(result['peak_memory_bytes'])}, {result['peak_memory_method']}",
         ]
+        if result.get("onnx"):
+            onnx = result["onnx"]
+            lines += [
+                f"with the ONNX Runtime U-Net: {_seconds(onnx['image_s'])} without guidance, "
+                f"{_seconds(onnx['image_cfg_s'])} with (U-Net step at "
+                f"{result['unet_step_s'] / onnx['unet_step_s']:.2f}x PyTorch's speed, "
+                f"{result['unet_step_cfg_s'] / onnx['unet_step_cfg_s']:.2f}x with guidance)",
+                f"  {onnx['onnx_dir']}: onnxruntime {onnx['onnxruntime_version']}, {onnx['provider']}, "
+                f"{onnx['threads']} threads as torch, same inputs; text encoder and VAE decoder from PyTorch",
+            ]
+        lines.append(f"peak memory: {_bytes(result['peak_memory_bytes'])}, {result['peak_memory_method']}")
     else:
         lines.append("latency: not measured (--no-latency)")
     lines.append(f"device: {result['device']}, {result['dtype']}, torch {result['torch_version']}")
