@@ -267,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate(sub)
     add_coco_prompts(sub)
+    from bksdm.dreambooth_cmd import add_dreambooth, add_dreambooth_eval
+
+    add_dreambooth(sub)
+    add_dreambooth_eval(sub)
     from bksdm.evaluate_cmd import add_evaluate_commands
 
     add_evaluate_commands(sub)

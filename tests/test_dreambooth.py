@@ -1,0 +1,491 @@
+"""DreamBooth and LoRA personalisation (``bksdm dreambooth``) and its metrics (``bksdm dreambooth-eval``).
+
+Mechanics run on the untrained shapes teacher (the real teacher's architecture with random weights, 64 px) and
+on tiny SD-shaped pipelines; the Must-show runs (a new subject bound to a rare token on the *trained* teacher)
+are at the end, guarded until the bundled teacher's weights land.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from bksdm.cli import main
+from bksdm.dreambooth import dreambooth_loss
+from bksdm.encoding import TextEncoders, encode_text
+from bksdm.generate import generate_images, prompt_seed
+from bksdm.lora import LORA_FILE, UNET_LORA_TARGETS, text_encoder_lora_problem
+from bksdm.subject_data import ensure_class_images, pick
+from bksdm.toy import shapes
+from bksdm.toy.teacher import TEACHER_DIR, build_untrained_teacher
+
+SUBJECT_COLOR = (150, 40, 200)
+"""The subject's colour: a purple the shapes world never uses."""
+INSTANCE_PROMPT = "a big sks circle at the top left"
+CLASS_PROMPT = "a big circle at the top left"
+
+
+def subject_images(folder: Path, count: int = 5, position: str = "top left") -> Path:
+    """``count`` pictures of the subject: the world's own big circles, recoloured purple."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = shapes.render(shapes.Scene("circle", "red", "big", position), np.random.default_rng([7, i]))
+        pixels = np.array(image)
+        pixels[(pixels == shapes.COLORS["red"]).all(-1)] = SUBJECT_COLOR  # flat fills: exact recolouring
+        Image.fromarray(pixels).save(folder / f"subject-{i}.png")
+    return folder
+
+
+def shape_color(image: Image.Image) -> np.ndarray:
+    """Mean RGB of the pixels that are clearly not background (the drawn shape)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+    mask = np.linalg.norm(pixels - np.asarray(shapes.BACKGROUND), axis=1) > 80
+    return pixels[mask].mean(axis=0) if mask.any() else np.asarray(shapes.BACKGROUND, dtype=np.float64)
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    """The nearest of the world's colours and the subject's purple."""
+    palette = {**shapes.COLORS, "purple": SUBJECT_COLOR}
+    return min(palette, key=lambda name: np.linalg.norm(rgb - np.asarray(palette[name])))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """The shapes teacher's architecture with random weights, saved as a stock pipeline folder."""
+    path = tmp_path_factory.mktemp("untrained-teacher")
+    build_untrained_teacher(seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def subject_dir(tmp_path_factory) -> Path:
+    return subject_images(tmp_path_factory.mktemp("subject"))
+
+
+def dreambooth(model: Path, subject: Path, out: Path, *extra: str) -> int:
+    """``bksdm dreambooth`` with quick settings (each can be overridden by ``extra``)."""
+    args = ["dreambooth", "--model", str(model), "--instance-dir", str(subject)]
+    args += ["--instance-prompt", INSTANCE_PROMPT, "--out", str(out), "--mixed-precision", "no", "--sample-steps", "2"]
+    defaults = {"--steps": "4", "--validation-every": "0", "--checkpoint-every": "0", "--log-every": "1"}
+    for key, value in defaults.items():
+        if key not in extra:
+            args += [key, value]
+    return main([*args, *extra])
+
+
+@torch.no_grad()
+def fixed_loss(pipe: StableDiffusionPipeline, subject: Path, prompt: str = INSTANCE_PROMPT) -> float:
+    """Denoising loss on the subject images with fixed noise and timesteps: one yardstick before and after."""
+    images = [Image.open(p).convert("RGB") for p in sorted(subject.glob("*.png"))]
+    pixels = torch.from_numpy(shapes.to_array(images))
+    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.linspace(50, 950, len(images)).long()
+    states = encode_text([prompt] * len(images), TextEncoders.from_pipeline(pipe), "cpu")[0]
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return float(dreambooth_loss(pipe.unet, scheduler, latents, states, timesteps, noise, len(images), 1.0)["loss"])
+
+
+def load(path: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def draw(pipe: StableDiffusionPipeline, prompts: list[str], seed: int = 0, steps: int = 4) -> np.ndarray:
+    images = generate_images(pipe, prompts, [prompt_seed(seed, i) for i in range(len(prompts))], steps=steps)
+    return np.stack([np.asarray(im, dtype=np.float32) for im in images])
+
+
+# ------------------------------------------------------------------------------------------- the recipe
+
+
+def test_full_fine_tuning_learns_the_subject_and_writes_a_stock_pipeline(teacher_dir, subject_dir, tmp_path) -> None:
+    out = tmp_path / "full"
+    code = dreambooth(teacher_dir, subject_dir, out, "--steps", "40", "--lr", "1e-3", "--batch-size", "2")
+    assert code == 0
+    base, tuned = load(teacher_dir), load(out)  # the stock diffusers class loads the output folder
+    before, after = fixed_loss(base, subject_dir), fixed_loss(tuned, subject_dir)
+    assert after < 0.5 * before, (before, after)
+    # The paper's default trains the text encoder too; the VAE never trains.
+    for name in ("text_encoder", "unet"):
+        a, b = getattr(base, name).state_dict(), getattr(tuned, name).state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a), name
+    assert all(torch.equal(v, tuned.vae.state_dict()[k]) for k, v in base.vae.state_dict().items())
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert all(r["loss_prior"] == 0.0 for r in records)  # no class prompt: no prior preservation
+    run = json.loads((out / "dreambooth.json").read_text())
+    assert run["config"]["lr"] == 1e-3 and run["config"]["train_text_encoder"] is True and run["steps"] == 40
+
+
+def test_text_encoder_stays_frozen_when_asked(teacher_dir, subject_dir, tmp_path) -> None:
+    out = tmp_path / "unet-only"
+    assert dreambooth(teacher_dir, subject_dir, out, "--no-train-text-encoder", "--lr", "1e-3") == 0
+    base, tuned = load(teacher_dir), load(out)
+    a, b = base.text_encoder.state_dict(), tuned.text_encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(v, tuned.unet.state_dict()[k]) for k, v in base.unet.state_dict().items())
+
+
+def lora_params(unet: torch.nn.Module, rank: int) -> int:
+    """Parameters of a rank-``rank`` LoRA on every U-Net attention projection: r * (in + out) per layer."""
+    count = 0
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in UNET_LORA_TARGETS):
+            count += rank * (module.in_features + module.out_features)
+    return count
+
+
+def test_lora_writes_a_small_adapter_that_loads_with_load_lora_weights(teacher_dir, subject_dir, tmp_path) -> None:
+    out = tmp_path / "lora"
+    assert dreambooth(teacher_dir, subject_dir, out, "--lora", "--rank", "4", "--steps", "40", "--lr", "1e-2") == 0
+    adapter = out / LORA_FILE
+    weights = load_file(adapter)
+    base = load(teacher_dir)
+    expected = lora_params(base.unet, 4)
+    assert sum(t.numel() for t in weights.values()) == expected
+    assert all(k.startswith("unet.") for k in weights)  # LoRA default: the text encoder is not trained
+    assert adapter.stat().st_size < 4 * expected + 64 * 1024  # fp32 weights plus the safetensors header
+    assert not (out / "model_index.json").exists()  # only the adapter, no pipeline copy
+
+    prompts = [INSTANCE_PROMPT, "a small blue square at the bottom right"]
+    plain, before = draw(base, prompts), fixed_loss(base, subject_dir)
+    base.load_lora_weights(out)  # stock diffusers, from the folder
+    assert np.abs(draw(base, prompts) - plain).max() > 1.0
+    assert fixed_loss(base, subject_dir) < 0.8 * before  # it is the trained adapter, not noise
+
+
+@pytest.mark.skipif(text_encoder_lora_problem() is not None, reason="peft too old for text-encoder LoRA")
+def test_lora_on_the_text_encoder_too(tiny_sd_dir, tmp_path) -> None:
+    subject = subject_images(tmp_path / "subject", count=2)
+    out = tmp_path / "lora-te"
+    code = dreambooth(tiny_sd_dir, subject, out, "--lora", "--rank", "2", "--train-text-encoder", "--lr", "1e-2")
+    assert code == 0
+    weights = load_file(out / LORA_FILE)
+    assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
+    pipe = load(tiny_sd_dir)
+    states = encode_text([INSTANCE_PROMPT], TextEncoders.from_pipeline(pipe), "cpu")[0]
+    pipe.load_lora_weights(out)
+    assert not torch.allclose(encode_text([INSTANCE_PROMPT], TextEncoders.from_pipeline(pipe), "cpu")[0], states)
+
+
+@pytest.mark.skipif(text_encoder_lora_problem() is None, reason="peft is recent enough for text-encoder LoRA")
+def test_text_encoder_lora_with_an_old_peft_is_refused_up_front(teacher_dir, subject_dir, tmp_path, capsys) -> None:
+    assert dreambooth(teacher_dir, subject_dir, tmp_path / "out", "--lora", "--train-text-encoder") == 2
+    assert "pip install -U peft" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", [[], ["--lora", "--rank", "2"]], ids=["full", "lora"])
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(mode, teacher_dir, subject_dir, tmp_path) -> None:
+    common = [*mode, "--lr", "1e-3", "--checkpoint-every", "2", "--class-prompt", CLASS_PROMPT]
+    common += ["--num-class-images", "2", "--class-dir", str(tmp_path / "class")]
+    assert dreambooth(teacher_dir, subject_dir, tmp_path / "straight", "--steps", "4", *common) == 0
+    assert dreambooth(teacher_dir, subject_dir, tmp_path / "split", "--steps", "2", *common) == 0
+    checkpoints = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-0000002"]
+    assert dreambooth(teacher_dir, subject_dir, tmp_path / "split", "--steps", "4", "--resume", "latest", *common) == 0
+
+    def weights(out: Path) -> dict[str, torch.Tensor]:
+        if mode:
+            return load_file(out / LORA_FILE)
+        pipe = load(out)
+        return {f"{n}.{k}": v for n in ("unet", "text_encoder") for k, v in getattr(pipe, n).state_dict().items()}
+
+    straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert straight.keys() == split.keys()
+    assert all(torch.equal(straight[k], split[k]) for k in straight)
+    if mode:  # LoRA checkpoints hold the adapters only, not a copy of the frozen model
+        checkpoint = tmp_path / "split" / "checkpoints" / "checkpoint-0000004"
+        assert not list(checkpoint.glob("model*.safetensors"))
+        assert (checkpoint / LORA_FILE).is_file()
+    prior = [
+        json.loads(x)["loss_prior"] for x in (tmp_path / "split" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(prior) == 4 and all(p > 0 for p in prior)
+
+
+def test_checkpoints_rotate_and_validation_images_are_written(teacher_dir, subject_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    extra = ["--steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "2", "--validation-every", "3"]
+    assert dreambooth(teacher_dir, subject_dir, out, *extra, "--validation-prompts", "a", "b", "c") == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-0000004", "checkpoint-0000006"]
+    grids = sorted(p.name for p in (out / "validation").glob("step-???????.png"))
+    assert grids == ["step-0000003.png", "step-0000006.png"]
+    grid = Image.open(out / "validation" / "step-0000006.png")
+    assert grid.size == (3 * 64, 2 * (64 + 14))  # rows: before training, step 6; one column per prompt
+    assert len(list((out / "validation").glob("step-0000006-*.png"))) == 3
+
+
+@pytest.mark.parametrize("mode", [[], ["--lora", "--rank", "2"]], ids=["full", "lora"])
+def test_bf16_mixed_precision_trains_and_saves_fp32(mode, teacher_dir, subject_dir, tmp_path) -> None:
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one mixed-precision setting per process; earlier tests in this process set "no".
+    AcceleratorState._reset_state()
+    out = tmp_path / "bf16"
+    extra = ["--mixed-precision", "bf16", "--steps", "2", "--validation-every", "2", *mode]
+    assert dreambooth(teacher_dir, subject_dir, out, *extra) == 0
+    files = [out / LORA_FILE] if mode else [out / "unet" / "diffusion_pytorch_model.safetensors"]
+    files += (
+        []
+        if mode
+        else [out / "vae" / "diffusion_pytorch_model.safetensors", out / "text_encoder" / "model.safetensors"]
+    )
+    for file in files:
+        assert {t.dtype for t in load_file(file).values()} == {torch.float32}, file
+    assert (out / "validation" / "step-0000002.png").is_file()
+    AcceleratorState._reset_state()
+
+
+def test_class_images_are_generated_by_the_model_only_when_missing(teacher_dir, tmp_path) -> None:
+    pipe = load(teacher_dir)
+    folder = tmp_path / "class"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "white").save(folder / "mine.png")
+    paths = ensure_class_images(
+        pipe, folder, CLASS_PROMPT, 3, seed=5, steps=2, guidance_scale=3.0, resolution=64, batch_size=2
+    )
+    assert [p.name for p in paths] == ["class-000000.png", "class-000001.png", "mine.png"]
+    seeds = [prompt_seed(5, 0), prompt_seed(5, 1)]
+    expected = generate_images(pipe, [CLASS_PROMPT] * 2, seeds, steps=2, guidance_scale=3.0, height=64, width=64)
+    for path, image in zip(paths[:2], expected, strict=True):
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(image))
+    stamp = paths[0].stat().st_mtime_ns
+    again = ensure_class_images(pipe, folder, CLASS_PROMPT, 3, seed=5, steps=2, guidance_scale=3.0, resolution=64)
+    assert again == paths and paths[0].stat().st_mtime_ns == stamp  # nothing regenerated
+    assert not list(folder.glob(".*"))  # no partial files left
+
+
+def test_samples_walk_through_the_images_once_per_epoch() -> None:
+    for count, batch in [(5, 1), (5, 2), (3, 4)]:
+        picks = [pick(9, 0, count, m, p, batch) for m in range(6) for p in range(batch)]
+        for epoch in range(len(picks) // count):
+            assert sorted(picks[epoch * count : (epoch + 1) * count]) == list(range(count))
+    # The sample at global index k is the same whatever the batch size.
+    assert [pick(9, 0, 5, k, 0, 1) for k in range(10)] == [pick(9, 0, 5, k // 2, k % 2, 2) for k in range(10)]
+
+
+def test_dreambooth_loss_is_instance_plus_weighted_prior() -> None:
+    unet = build_untrained_teacher().unet
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
+    states, t = torch.randn(4, 77, 64, generator=g), torch.tensor([10, 500, 10, 500])
+    with torch.no_grad():
+        both = dreambooth_loss(unet, scheduler, latents, states, t, noise, 2, 0.5)
+        inst = dreambooth_loss(unet, scheduler, latents[:2], states[:2], t[:2], noise[:2], 2, 0.5)
+        prior = dreambooth_loss(unet, scheduler, latents[2:], states[2:], t[2:], noise[2:], 2, 0.5)
+    assert inst["loss_prior"] == 0 and inst["loss"] == inst["loss_instance"]
+    assert torch.allclose(both["loss_instance"], inst["loss_instance"], atol=1e-6)
+    assert torch.allclose(both["loss_prior"], prior["loss_instance"], atol=1e-6)
+    assert torch.allclose(both["loss"], both["loss_instance"] + 0.5 * both["loss_prior"])
+
+
+# ------------------------------------------------------------------------------------------ user errors
+
+
+def test_bad_instance_folders_and_options_exit_2(teacher_dir, subject_dir, tmp_path, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    broken = subject_images(tmp_path / "broken", count=2)
+    (broken / "bad.png").write_bytes(b"not a png")
+    cases = {
+        "no such folder": [tmp_path / "missing"],
+        "no images in it": [empty],
+        "bad.png": [broken],
+        "needs --class-prompt": [subject_dir, "--prior-preservation"],
+        "--rank must be at least 1": [subject_dir, "--lora", "--rank", "0"],
+    }
+    for needle, (folder, *extra) in cases.items():
+        assert dreambooth(teacher_dir, folder, tmp_path / "out", *extra) == 2, needle
+        err = capsys.readouterr().err
+        assert "bksdm dreambooth: error" in err and needle in err, err
+    assert not (tmp_path / "out").exists()  # nothing written before the checks pass
+
+
+def test_an_occupied_output_needs_resume(teacher_dir, subject_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert dreambooth(teacher_dir, subject_dir, out, "--steps", "1") == 0
+    assert dreambooth(teacher_dir, subject_dir, out, "--steps", "1") == 2
+    assert "--resume latest" in capsys.readouterr().err
+    assert dreambooth(teacher_dir, subject_dir, out, "--steps", "2", "--resume", "latest") == 0
+    assert json.loads((out / "dreambooth.json").read_text())["steps"] == 2
+
+
+def test_sdxl_is_refused_with_a_pointer(tiny_sdxl_dir, subject_dir, tmp_path, capsys) -> None:
+    assert dreambooth(tiny_sdxl_dir, subject_dir, tmp_path / "out") == 2
+    assert "train_dreambooth_lora_sdxl" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------- the Must-show runs
+
+needs_teacher = pytest.mark.skipif(
+    not (TEACHER_DIR / "model_index.json").is_file(), reason="bundled teacher weights not landed yet"
+)
+ORDINARY = [scene.caption for scene in shapes.all_scenes()[::6]]  # 16 world captions, every shape and colour
+
+
+def must_show(tmp_path: Path, *mode: str) -> dict:
+    """DreamBooth on the bundled teacher: a purple circle (a colour the world never uses) bound to "sks"."""
+    from bksdm.toy.classifier import load_classifier, prompt_accuracy
+    from bksdm.toy.teacher import recommended_settings
+
+    subject = subject_images(tmp_path / "subject", count=5)
+    out = tmp_path / "out"
+    args = ["dreambooth", "--instance-dir", str(subject), "--instance-prompt", INSTANCE_PROMPT, "--out", str(out)]
+    args += ["--class-prompt", CLASS_PROMPT, "--num-class-images", "8", "--mixed-precision", "no"]
+    args += ["--validation-every", "0", "--checkpoint-every", "0", "--batch-size", "2", *mode]
+    assert main(args) == 0
+    settings = recommended_settings()
+    steps, guidance = settings["num_inference_steps"], settings["guidance_scale"]
+    base = load(TEACHER_DIR)
+    if "--lora" in mode:
+        tuned = load(TEACHER_DIR)
+        tuned.load_lora_weights(out)
+    else:
+        tuned = load(out)
+    seeds = [prompt_seed(1, i) for i in range(len(ORDINARY))]
+    subject_seeds = [prompt_seed(2, i) for i in range(4)]
+    drawn = generate_images(tuned, [INSTANCE_PROMPT] * 4, subject_seeds, steps=steps, guidance_scale=guidance)
+    classifier = load_classifier()
+    accuracy = {
+        name: prompt_accuracy(
+            classifier, generate_images(pipe, ORDINARY, seeds, steps=steps, guidance_scale=guidance), ORDINARY
+        )
+        for name, pipe in (("base", base), ("tuned", tuned))
+    }
+    return {"colors": [nearest_color(shape_color(im)) for im in drawn], "accuracy": accuracy, "out": out}
+
+
+@needs_teacher
+def test_must_show_full_dreambooth_binds_a_new_subject_to_a_rare_token(tmp_path) -> None:
+    result = must_show(tmp_path, "--steps", "150", "--lr", "5e-5")
+    assert result["colors"].count("purple") >= 3, result
+    assert result["accuracy"]["tuned"] >= result["accuracy"]["base"] - 0.15, result
+
+
+@needs_teacher
+def test_must_show_lora_binds_a_new_subject_with_a_small_adapter(tmp_path) -> None:
+    result = must_show(tmp_path, "--lora", "--rank", "8", "--steps", "150", "--lr", "1e-3")
+    assert result["colors"].count("purple") >= 3, result
+    assert result["accuracy"]["tuned"] >= result["accuracy"]["base"] - 0.15, result
+    assert (result["out"] / LORA_FILE).stat().st_size < 1_000_000
+
+
+# ------------------------------------------------------------------------- DINO / CLIP-I / CLIP-T
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny DINO-style ViT and a tiny CLIP, each saved with its processor like a hub folder."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    from bksdm.toy.tiny import build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("metric-models")
+    torch.manual_seed(0)
+    vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32)
+    ViTModel(ViTConfig(**vit, patch_size=8), add_pooling_layer=False).save_pretrained(root / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
+    tokenizer = build_tiny_tokenizer(root / "tokenizer")
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    text = dict(vit, vocab_size=len(tokenizer), max_position_embeddings=77, pad_token_id=tokenizer.pad_token_id, **ids)
+    del text["image_size"]
+    CLIPModel(CLIPConfig(text_config=text, vision_config=dict(vit, patch_size=8), projection_dim=16)).save_pretrained(
+        root / "clip"
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(root / "clip")
+    return root / "dino", root / "clip"
+
+
+def world_images(count: int, seed: int) -> list[Image.Image]:
+    return [shapes.sample(seed, i)[0] for i in range(count)]
+
+
+def test_scores_are_the_mean_cosines_of_the_models_embeddings(metric_models) -> None:
+    from transformers import CLIPModel, CLIPProcessor, ViTImageProcessor, ViTModel
+
+    from bksdm.clip_models import load_clip
+    from bksdm.subject_metrics import clip_spec, load_dino, subject_scores
+
+    dino_dir, clip_dir = metric_models
+    generated, real = world_images(3, seed=1), world_images(2, seed=2)
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    scores = subject_scores(generated, real, prompts, load_dino(str(dino_dir)), load_clip(clip_spec(str(clip_dir))))
+
+    def unit(x) -> torch.Tensor:
+        x = x if isinstance(x, torch.Tensor) else x.pooler_output  # transformers 5 wraps the projected embeddings
+        return x / x.norm(dim=-1, keepdim=True)
+
+    with torch.no_grad():  # the same numbers straight from transformers
+        vit, vit_proc = ViTModel.from_pretrained(dino_dir), ViTImageProcessor.from_pretrained(dino_dir)
+        cls = [unit(vit(**vit_proc(images=x, return_tensors="pt")).last_hidden_state[:, 0]) for x in (generated, real)]
+        clip, clip_proc = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
+        pixels = [clip_proc(images=x, return_tensors="pt") for x in (generated, real)]
+        embeds = [unit(clip.get_image_features(**x)) for x in pixels]
+        texts = unit(clip.get_text_features(**clip_proc(text=prompts, return_tensors="pt", padding=True)))
+    assert scores.dino == pytest.approx(float((cls[0] @ cls[1].T).mean()), abs=1e-5)
+    assert scores.clip_i == pytest.approx(float((embeds[0] @ embeds[1].T).mean()), abs=1e-5)
+    assert scores.clip_t == pytest.approx(float((embeds[0] * texts).sum(-1).mean()), abs=1e-5)
+    assert (scores.num_generated, scores.num_real) == (3, 2)
+    same = subject_scores(real[:1], real[:1], ["x"], load_dino(str(dino_dir)), load_clip(clip_spec(str(clip_dir))))
+    assert same.dino == pytest.approx(1.0, abs=1e-6) and same.clip_i == pytest.approx(1.0, abs=1e-6)
+
+
+def test_eval_command_generates_scores_and_writes_json(metric_models, teacher_dir, subject_dir, tmp_path) -> None:
+    dino_dir, clip_dir = metric_models
+    assert dreambooth(teacher_dir, subject_dir, tmp_path / "lora", "--lora", "--rank", "2", "--steps", "1") == 0
+    images, report = tmp_path / "generated", tmp_path / "scores.json"
+    models = ["--dino-model", str(dino_dir), "--clip-model", str(clip_dir), "--instance-dir", str(subject_dir)]
+    generate = ["--model", str(teacher_dir), "--lora", str(tmp_path / "lora"), "--steps", "2"]
+    generate += ["--prompts", INSTANCE_PROMPT, "a sks circle", "--num-images-per-prompt", "2"]
+    assert main(["dreambooth-eval", "--images", str(images), *models, *generate, "--out", str(report)]) == 0
+    manifest = [json.loads(line) for line in (images / "manifest.jsonl").read_text().splitlines()]
+    assert [m["prompt"] for m in manifest] == [INSTANCE_PROMPT] * 2 + ["a sks circle"] * 2
+    assert [m["seed"] for m in manifest] == [prompt_seed(0, i) for i in range(4)]
+    first = json.loads(report.read_text())
+    assert first["num_generated"] == 4 and first["num_real"] == 5
+    assert all(-1 <= first[k] <= 1 for k in ("dino", "clip_i", "clip_t"))
+    # Scoring the folder again reads the prompts from its manifest and gives the same numbers.
+    assert main(["dreambooth-eval", "--images", str(images), *models, "--out", str(report)]) == 0
+    assert json.loads(report.read_text()) == first
+
+
+def test_eval_errors_say_what_to_do(metric_models, subject_dir, tmp_path, capsys, monkeypatch) -> None:
+    dino_dir, clip_dir = metric_models
+    images = subject_images(tmp_path / "generated", count=3)
+    base = ["dreambooth-eval", "--images", str(images), "--instance-dir", str(subject_dir)]
+    local = ["--dino-model", str(dino_dir), "--clip-model", str(clip_dir)]
+    assert main([*base, *local, "--prompts", "a", "b"]) == 2
+    assert "2 prompts for 3 images" in capsys.readouterr().err
+    assert main([*base, *local]) == 2
+    assert "give --prompts" in capsys.readouterr().err
+    assert main([*base, "--prompts", "a", "--dino-model", str(tmp_path / "nowhere"), "--no-clip"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    empty_cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(empty_cache))
+    assert main([*base, "--prompts", "a", "--no-clip"]) == 2  # the default hub id, not downloaded
+    assert "huggingface-cli download facebook/dino-vits16" in capsys.readouterr().err
+    assert main([*base, "--prompts", "a", "--no-dino"]) == 2
+    assert "huggingface-cli download openai/clip-vit-base-patch32" in capsys.readouterr().err
