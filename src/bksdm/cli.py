@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate(sub)
     add_coco_prompts(sub)
+    from bksdm.serve_cmd import add_serve
+
+    add_serve(sub)
     from bksdm.dreambooth_cmd import add_dreambooth, add_dreambooth_eval
 
     add_dreambooth(sub)
