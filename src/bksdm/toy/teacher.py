@@ -74,6 +74,9 @@ _SCHEDULE: dict[str, Any] = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
 }
+PREDICTION_TYPE = "v_prediction"
+"""The teacher's objective: SD-2's v-prediction, on SD's (SD-1 and SD-2 share it) noise schedule. See
+:mod:`bksdm.toy.train_teacher` for why not SD-1's epsilon."""
 
 _DEFAULT_SETTINGS: dict[str, Any] = {"num_inference_steps": 25, "guidance_scale": 5.0}
 
@@ -144,9 +147,9 @@ def teacher_configs() -> dict[str, dict[str, Any]]:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
-def training_scheduler() -> DDPMScheduler:
+def training_scheduler(prediction_type: str = PREDICTION_TYPE) -> DDPMScheduler:
     """SD's training noise schedule as a ``DDPMScheduler`` (what ``add_noise`` and the loss use)."""
-    return DDPMScheduler(**_SCHEDULE)
+    return DDPMScheduler(**{**_SCHEDULE, "prediction_type": prediction_type})
 
 
 def _text_encoder_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
@@ -161,11 +164,12 @@ def _text_encoder_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     )
 
 
-def build_untrained_teacher(seed: int = 0) -> StableDiffusionPipeline:
+def build_untrained_teacher(seed: int = 0, prediction_type: str = PREDICTION_TYPE) -> StableDiffusionPipeline:
     """Build the teacher pipeline with freshly initialised weights (the starting point of training).
 
     Args:
         seed: Seed of the initial weights; the caller's global RNG state is left untouched.
+        prediction_type: What the U-Net predicts (``v_prediction`` or ``epsilon``), recorded in the scheduler.
 
     Returns:
         A ``StableDiffusionPipeline`` on CPU in eval mode, with no safety checker.
@@ -183,7 +187,7 @@ def build_untrained_teacher(seed: int = 0) -> StableDiffusionPipeline:
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         unet=unet.eval(),
-        scheduler=PNDMScheduler(**configs["scheduler"]),
+        scheduler=PNDMScheduler(**{**configs["scheduler"], "prediction_type": prediction_type}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

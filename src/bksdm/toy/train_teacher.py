@@ -62,6 +62,21 @@ GUIDANCE_SCALES = (2.0, 3.0, 5.0, 7.5)
 CAPTION_DROPOUT = 0.1
 """Share of training captions replaced by "" so the same model also predicts unconditionally (CFG)."""
 MIN_SNR_GAMMA = 5.0
+LATENT_SCALE = 0.35
+"""Standard deviation of the scaled latents (``scaling_factor`` = LATENT_SCALE / std of the raw latents).
+
+SD scales its latents to unit variance. Here that leaks the answer: a shapes latent is one small, high-contrast
+blob on a flat background, and at unit variance SD's schedule never hides it, so the U-Net learns to read the
+shape's position off the noise instead of the prompt (measured: an unconditional model trained that way finds the
+right quadrant in 66% of x_t at t=961, the first PNDM step, and 55% at t=999; chance is 25%). Sampling from pure
+noise then puts shapes wherever the noise suggests: position accuracy stayed at chance after 2000 steps. Scaling
+the data down is Chen (2023)'s input scaling, equivalent to shifting SD's log-SNR curve by 2 ln(0.35) = -2.1; the
+noise schedule itself stays SD's. With it, position is decided in the first 5-7 of 25 steps, from the prompt."""
+SNR_FLOOR = 0.2
+"""Floor of the x0-space loss weight."""
+HIGH_T_SHARE = 0.5
+HIGH_T_FROM = 800
+"""Half of every batch has timesteps in [800, 1000)."""
 
 
 class Clock:
@@ -148,11 +163,10 @@ def encode_world(vae: AutoencoderKL, count: int, chunk: int = 256) -> tuple[torc
 
 
 def sample_timesteps(count: int, high_share: float, high_from: int, generator: torch.Generator) -> torch.Tensor:
-    """Training timesteps: uniform over SD's 1000, except that a share ``high_share`` is drawn from [high_from, 1000).
+    """Training timesteps (count,): uniform over SD's 1000, but a share ``high_share`` from [high_from, 1000).
 
-    Why: on 16x16 latents of one high-contrast shape, SD's schedule (designed for 64x64 latents of photos) leaves
-    the shape's position readable in x_t up to t of about 900, so the prompt's position words matter to the loss
-    only at the very noisiest steps, which uniform sampling rarely draws.
+    The noisiest steps are where x_t no longer shows where the shape is, so the only steps where the prompt's
+    position words can be learned; uniform sampling draws them too rarely (see HIGH_T_SHARE).
     """
     uniform = torch.randint(1000, (count,), generator=generator)
     high = torch.randint(high_from, 1000, (count,), generator=generator)
@@ -175,7 +189,7 @@ def train_denoiser(
     means, stds, labels = data
     labels_t = torch.tensor(labels)
     ids = caption_ids(pipe)  # (97, 77); row 96 is ""
-    noise_scheduler = training_scheduler()
+    noise_scheduler = training_scheduler(pipe.scheduler.config.prediction_type)
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2)
     schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.unet_steps)
@@ -203,7 +217,7 @@ def train_denoiser(
     for step in bar:
         pick = torch.randint(len(labels), (args.batch,), generator=generator)
         eps = torch.randn(means[pick].shape, generator=generator)
-        latents = (means[pick] + stds[pick] * eps) * scale  # (B, 4, 16, 16), unit variance
+        latents = (means[pick] + stds[pick] * eps) * scale  # (B, 4, 16, 16), std LATENT_SCALE
         captions = labels_t[pick].clone()
         captions[torch.rand(args.batch, generator=generator) < CAPTION_DROPOUT] = len(ids) - 1
         noise = torch.randn(latents.shape, generator=generator)
@@ -211,10 +225,14 @@ def train_denoiser(
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         encoder_hidden_states = text_encoder(ids[captions])[0]  # (B, 77, TEXT_WIDTH)
         pred = unet(noisy, timesteps, encoder_hidden_states).sample
-        # Per-sample weight of the epsilon loss; its x0-space equivalent is clamp(SNR, floor, gamma). See SNR_FLOOR.
-        snr = compute_snr(noise_scheduler, timesteps)
-        weight = torch.clamp(snr, min=args.snr_floor, max=MIN_SNR_GAMMA) / snr
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            # Plain v-MSE: at the noisiest steps v is about -x0, so the layout the prompt asks for is learned
+            # with full weight there, where an epsilon network must be exact to 1/sqrt(alpha_bar) (12x at t=961)
+            # for its x0 to be right (Salimans & Ho 2022; SD-2's objective).
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            loss = F.mse_loss(pred, target)
+        else:
+            loss = _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -234,6 +252,16 @@ def train_denoiser(
     ema.copy_to(params)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
+
+
+def _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, args: argparse.Namespace) -> torch.Tensor:
+    """Epsilon loss weighted by clamp(SNR, floor, gamma) / SNR, i.e. the x0 error weighted by clamp(SNR, floor,
+    gamma), with SNR that of the data: SD's alpha_bar / (1 - alpha_bar) times the latent variance. The cap is
+    min-SNR-gamma (Hang et al. 2023); the floor (cf. Salimans & Ho 2022's truncated SNR weighting) keeps the
+    noisiest steps, where the layout (position) is decided from the prompt, from weighing almost nothing."""
+    snr = compute_snr(noise_scheduler, timesteps) * args.latent_scale**2
+    weight = torch.clamp(snr, min=args.snr_floor, max=MIN_SNR_GAMMA) / snr
+    return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
 
 
 def _save_state(path: Path, unet, text_encoder, optimizer, schedule, ema, generator, step: int, spent) -> None:
@@ -262,6 +290,13 @@ def _quick_eval(pipe: StableDiffusionPipeline, ema: EMAModel, params: list, args
     images = held_out_images(pipe, scenes, [EVAL_SEED + int(i) for i in picks], 5.0)
     accuracy = prompt_accuracy(images, scenes)
     logger.info("step %d: quick eval (24 scenes, guidance 5): prompt accuracy %s", step, accuracy)
+    try:
+        from bksdm.toy import classifier
+
+        per_attribute = classifier.attribute_accuracy(classifier.load_classifier(), images, scenes)
+        logger.info("step %d: per attribute %s", step, {k: round(v, 3) for k, v in per_attribute.items()})
+    except FileNotFoundError:
+        pass
     if args.grid_dir:
         save_grid(images, Path(args.grid_dir) / f"step{step:06d}.png")
     ema.restore(params)
@@ -394,9 +429,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--snr-floor", type=float, default=1.0, help="x0-space loss weight floor (0: min-SNR)")
-    parser.add_argument("--high-t-share", type=float, default=0.0, help="share of timesteps drawn from the top")
-    parser.add_argument("--high-t-from", type=int, default=800, help="lowest timestep of that top range")
+    parser.add_argument(
+        "--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon"], help="U-Net objective"
+    )
+    parser.add_argument("--latent-scale", type=float, default=LATENT_SCALE, help="std of the scaled latents")
+    parser.add_argument("--snr-floor", type=float, default=SNR_FLOOR, help="floor of the x0-space loss weight")
+    parser.add_argument("--high-t-share", type=float, default=HIGH_T_SHARE, help="share of timesteps from the top")
+    parser.add_argument("--high-t-from", type=int, default=HIGH_T_FROM, help="lowest timestep of that top range")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of training noise")
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--eval-every", type=int, default=0, help="quick held-out check every N steps (0: never)")
@@ -422,12 +461,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     clock = Clock()
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    pipe = build_untrained_teacher(args.seed)
+    pipe = build_untrained_teacher(args.seed, prediction_type=args.prediction_type)
     vae_file = work_dir / "vae.pt"
     if vae_file.is_file():
         state = torch.load(vae_file, weights_only=True)
         pipe.vae.load_state_dict(state["vae"])
-        pipe.vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
+        latent_std = float(state["latent_std"])
         clock.before = state.get("spent", clock.before)
         pipe.vae.eval().requires_grad_(False)
         logger.info("loaded the trained VAE from %s", vae_file)
@@ -435,17 +474,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         train_vae(pipe.vae, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, args.seed)
         means, stds, labels = encode_world(pipe.vae, args.train_images)
-        # As SD: scale latents to unit variance so that SD's noise schedule sees the signal-to-noise it assumes.
         generator = torch.Generator().manual_seed(args.seed)
-        std = float((means + stds * torch.randn(means.shape, generator=generator)).std())
-        pipe.vae.register_to_config(scaling_factor=round(1.0 / std, 5))
-        torch.save({"vae": pipe.vae.state_dict(), "scaling_factor": 1.0 / std, "spent": clock.spent()}, vae_file)
+        latent_std = float((means + stds * torch.randn(means.shape, generator=generator)).std())
+        torch.save({"vae": pipe.vae.state_dict(), "latent_std": latent_std, "spent": clock.spent()}, vae_file)
         if args.grid_dir:  # top row: real images; bottom row: their reconstructions
             with torch.no_grad():
                 images, _ = world_batch(UNET_WORLD_SEED, 0, 8)
                 recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mean).sample
             both = torch.cat([images, recon]).clamp(-1, 1)
             save_grid(pipe.image_processor.postprocess(both, output_type="pil"), Path(args.grid_dir) / "vae.png")
+    # SD scales its latents to unit variance (0.18215 = 1/std); we scale them to std LATENT_SCALE (see there).
+    pipe.vae.register_to_config(scaling_factor=round(args.latent_scale / latent_std, 5))
     logger.info("VAE ready: scaling_factor %.5f after %.0f s", pipe.vae.config.scaling_factor, clock.spent()["wall"])
 
     train_denoiser(pipe, (means, stds, labels), args, work_dir, clock)
