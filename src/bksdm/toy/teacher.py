@@ -6,12 +6,15 @@ really works, so it must both *be* Stable Diffusion in every structural respect 
 - a ``CLIPTokenizer`` (the tiny offline vocabulary of :func:`bksdm.toy.tiny.build_tiny_tokenizer`, which encodes
   every shapes-world word as one token) and a ``CLIPTextModel`` trained from scratch, since no pretrained CLIP
   exists for this world;
-- an ``AutoencoderKL`` with ``scaling_factor`` set to 1/std of its latents on real shapes, as SD did;
+- an ``AutoencoderKL`` whose ``scaling_factor`` scales its latents on real shapes to a fixed standard deviation
+  (SD scales to 1; we scale to 0.35, see :data:`bksdm.toy.train_teacher.LATENT_SCALE`);
 - a ``UNet2DConditionModel`` with SD-v1's block layout: 4 stages, cross-attention in the outer three, 2 layers
   per down stage (3 per up stage), a ``UNetMidBlock2DCrossAttn``; so every BK preset resolves against it exactly
   as against SD-v1.4 (same addresses, same removed blocks), only narrower;
-- SD's noise schedule (scaled-linear betas 0.00085 → 0.012 over 1000 steps, epsilon prediction) and SD-v1.4's
-  sampler (PNDM with PLMS steps only).
+- SD's noise schedule (scaled-linear betas 0.00085 → 0.012 over 1000 steps, shared by SD-1 and SD-2), SD-2's
+  v-prediction objective (SD-2.x at 768 px is v-prediction with this very schedule) and SD-v1.4's sampler
+  (PNDM with PLMS steps only). Every bksdm command handles both objectives; for why v rather than SD-1's
+  epsilon, see :mod:`bksdm.toy.train_teacher`.
 
 The trained weights live in ``assets/teacher`` as a plain diffusers folder (``StableDiffusionPipeline
 .from_pretrained`` loads it with no custom code), next to ``bksdm_toy.json`` which records the sampling settings
