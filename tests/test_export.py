@@ -285,8 +285,6 @@ def test_profile_onnx_refuses_another_unet_and_bad_options(
     assert "fp32" in capsys.readouterr().err
 
 
-# TEMPORARY guard: the trained teacher weights are not in the repository yet. Remove once they land.
-@pytest.mark.skipif(not (TEACHER_DIR / "model_index.json").is_file(), reason="bundled teacher weights not landed yet")
 def test_bundled_teacher_and_bk_tiny_student_parity(tmp_path: Path) -> None:
     _check_parity(export_onnx(TEACHER_DIR, tmp_path / "teacher"), ("unet", "text_encoder", "vae_decoder"))
     student = tmp_path / "student"

@@ -211,11 +211,6 @@ def test_a_folder_of_only_unreadable_images_fails(tiny_sd_dir: Path, tmp_path: P
 
 # --- what img2img is for: the bundled shapes teacher ----------------------------------------------------------
 
-# TEMPORARY guard: the trained teacher weights are not in the repository yet. Remove once they land.
-needs_teacher = pytest.mark.skipif(
-    not (TEACHER_DIR / "model_index.json").is_file(), reason="bundled teacher weights not landed yet"
-)
-
 _SCENES = [Scene("circle", "red", "big", "top left"), Scene("square", "green", "big", "bottom right")]
 _SCENES += [Scene("triangle", "yellow", "big", "top right"), Scene("circle", "blue", "big", "bottom left")]
 
@@ -250,7 +245,6 @@ def _translate_scenes(strength: float, change: str) -> tuple[list[Scene], list[S
     return _SCENES, targets, predict(load_classifier(), out)
 
 
-@needs_teacher
 @pytest.mark.parametrize("change", ["color", "shape"])
 def test_high_strength_draws_what_the_prompt_asks(change: str) -> None:
     originals, targets, read = _translate_scenes(0.9, change)
@@ -258,7 +252,11 @@ def test_high_strength_draws_what_the_prompt_asks(change: str) -> None:
     assert sum(hits) >= 3, f"{change}: asked {[getattr(t, change) for t in targets]}, read {read}"
 
 
-@needs_teacher
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 6): the shipped teacher (v-prediction, latents at std 0.35) repaints colour and shape "
+    "even at strength 0.05-0.2 with PNDM; measured 2026-11-25, see the issue notes",
+)
 @pytest.mark.parametrize("change", ["color", "shape"])
 def test_low_strength_keeps_the_input(change: str) -> None:
     originals, targets, read = _translate_scenes(0.2, change)

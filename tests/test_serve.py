@@ -294,7 +294,6 @@ def test_cli_without_teacher_and_without_bundled_teacher_exits_2(tmp_path, capsy
     assert "bundled shapes teacher is missing" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (TEACHER_DIR / "model_index.json").is_file(), reason="bundled teacher weights not landed yet")
 def test_bundled_teacher_is_the_default_with_its_own_sampling_settings() -> None:
     teacher = teacher_or_default(None)
     shipped = recommended_settings()
