@@ -328,7 +328,7 @@ def test_cli_serves_until_interrupted(models_dir) -> None:
         status, answer = request(match.group(1) + "api/generate", {"prompt": "a green triangle", "seed": 3})
         assert status == 200 and [m["name"] for m in answer["models"]] == ["teacher", "student"]
         proc.send_signal(signal.SIGINT)
-        returncode = proc.wait(timeout=30)
+        returncode = proc.wait(timeout=120)  # a loaded 2-core CI machine can take a while to wind down
         rest = proc.stdout.read()
         assert returncode == 0 and "stopped" in rest, f"exit status {returncode}: {''.join(lines)}{rest}"
     finally:
