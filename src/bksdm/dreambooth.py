@@ -57,10 +57,10 @@ from bksdm.lora import (
 from bksdm.recipes import make_accelerator, write_checkpoint
 from bksdm.subject_data import (
     LatentBank,
+    class_images,
     encode_bank,
     ensure_class_images,
     flip_of,
-    list_images,
     load_pixels,
     pick,
     save_image_atomic,
@@ -161,13 +161,13 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
         out.mkdir(parents=True, exist_ok=True)
 
     # ---- data: class images (drawn by the untouched model), then every image encoded once ----
-    class_paths: list[Path] = []
+    classes: list[tuple[Path, str]] = []  # (image, its prompt)
     if cfg.prior_preservation:
         if main:
-            class_paths = ensure_class_images(
+            ensure_class_images(
                 pipe,
                 cfg.class_dir,
-                cfg.class_prompt,
+                cfg.class_prompts,
                 cfg.num_class_images,
                 seed=cfg.seed,
                 resolution=resolution,
@@ -176,14 +176,18 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
                 **sampling,
             )
         accelerator.wait_for_everyone()
-        class_paths = list_images(cfg.class_dir, "class")[: cfg.num_class_images]
+        classes = class_images(cfg.class_dir, cfg.class_prompts[0], cfg.num_class_images)
     instance_bank = encode_bank(vae, load_pixels(instance_paths, resolution), cfg.random_flip)
-    class_bank = encode_bank(vae, load_pixels(class_paths, resolution), cfg.random_flip) if class_paths else None
-    text = TextEncoders.from_pipeline(pipe)
-    prompts = [cfg.instance_prompt] + ([cfg.class_prompt] if class_bank is not None else [])
+    class_bank = (
+        encode_bank(vae, load_pixels([c[0] for c in classes], resolution), cfg.random_flip) if classes else None
+    )
+    # Prompt rows: 0 the instance prompt, then each distinct class prompt; class image i trains with row class_rows[i].
+    prompts = [cfg.instance_prompt] + sorted({c[1] for c in classes})
+    class_rows = [prompts.index(c[1]) for c in classes]
     prompt_ids = pipe.tokenizer(
         prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(accelerator.device)  # (1 or 2, 77)
+    ).input_ids.to(accelerator.device)  # (P, 77)
+    text = TextEncoders.from_pipeline(pipe)
     frozen_states = None if cfg.train_text_encoder else encode_text(prompts, text, accelerator.device)[0]
 
     trained = _set_up_training(cfg, pipe, weight_dtype)  # the U-Net (+ text encoder), adapters added for LoRA
@@ -234,7 +238,16 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
             m = step * accum + micro  # the micro step: keys every random choice of its samples
             with accelerator.accumulate(*[x for x in (unet_t, text_t) if x is not None]):
                 latents, prompt_rows, timesteps, noise = _batch(
-                    cfg, m, mine, global_batch, instance_bank, class_bank, num_timesteps, scaling, accelerator.device
+                    cfg,
+                    m,
+                    mine,
+                    global_batch,
+                    instance_bank,
+                    class_bank,
+                    class_rows,
+                    num_timesteps,
+                    scaling,
+                    accelerator.device,
                 )
                 # (B, 77, D): through the text encoder when it trains, else its frozen output
                 states = text_t(prompt_ids[prompt_rows])[0] if text_t is not None else frozen_states[prompt_rows]
@@ -369,11 +382,13 @@ def _batch(
     global_batch: int,
     instance: LatentBank,
     classes: LatentBank | None,
+    class_rows: Sequence[int],
     num_timesteps: int,
     scaling_factor: float,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One micro batch of this process: latents, prompt rows (0 instance, 1 class), timesteps and noise.
+    """One micro batch of this process: latents, prompt rows (0 instance, ``class_rows[i]`` class image i),
+    timesteps and noise.
 
     Class samples take the positions after the instance samples' (``global_batch + p``), so their flips and
     noise come from generators of their own.
@@ -382,13 +397,13 @@ def _batch(
     if classes is not None:
         groups.append((classes, [global_batch + p for p in positions], 1))
     latents, rows, timesteps, noise = [], [], [], []
-    for bank, where, row in groups:
-        indices = [pick(cfg.seed, row, len(bank), micro_step, p % global_batch, global_batch) for p in where]
+    for bank, where, stream in groups:
+        indices = [pick(cfg.seed, stream, len(bank), micro_step, p % global_batch, global_batch) for p in where]
         flips = [cfg.random_flip and flip_of(cfg.seed, micro_step, p) for p in where]
         mean, std = bank.take(indices, flips)  # (b, 4, h, w) each
         t, n, eps = draw_noise(cfg.seed, micro_step, where, tuple(mean.shape[1:]), num_timesteps, "cpu")
         latents.append(sample_latents(mean, std, eps, scaling_factor))
-        rows += [row] * len(where)
+        rows += [0] * len(where) if stream == 0 else [class_rows[i] for i in indices]
         timesteps.append(t)
         noise.append(n)
     return (

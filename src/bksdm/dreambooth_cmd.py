@@ -25,7 +25,13 @@ def add_dreambooth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instance-prompt", required=True, help="prompt with the identifier, e.g. 'a sks dog'")
     p.add_argument("--out", required=True, help="output folder")
     prior = p.add_argument_group("prior preservation")
-    prior.add_argument("--class-prompt", default=None, help="the subject's class without identifier, e.g. 'a dog'")
+    prior.add_argument(
+        "--class-prompt",
+        nargs="+",
+        default=[],
+        help="the subject's class without identifier, e.g. 'a dog'; several spread the class images over them, "
+        "'' adds the model's unconditional samples",
+    )
     prior.add_argument(
         "--prior-preservation",
         action=argparse.BooleanOptionalAction,
@@ -86,7 +92,7 @@ def run_dreambooth_command(args: argparse.Namespace) -> int:
         instance_prompt=args.instance_prompt,
         output_dir=args.out,
         model=args.model,
-        class_prompt=args.class_prompt,
+        class_prompts=args.class_prompt,
         prior_preservation=args.prior_preservation,
         class_dir=args.class_dir,
         num_class_images=args.num_class_images,

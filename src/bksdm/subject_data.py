@@ -8,6 +8,7 @@ global batch)`` (:func:`pick`), so a resumed or multi-process run sees exactly t
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,11 +28,14 @@ __all__ = [
     "LatentBank",
     "SubjectDataError",
     "encode_bank",
+    "CLASS_METADATA",
+    "class_images",
     "ensure_class_images",
     "flip_of",
     "list_images",
     "load_pixels",
     "pick",
+    "read_class_prompts",
     "save_image_atomic",
 ]
 
@@ -84,10 +88,23 @@ def load_pixels(paths: Sequence[Path], resolution: int) -> torch.Tensor:
     return torch.stack(pixels)  # (N, 3, R, R)
 
 
+CLASS_METADATA = "metadata.jsonl"
+"""File of a class folder recording the prompt of each generated image (``{"file_name": ..., "text": ...}``)."""
+
+
+def read_class_prompts(folder: str | os.PathLike) -> dict[str, str]:
+    """File name → prompt, from the class folder's ``metadata.jsonl`` (empty when there is none)."""
+    file = Path(folder) / CLASS_METADATA
+    if not file.is_file():
+        return {}
+    records = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {r["file_name"]: r["text"] for r in records}
+
+
 def ensure_class_images(
     pipe,
     folder: str | os.PathLike,
-    prompt: str,
+    prompts: Sequence[str],
     count: int,
     *,
     seed: int,
@@ -96,19 +113,22 @@ def ensure_class_images(
     resolution: int,
     batch_size: int = 4,
     progress: bool = False,
-) -> list[Path]:
+) -> list[tuple[Path, str]]:
     """Makes sure ``folder`` holds at least ``count`` class images, generating the missing ones with ``pipe``.
 
     DreamBooth's prior preservation (Ruiz et al., 2023, Sec. 3.3) trains on images the model itself draws for
-    the class prompt, so that it keeps drawing the class as before. Image ``i`` is generated with seed
-    ``prompt_seed(seed, i)`` and written as ``class-NNNNNN.png`` under a temporary name first, so an
-    interrupted run leaves only complete images and a rerun generates only what is missing.
+    the class prompt, so that it keeps drawing the class as before. With several class prompts, image ``i`` is
+    drawn for prompt ``i mod len(prompts)``. Image ``i`` is generated with seed ``prompt_seed(seed, i)`` and
+    written as ``class-NNNNNN.png`` under a temporary name first, and its prompt is recorded in
+    ``metadata.jsonl``, so an interrupted run leaves only complete images and a rerun generates only what is
+    missing. Images of the folder that the metadata does not list (your own) are paired with ``prompts[0]``.
 
     Returns:
-        The first ``count`` image files of the folder, sorted by name.
+        ``(file, prompt)`` of the first ``count`` images of the folder, sorted by name.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    recorded = read_class_prompts(folder)
     existing = list_images(folder, "class")
     missing = max(0, count - len(existing))
     if missing:
@@ -117,9 +137,10 @@ def ensure_class_images(
         starts = range(0, len(indices), batch_size)
         for start in tqdm(starts, desc="class images", disable=not progress):
             chunk = indices[start : start + batch_size]
+            chunk_prompts = [prompts[i % len(prompts)] for i in chunk]
             images = generate_images(
                 pipe,
-                [prompt] * len(chunk),
+                chunk_prompts,
                 [prompt_seed(seed, i) for i in chunk],
                 steps=steps,
                 guidance_scale=guidance_scale,
@@ -127,9 +148,22 @@ def ensure_class_images(
                 height=resolution,
                 width=resolution,
             )
-            for index, image in zip(chunk, images, strict=True):
-                save_image_atomic(image, folder / f"{CLASS_IMAGE_PREFIX}{index:06d}.png")
-    return list_images(folder, "class")[:count]
+            for index, image, prompt in zip(chunk, images, chunk_prompts, strict=True):
+                name = f"{CLASS_IMAGE_PREFIX}{index:06d}.png"
+                save_image_atomic(image, folder / name)
+                recorded[name] = prompt
+            lines = [json.dumps({"file_name": k, "text": v}) for k, v in sorted(recorded.items())]
+            partial = folder / f".{CLASS_METADATA}.partial"
+            partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            partial.replace(folder / CLASS_METADATA)
+    return class_images(folder, prompts[0], count)
+
+
+def class_images(folder: str | os.PathLike, default_prompt: str, count: int) -> list[tuple[Path, str]]:
+    """``(file, prompt)`` of the first ``count`` class images of ``folder`` (sorted by name); images that
+    ``metadata.jsonl`` does not list get ``default_prompt``."""
+    recorded = read_class_prompts(folder)
+    return [(path, recorded.get(path.name, default_prompt)) for path in list_images(folder, "class")[:count]]
 
 
 @dataclass
