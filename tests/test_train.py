@@ -374,3 +374,20 @@ def test_validation_grid_shows_teacher_and_student(tiny_sd_dir, shapes_dir, tmp_
     assert main(["distill", *args]) == 0
     grid = Image.open(out / "validation" / "step-0000002.png")
     assert grid.size == (2 * 128, 2 * (128 + 14))  # two prompts; a teacher row and a student row with labels
+
+
+def test_recipes_in_one_process_may_use_different_mixed_precisions(tmp_path) -> None:
+    """A second run in the same process (the demo's students, a notebook) gets the precision it asks for.
+
+    accelerate keeps a process-wide state and used to refuse the second Accelerator: found on a GPU, where
+    a bf16 run followed by an fp16 one failed with "AcceleratorState has already been initialized". bf16
+    autocast also exists on the CPU, so the switch is checked here.
+    """
+    from bksdm.recipes import make_accelerator
+
+    first, mixed = make_accelerator(tmp_path / "a", "no")
+    assert (first.mixed_precision, mixed) == ("no", "no")
+    second, mixed = make_accelerator(tmp_path / "b", "bf16")
+    assert (second.mixed_precision, mixed) == ("bf16", "bf16")
+    third, _ = make_accelerator(tmp_path / "c", "no")
+    assert third.mixed_precision == "no"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 
 from bksdm.train import CHECKPOINT_PREFIX, STATE_FILE
@@ -43,6 +44,10 @@ def make_accelerator(
     if not torch.cuda.is_available() and mixed == "fp16":
         logger.warning("no CUDA device: training in fp32 (mixed precision fp16 needs a GPU)")
         mixed = "no"
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision
+    # ("AcceleratorState has already been initialized"), which breaks a second recipe in the same process (the
+    # demo's students, a notebook, a test session). The per-run part is dropped; the process group is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         # Without cpu=True, accelerate ignores a multi-process launch on a machine with no GPU (it runs N
         # independent single-process trainings); with it, processes join one gloo group.

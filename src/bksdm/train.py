@@ -9,7 +9,6 @@ the number of processes, so a resumed or re-sharded run takes the same steps.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -158,21 +157,12 @@ def save_student(accelerator: Accelerator, models: Models, ema, out: Path) -> Pa
 def distill(cfg: DistillConfig) -> Path:
     """Runs the recipe and returns the folder of the final student pipeline."""
     from bksdm.batches import batch_stream
+    from bksdm.recipes import make_accelerator
     from bksdm.validation import Validator, plot_losses
 
     out = Path(cfg.train.output_dir)
-    mixed = cfg.train.mixed_precision
-    if not torch.cuda.is_available() and mixed == "fp16":
-        logging.getLogger(__name__).warning("no CUDA device: training in fp32 (mixed_precision=fp16 needs a GPU)")
-        mixed = "no"
-    accelerator = Accelerator(
-        # Without cpu=True, accelerate ignores a multi-process launch on a machine with no GPU (it runs N
-        # independent single-process trainings); with it, processes join one gloo group.
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        mixed_precision=mixed,
-        log_with=cfg.train.trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    accelerator, mixed = make_accelerator(
+        out, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps, cfg.train.trackers
     )
     set_seed(cfg.train.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in order of value, each writing under $OUT (default benchmarks/results/gpu):
+#   1. the card and the library versions;
+#   2. train_throughput.py: one KD step, SD-v1.4 -> bk-small at 512 px, cached vs uncached, fp16;
+#   3. generate_throughput.py on the bundled teacher, fp16;
+#   4. the GPU tests (tests/test_gpu.py): mixed-precision distillation and DreamBooth, batch invariance.
+# Usage, from the repository root with bksdm importable: bash benchmarks/gpu_checks.sh
+set -u
+out=${OUT:-benchmarks/results/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+log="$out/gpu_checks.log"
+
+step() {
+  echo "=== $* ($(date -u +%H:%M:%S))" | tee -a "$log"
+  "$@" 2>&1 | grep -v "should be kept in float32" | tee -a "$log"
+}
+
+step nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step python -c "import torch, diffusers, transformers, accelerate, peft; print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, torch.cuda.get_device_name(0), '| diffusers', diffusers.__version__, '| transformers', \
+transformers.__version__, '| accelerate', accelerate.__version__, '| peft', peft.__version__)"
+step python benchmarks/train_throughput.py --arch sd-v1.4 --plan bk-small --resolution 512 --batch 8 --steps 5 \
+  --warmup 2 --device cuda --dtype fp16 --out "$out/train_throughput_cuda_fp16.json"
+step python benchmarks/generate_throughput.py --device cuda --count 32 --batches 1,8,32 --repeats 3 \
+  --out "$out/generate_throughput_cuda.json"
+step python -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider --durations=0 \
+  -k "${GPU_TESTS:-batch or dreambooth or bf16 or fp16}"
