@@ -43,6 +43,7 @@ import torch
 
 from bksdm.generate import generate_images, prompt_seed
 from bksdm.loading import load_pipeline, parse_dtype
+from bksdm.measure import device_name
 from bksdm.toy.shapes import all_scenes
 
 LOOP = "diffusers loop"
@@ -246,9 +247,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return device_name(device)
 
 
 def log(message: str) -> None:

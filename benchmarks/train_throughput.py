@@ -49,8 +49,9 @@ from torch import nn
 from bksdm.archs import ARCHS, build_scheduler, build_text_encoders, build_unet, build_vae, get_arch
 from bksdm.config import OptimConfig
 from bksdm.distill import LossWeights, draw_noise, kd_step
-from bksdm.encoding import encode_images, sample_latents, sdxl_time_ids
+from bksdm.encoding import encode_images, sample_latents, sdxl_time_ids, vae_dtype
 from bksdm.loading import load_plan, parse_dtype
+from bksdm.measure import device_name
 from bksdm.profiling import TEXT_LENGTH, VAE_SCALE, count_params
 from bksdm.surgery import build_student
 from bksdm.train import make_optimizer
@@ -130,8 +131,7 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Bench, int]:
         module.eval()
         if weight_dtype != torch.float32:  # (casting to fp32 again would only make diffusers warn)
             module.to(dtype=weight_dtype)
-    if vae.config.get("force_upcast", False):
-        vae.to(torch.float32)  # SDXL's VAE overflows in fp16, as in the trainer
+    vae.to(vae_dtype(vae, weight_dtype))  # fp32 where fp16 would overflow, as in the trainer
     student.train()
     optimizer = make_optimizer(student.parameters(), OptimConfig(fused_adam=not args.unfused_adam), lr=5e-5)
     wrapped: nn.Module = student
@@ -368,9 +368,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return device_name(device)
 
 
 def log(message: str) -> None:

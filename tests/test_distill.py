@@ -356,3 +356,21 @@ def test_fused_adamw_takes_the_same_steps_as_the_for_each_one() -> None:
     start = torch.cat([p.detach().flatten() for p in base.parameters()])
     assert (finals[0] - start).abs().max() > 1e-3  # it really trained
     torch.testing.assert_close(finals[0], finals[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("force_upcast", "weight", "expected"),
+    [
+        (True, torch.float16, torch.float32),  # SD's VAEs may overflow in fp16: fp32, as diffusers' pipelines do
+        (False, torch.float16, torch.float16),  # a VAE fixed for fp16 stays in fp16
+        (True, torch.bfloat16, torch.bfloat16),  # bf16 has fp32's range: never upcast
+        (True, torch.float32, torch.float32),
+    ],
+)
+def test_vae_runs_in_fp32_only_where_fp16_would_overflow(force_upcast, weight, expected) -> None:
+    from types import SimpleNamespace
+
+    from bksdm.encoding import vae_dtype
+
+    vae = SimpleNamespace(config={"force_upcast": force_upcast})
+    assert vae_dtype(vae, weight) == expected

@@ -44,7 +44,7 @@ from bksdm.dreambooth_config import (
     check_config,
     complete_checkpoints,
 )
-from bksdm.encoding import TextEncoders, encode_text, sample_latents
+from bksdm.encoding import TextEncoders, encode_text, sample_latents, vae_dtype
 from bksdm.loading import load_pipeline, teacher_or_default
 from bksdm.lora import (
     LORA_FILE,
@@ -343,7 +343,7 @@ def _set_up_training(cfg: DreamBoothConfig, pipe, weight_dtype: torch.dtype) -> 
     """
     unet, text_encoder = pipe.unet, pipe.text_encoder
     pipe.vae.requires_grad_(False)
-    pipe.vae.to(dtype=weight_dtype)
+    pipe.vae.to(dtype=vae_dtype(pipe.vae, weight_dtype))  # fp32 where fp16 would overflow
     unet.requires_grad_(not cfg.lora)
     text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.lora)
     if cfg.lora:

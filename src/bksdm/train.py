@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from bksdm.config import DistillConfig, OptimConfig, config_to_dict, save_config
 from bksdm.distill import LossWeights, draw_noise, kd_step
-from bksdm.encoding import TextEncoders, sample_latents
+from bksdm.encoding import TextEncoders, sample_latents, vae_dtype
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
 from bksdm.plan import resolve
 from bksdm.surgery import build_student
@@ -85,8 +85,7 @@ def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dt
         module.requires_grad_(False)
         module.eval()
         module.to(device=device, dtype=weight_dtype)
-    if pipe.vae.config.get("force_upcast", False):
-        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
+    pipe.vae.to(vae_dtype(pipe.vae, weight_dtype))  # fp32 where fp16 would overflow
     student.to(device)
     student.train()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
