@@ -82,6 +82,29 @@ def test_uses_sd_noise_schedule_and_sampler(teacher: StableDiffusionPipeline) ->
     )
 
 
+def test_other_samplers_made_from_its_config_do_not_clip_latents(teacher: StableDiffusionPipeline) -> None:
+    """As in SD's configs, clip_sample is off: a DDIM scheduler made by name (``bksdm generate --scheduler``)
+    used to clip the teacher's latents (|z| up to 2.9) to [-1, 1], which spoilt img2img at low strength (and
+    diffusers warns about configs that lack the key). DDIM then draws what it is asked."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from bksdm.generate import generate_images
+    from bksdm.toy.classifier import load_classifier, prompt_accuracy
+
+    ddim = DDIMScheduler.from_config(teacher.scheduler.config)
+    assert ddim.config.clip_sample is False and ddim.config.prediction_type == "v_prediction"
+    pipe = StableDiffusionPipeline(**{**teacher.components, "scheduler": ddim})
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [scene.caption for scene in shapes.all_scenes()[::12]]  # 8 scenes
+    images = generate_images(pipe, prompts, [TEST_SEED + i for i in range(8)], **_sampling())
+    assert prompt_accuracy(load_classifier(), images, prompts) >= 0.75
+
+
+def _sampling() -> dict:
+    settings = recommended_settings()
+    return {"steps": settings["num_inference_steps"], "guidance_scale": settings["guidance_scale"]}
+
+
 def test_unet_has_sd_v1_block_layout(teacher: StableDiffusionPipeline) -> None:
     ours, sd = dict(teacher.unet.config), get_arch("sd-v1.4").unet_config
     for key in ("down_block_types", "up_block_types", "layers_per_block", "in_channels", "out_channels"):

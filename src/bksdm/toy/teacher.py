@@ -146,7 +146,15 @@ def teacher_configs() -> dict[str, dict[str, Any]]:
         "hidden_act": "quick_gelu",  # CLIP ViT-L's, as in SD-v1
         "projection_dim": TEXT_WIDTH,
     }
-    scheduler = {**_SCHEDULE, "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}
+    # clip_sample=False as in SD's scheduler configs: a DDIM scheduler made from this config by name must not clip
+    # latents to [-1, 1] (the teacher's reach 2.9), which damages every image.
+    scheduler = {
+        **_SCHEDULE,
+        "skip_prk_steps": True,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "clip_sample": False,
+    }
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
@@ -190,7 +198,8 @@ def build_untrained_teacher(seed: int = 0, prediction_type: str = PREDICTION_TYP
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         unet=unet.eval(),
-        scheduler=PNDMScheduler(**{**configs["scheduler"], "prediction_type": prediction_type}),
+        # from_config keeps clip_sample (PNDM does not take it) for the schedulers made from this one by name
+        scheduler=PNDMScheduler.from_config({**configs["scheduler"], "prediction_type": prediction_type}),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
