@@ -309,28 +309,45 @@ def test_bundled_teacher_is_the_default_with_its_own_sampling_settings() -> None
 
 def test_cli_serves_until_interrupted(models_dir) -> None:
     teacher, student = models_dir
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: if the server ever hangs, SIGABRT makes it print every thread's stack (see below).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     args = ["serve", "--teacher", str(teacher), "--student", str(student), "--port", "0", "--steps", "2"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "bksdm.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()  # read all the time: a full pipe must never block the server
+
+    def wait_for(text: str, seconds: float) -> str | None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = next((line for line in list(lines) if text in line), None)
+            if found:
+                return found
+            time.sleep(0.05)
+        return next((line for line in list(lines) if text in line), None)
+
+    def output() -> str:
+        return "".join(lines)
+
     try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, f"bksdm serve exited early: {''.join(lines)}"
-            lines.append(line)
-            if line.startswith("serving "):
-                break
+        line = wait_for("serving ", 120)
+        assert line, f"bksdm serve did not start: {output()}"
         match = re.search(r"serving teacher, student at (http://127\.0\.0\.1:\d+/) \(2 steps, guidance 7\.5\)", line)
-        assert match, "".join(lines)
+        assert match, output()
         status, answer = request(match.group(1) + "api/generate", {"prompt": "a green triangle", "seed": 3})
         assert status == 200 and [m["name"] for m in answer["models"]] == ["teacher", "student"]
         proc.send_signal(signal.SIGINT)
-        returncode = proc.wait(timeout=120)  # a loaded 2-core CI machine can take a while to wind down
-        rest = proc.stdout.read()
-        assert returncode == 0 and "stopped" in rest, f"exit status {returncode}: {''.join(lines)}{rest}"
+        try:
+            returncode = proc.wait(timeout=120)  # a loaded 2-core CI machine can take a while to wind down
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is stuck
+            proc.wait(timeout=30)
+            reader.join(timeout=10)
+            pytest.fail(f"bksdm serve did not exit within 120 s of Ctrl-C; its output and stacks:\n{output()}")
+        reader.join(timeout=10)
+        assert returncode == 0 and "stopped" in output(), f"exit status {returncode}: {output()}"
     finally:
         if proc.poll() is None:
             proc.kill()
