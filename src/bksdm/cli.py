@@ -209,7 +209,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="the whole job on the bundled shapes teacher: prune, distill, generate, evaluate, report (offline)",
         description="Prune the bundled shapes teacher, distil the student with the real recipe, generate with "
         "teacher and student on the same prompts and seeds, evaluate (prompt accuracy, Frechet distance, params, "
-        "MACs, latency) and write a report folder. About 10 minutes on 2 CPU cores; no network.",
+        "MACs, latency) and write a report folder. About 3 minutes on 2 idle CPU cores; no network.",
     )
     p.add_argument("--out", default="bksdm-demo", help="report folder (default ./bksdm-demo)")
     p.add_argument("--plan", default="bk-tiny", help="preset or plan YAML (default bk-tiny)")

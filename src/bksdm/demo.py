@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DemoSettings:
-    """What the demo runs; the defaults fit in about 10 minutes on 2 CPU cores."""
+    """What the demo runs; the defaults take about 3 minutes on 2 idle CPU cores."""
 
     plan: str = "bk-tiny"
     steps: int = 400
