@@ -10,4 +10,8 @@ if [ "${BKSDM_SKIP_TORCH:-0}" != "1" ]; then
     python -m pip install --quiet "torch==2.13.0"
 fi
 python -m pip install --quiet -e ".[dev]"
+# Test tool: the FID test checks our Inception-v3 against torch-fidelity's, bit for bit. Into its own folder,
+# without dependencies: its torchvision cannot be installed beside this torch, the module the test uses does not
+# need it, and torch-fidelity in site-packages would break `import torchmetrics` for anyone who has it.
+python -m pip install --quiet --no-deps --upgrade --target .test-tools "torch-fidelity==0.4.0"
 python -c "import bksdm, torch, diffusers; print(f'bksdm {bksdm.__version__} ready (torch {torch.__version__}, diffusers {diffusers.__version__})')"

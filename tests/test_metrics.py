@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,9 +232,13 @@ def test_missing_or_wrong_inception_weights_say_what_to_do(tmp_path, monkeypatch
 
 def _torch_fidelity_extractor():
     """torch-fidelity's Inception module, imported without its package __init__ (which needs torchvision)."""
-    spec = importlib.util.find_spec("torch_fidelity")
+    tools = Path(__file__).resolve().parents[1] / ".test-tools"  # where ./setup.sh puts it
+    spec = importlib.machinery.PathFinder.find_spec("torch_fidelity", [str(tools), *sys.path])
     if spec is None:
-        pytest.skip("torch-fidelity is not installed (pip install --no-deps torch-fidelity to run this check)")
+        pytest.fail(
+            f"torch-fidelity is not installed in {tools}: run ./setup.sh, or "
+            f"pip install --no-deps --target {tools} torch-fidelity==0.4.0"
+        )
     saved = {k: v for k, v in sys.modules.items() if k == "torch_fidelity" or k.startswith("torch_fidelity.")}
     package = types.ModuleType("torch_fidelity")
     package.__path__ = list(spec.submodule_search_locations)
