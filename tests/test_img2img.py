@@ -140,6 +140,24 @@ def test_single_file_to_a_file_with_resize(tiny_sd_dir: Path, inputs: Path, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.png"]  # no record next to a single file
 
 
+def test_scheduler_option_swaps_the_sampler(tiny_sd_dir: Path, inputs: Path, tmp_path: Path) -> None:
+    from diffusers import EulerDiscreteScheduler
+
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_sd_dir), "--image", str(inputs), "--prompt", PROMPT, "--steps", str(STEPS)]
+    assert _run(*args, "--out", str(out), "--scheduler", "EulerDiscreteScheduler", "--batch-size", "1") == 0
+    assert json.loads((out / "img2img.json").read_text())["scheduler"] == "EulerDiscreteScheduler"
+    pipe = img2img_pipeline(tiny_sd_dir)
+    assert not isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    image = Image.open(inputs / "shape0.png").convert("RGB")
+    own = translate(pipe, [image], PROMPT, [image_seed(0, 1)], strength=0.8, steps=STEPS)[0]
+    pipe = img2img_pipeline(tiny_sd_dir, scheduler="EulerDiscreteScheduler")
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    euler = translate(pipe, [image], PROMPT, [image_seed(0, 1)], strength=0.8, steps=STEPS)[0]
+    assert _max_diff(euler, Image.open(out / "shape0.png")) == 0  # the command ran exactly that sampler
+    assert _max_diff(euler, own) > 0  # and it is another sampler than the model's own
+
+
 def test_student_unet_swapped_in_equals_the_student_pipeline(tiny_sd_dir: Path, tmp_path: Path) -> None:
     student = tmp_path / "student"
     assert main(["prune", "--teacher", str(tiny_sd_dir), "--plan", "bk-tiny", "--out", str(student)]) == 0
@@ -168,6 +186,7 @@ def test_student_unet_swapped_in_equals_the_student_pipeline(tiny_sd_dir: Path, 
         (["--unet", "{empty}"], "neither unet/config.json"),
         (["--unet", "{sd2}"], "cross_attention_dim"),
         (["--model", "{empty}"], "model_index.json"),
+        (["--scheduler", "FastScheduler"], "--scheduler FastScheduler: not a diffusers scheduler"),
         (["--device", "cuda:7"], None),
     ],
 )

@@ -188,10 +188,9 @@ def load_generation_pipeline(
         GenerateError: The U-Net cannot be found or does not fit the model, or ``scheduler`` is no scheduler.
         TeacherNotFoundError: The model cannot be found.
     """
-    import diffusers
     from diffusers import UNet2DConditionModel
 
-    from bksdm.loading import TeacherNotFoundError, load_pipeline, load_unet_config
+    from bksdm.loading import TeacherNotFoundError, load_pipeline, load_unet_config, use_scheduler
 
     components: dict[str, Any] = {}
     if unet is not None:
@@ -213,17 +212,10 @@ def load_generation_pipeline(
         pipe = load_pipeline(model, dtype, str(device), **components)
     except TeacherNotFoundError as err:
         raise TeacherNotFoundError(f"--model: {err}") from None
-    if scheduler is not None:
-        cls = getattr(diffusers, scheduler, None)
-        compatible = sorted(c.__name__ for c in getattr(pipe.scheduler, "compatibles", []))
-        if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-            raise GenerateError(
-                f"--scheduler {scheduler}: not a diffusers scheduler class; this model's compatible schedulers: "
-                f"{', '.join(compatible)}"
-            )
-        if scheduler not in compatible:
-            logger.warning("%s is not listed as compatible with %s", scheduler, type(pipe.scheduler).__name__)
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    try:
+        use_scheduler(pipe, scheduler)
+    except ValueError as err:
+        raise GenerateError(str(err)) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from bksdm.generate import prompt_seed
-from bksdm.loading import TeacherNotFoundError, is_local, load_pipeline
+from bksdm.loading import TeacherNotFoundError, is_local, load_pipeline, use_scheduler
 
 __all__ = [
     "Img2ImgError",
@@ -119,6 +119,7 @@ def img2img_pipeline(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    scheduler: str | None = None,
 ):
     """Build the stock img2img pipeline from a text-to-image pipeline's components.
 
@@ -128,13 +129,16 @@ def img2img_pipeline(
         unet: Optionally a student U-Net (see :func:`load_unet`) that replaces the pipeline's.
         dtype: Dtype of every component.
         device: Where to run.
+        scheduler: A diffusers scheduler class name (e.g. ``EulerDiscreteScheduler``) made from the model's
+            scheduler config; None keeps the model's own.
 
     Returns:
         A ``StableDiffusionImg2ImgPipeline`` (or the SDXL one) sharing the loaded components, progress bar off.
 
     Raises:
         TeacherNotFoundError: ``model`` is neither a pipeline folder nor a reachable hub repo.
-        Img2ImgError: ``unet`` holds no U-Net, or one that does not fit the pipeline.
+        Img2ImgError: ``unet`` holds no U-Net, or one that does not fit the pipeline, or ``scheduler`` is no
+            diffusers scheduler.
     """
     from diffusers import AutoPipelineForImage2Image
 
@@ -147,6 +151,10 @@ def img2img_pipeline(
         pipe = AutoPipelineForImage2Image.from_pipe(base)
     except ValueError as err:
         raise Img2ImgError(f"{model} ({type(base).__name__}) has no image-to-image counterpart: {err}") from err
+    try:
+        use_scheduler(pipe, scheduler)
+    except ValueError as err:
+        raise Img2ImgError(str(err)) from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -79,6 +79,11 @@ def add_img2img(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=f"classifier-free guidance scale (default: the model's recorded setting, else {_DEFAULT_GUIDANCE})",
     )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="scheduler class name, e.g. EulerDiscreteScheduler or DDIMScheduler (default: the model's own)",
+    )
     p.add_argument("--seed", type=int, default=0, help="base seed; image i uses a seed derived from (seed, i)")
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
     p.add_argument("--size", default=None, help="resize every input to N (square) or WxH pixels first")
@@ -232,7 +237,7 @@ def run_img2img(args: argparse.Namespace) -> int:
     if len(inputs) == 1 and Path(args.image).is_file():
         read_input(inputs[0], size)  # a single named file that cannot be read is an error, not a skip
 
-    pipe = img2img_pipeline(model, args.unet, dtype=dtype, device=device)
+    pipe = img2img_pipeline(model, args.unet, dtype=dtype, device=device, scheduler=args.scheduler)
     folder.mkdir(parents=True, exist_ok=True)
     run = Img2ImgRun()
     for start in range(0, len(inputs), args.batch_size):
@@ -270,6 +275,7 @@ def run_img2img(args: argparse.Namespace) -> int:
             "prompt": args.prompt,
             "negative_prompt": args.negative_prompt,
             "strength": args.strength,
+            "scheduler": type(pipe.scheduler).__name__,
             "steps": steps,
             "denoising_steps_run": int(steps * args.strength),
             "guidance_scale": guidance,

@@ -125,6 +125,32 @@ def load_pipeline(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     return pipe.to(device)
 
 
+def use_scheduler(pipe, name: str | None) -> None:
+    """Replace ``pipe``'s scheduler by the diffusers scheduler class ``name``, made from the same config (same
+    training schedule and prediction type). ``None`` keeps the pipeline's own.
+
+    Raises:
+        ValueError: ``name`` is not a diffusers scheduler class (the message lists the model's compatible ones).
+    """
+    import logging
+
+    import diffusers
+
+    if name is None:
+        return
+    cls = getattr(diffusers, name, None)
+    compatible = sorted(c.__name__ for c in getattr(pipe.scheduler, "compatibles", []))
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(
+            f"--scheduler {name}: not a diffusers scheduler class; this model's compatible schedulers: "
+            f"{', '.join(compatible)}"
+        )
+    if name not in compatible:
+        own = type(pipe.scheduler).__name__
+        logging.getLogger(__name__).warning("%s is not listed as compatible with %s", name, own)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """``fp32``/``float32``, ``fp16``/``float16``, ``bf16``/``bfloat16`` → torch dtype."""
     table = {
