@@ -180,6 +180,36 @@ def test_sigkill_then_resume_gives_the_same_weights(tiny_sd_dir, shapes_dir, tmp
     assert json.loads(lines[-1])["step"] == 10
 
 
+def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_sd_dir, shapes_dir, tmp_path) -> None:
+    """SIGTERM (a cluster's preemption, ``kill``) ends the run at the end of the optimizer step in progress with a
+    checkpoint of that step, whatever ``checkpoint_every`` says; ``--resume latest`` then ends with exactly the
+    weights of an uninterrupted run."""
+    common = dict(train__max_steps=10, train__checkpoint_every=0, train__gradient_accumulation_steps=2)
+    straight = run_cli(["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "a", **common)])
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+
+    args = ["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "b", **common)]
+    victim = run_cli(args)
+    metrics = tmp_path / "b" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().strip()) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGTERM)
+    log = victim.communicate(timeout=120)[0]
+    assert victim.returncode == 128 + signal.SIGTERM, log
+    assert "stopped by SIGTERM at step" in log and "--resume latest" in log, log
+    checkpoints = [p for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1, checkpoints  # none were due: this one is SIGTERM's
+    stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
+    assert 1 <= stopped_at < 10 and not (tmp_path / "b" / "student").exists()
+
+    resumed = run_cli([*args, "--resume", "latest"])
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    a, b = unet_weights(tmp_path / "a" / "student" / "unet"), unet_weights(tmp_path / "b" / "student" / "unet")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_two_processes_take_the_same_step_as_one(tiny_sd_dir, shapes_dir, tmp_path) -> None:
     one = run_cli(
         ["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "one", train__batch_size=4, train__max_steps=2)]

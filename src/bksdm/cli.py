@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -162,11 +163,15 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 
 def _run_distill(args: argparse.Namespace) -> int:
     from bksdm.config import load_config
-    from bksdm.train import distill
+    from bksdm.train import TrainingStopped, distill
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)
-    target = distill(cfg)
+    try:
+        target = distill(cfg)
+    except TrainingStopped as stopped:
+        print(f"bksdm distill: {stopped}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM  # the shell's status for "ended by SIGTERM"
     from accelerate import PartialState
 
     if PartialState().is_main_process:

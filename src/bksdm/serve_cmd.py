@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from bksdm.signals import handling
 
 __all__ = ["add_serve", "default_sampling", "run_serve"]
 
@@ -144,45 +144,26 @@ def run_serve(args: argparse.Namespace) -> int:
             f"cannot listen on {args.host}:{args.port}: {err.strerror or err}; "
             "pick another --port (0 picks a free one) or check --host"
         ) from None
-    restore = _stop_on_signals()
-    try:
-        print(f"loading {1 + len(args.student)} model(s) on {device} ...", flush=True)
-        app = DemoApp(load_models(teacher, args.student, dtype=dtype, device=device), settings)
-        if not args.no_warmup:
-            app.warm_up()
-        server.app = app
-        print(
-            f"serving {', '.join(m.name for m in app.models)} at {server.url} "
-            f"({settings.steps} steps, guidance {settings.guidance_scale}); Ctrl-C to stop",
-            flush=True,
-        )
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopping (after the request in progress, if any)", flush=True)
-    finally:
-        server.server_close()  # waits for requests in flight
-        restore()
+    with handling([signal.SIGINT, signal.SIGTERM], _interrupt):  # Ctrl-C or SIGTERM: stop after the request
+        try:
+            print(f"loading {1 + len(args.student)} model(s) on {device} ...", flush=True)
+            app = DemoApp(load_models(teacher, args.student, dtype=dtype, device=device), settings)
+            if not args.no_warmup:
+                app.warm_up()
+            server.app = app
+            print(
+                f"serving {', '.join(m.name for m in app.models)} at {server.url} "
+                f"({settings.steps} steps, guidance {settings.guidance_scale}); Ctrl-C to stop",
+                flush=True,
+            )
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("stopping (after the request in progress, if any)", flush=True)
+        finally:
+            server.server_close()  # waits for requests in flight
     print("stopped", flush=True)
     return 0
 
 
-def _stop_on_signals() -> Callable[[], None]:
-    """Make Ctrl-C (SIGINT) and SIGTERM stop the server; returns the function that puts the old handlers back.
-
-    Installed explicitly because a process started in the background by a non-interactive shell (``cmd &`` in
-    a script, a CI runner) inherits SIGINT as *ignored*, and Python then never raises KeyboardInterrupt: the
-    server kept serving through Ctrl-C. SIGTERM (``kill``, systemd, docker stop) stops it the same clean way.
-    """
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        return lambda: None
-
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
-
-    return restore
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from bksdm.distill import LossWeights, draw_noise, kd_step
 from bksdm.encoding import TextEncoders, sample_latents, vae_dtype
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
 from bksdm.plan import resolve
+from bksdm.signals import handling
 from bksdm.surgery import build_student
 
 logger = get_logger(__name__)
@@ -103,7 +105,24 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
     return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
 
 
-def save_checkpoint(accelerator: Accelerator, cfg: DistillConfig, models: Models, ema, step: int, out: Path) -> None:
+class TrainingStopped(Exception):
+    """The run was asked to stop (SIGTERM: a scheduler's preemption, ``kill``), wrote a checkpoint of the step it
+    had reached and stopped; ``--resume latest`` continues it exactly."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(
+            f"stopped by SIGTERM at step {step}; checkpoint {checkpoint} written: run the same command with "
+            "--resume latest to continue"
+        )
+        self.step, self.checkpoint = step, checkpoint
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether ``flag`` is set in any process (a collective: every process calls it at the same step)."""
+    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum").item())
+
+
+def save_checkpoint(accelerator: Accelerator, cfg: DistillConfig, models: Models, ema, step: int, out: Path) -> Path:
     """Writes accelerate state + the student (and EMA) in diffusers format, atomically, then rotates.
 
     The checkpoint is written under a ``.partial`` name and renamed when complete, so a crash mid-write never
@@ -129,6 +148,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: DistillConfig, models: Models
         for old in done[: -cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    return final
 
 
 def save_student(accelerator: Accelerator, models: Models, ema, out: Path) -> Path:
@@ -220,70 +240,79 @@ def distill(cfg: DistillConfig) -> Path:
     window: dict[str, float] = {}
     window_steps, samples, skipped, tick = 0, 0, 0, time.perf_counter()
 
-    while step < cfg.train.max_steps:
-        batch = next(batches)  # one micro batch of this process: latents' distribution, text states, positions
-        with accelerator.accumulate(models.student):
-            timesteps, noise, eps = draw_noise(
-                cfg.train.seed,
-                batch["micro_step"],
-                batch["positions"],
-                tuple(batch["mean"].shape[1:]),
-                models.scheduler.config.num_train_timesteps,
-                accelerator.device,
-            )
-            latents = sample_latents(batch["mean"], batch["std"], eps, models.pipe.vae.config.scaling_factor)
-            losses = kd_step(
-                models.student,
-                models.teacher,
-                models.scheduler,
-                latents,
-                batch["text"],
-                timesteps,
-                noise,
-                models.feature_pairs,
-                weights,
-                batch.get("added_cond_kwargs"),
-            )
-            accelerator.backward(losses["loss"])
-            if accelerator.sync_gradients and o.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(models.student.parameters(), o.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        for key, value in losses.items():
-            window[key] = window.get(key, 0.0) + accelerator.reduce(value.detach(), "mean").item() / accum
-        samples += batch["mean"].shape[0] * accelerator.num_processes
-        skipped += int(accelerator.reduce(torch.tensor(batch["skipped"], device=accelerator.device), "sum"))
-        if not accelerator.sync_gradients:
-            continue
-        # ---- one optimizer step is complete ----
-        lr_scheduler.step()
-        step += 1
-        window_steps += 1
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(models.student).parameters())
-        bar.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - tick
-            record = {
-                "step": step,
-                **{k: v / window_steps for k, v in window.items()},
-                "lr": lr_scheduler.get_last_lr()[0],
-                "samples_per_s": samples / elapsed,
-                "peak_memory_mb": _peak_memory_mb(accelerator.device),
-                "skipped_samples": skipped,
-            }
-            accelerator.log(record, step=step)
-            if metrics_file:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix_str(_status(record))
-                logger.info(_status(record), main_process_only=True)
-            window, window_steps, samples, tick = {}, 0, 0, time.perf_counter()
-        every = cfg.train.checkpoint_every
-        if (every and step % every == 0) or step == cfg.train.max_steps:
-            save_checkpoint(accelerator, cfg, models, ema, step, out)
-        if validator and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
-            validator.run(accelerator.unwrap_model(models.student), step)
+    # SIGTERM (preemption, kill) stops the run at the end of the optimizer step in progress, with a checkpoint.
+    stop_requested: list[int] = []
+    with handling([signal.SIGTERM], lambda signum, frame: stop_requested.append(signum)):
+        while step < cfg.train.max_steps:
+            batch = next(batches)  # one micro batch of this process: latents' distribution, text states, positions
+            with accelerator.accumulate(models.student):
+                timesteps, noise, eps = draw_noise(
+                    cfg.train.seed,
+                    batch["micro_step"],
+                    batch["positions"],
+                    tuple(batch["mean"].shape[1:]),
+                    models.scheduler.config.num_train_timesteps,
+                    accelerator.device,
+                )
+                latents = sample_latents(batch["mean"], batch["std"], eps, models.pipe.vae.config.scaling_factor)
+                losses = kd_step(
+                    models.student,
+                    models.teacher,
+                    models.scheduler,
+                    latents,
+                    batch["text"],
+                    timesteps,
+                    noise,
+                    models.feature_pairs,
+                    weights,
+                    batch.get("added_cond_kwargs"),
+                )
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and o.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(models.student.parameters(), o.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in losses.items():
+                window[key] = window.get(key, 0.0) + accelerator.reduce(value.detach(), "mean").item() / accum
+            samples += batch["mean"].shape[0] * accelerator.num_processes
+            skipped += int(accelerator.reduce(torch.tensor(batch["skipped"], device=accelerator.device), "sum"))
+            if not accelerator.sync_gradients:
+                continue
+            # ---- one optimizer step is complete ----
+            lr_scheduler.step()
+            step += 1
+            window_steps += 1
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(models.student).parameters())
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - tick
+                record = {
+                    "step": step,
+                    **{k: v / window_steps for k, v in window.items()},
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "samples_per_s": samples / elapsed,
+                    "peak_memory_mb": _peak_memory_mb(accelerator.device),
+                    "skipped_samples": skipped,
+                }
+                accelerator.log(record, step=step)
+                if metrics_file:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix_str(_status(record))
+                    logger.info(_status(record), main_process_only=True)
+                window, window_steps, samples, tick = {}, 0, 0, time.perf_counter()
+            every = cfg.train.checkpoint_every
+            saved = None
+            if (every and step % every == 0) or step == cfg.train.max_steps:
+                saved = save_checkpoint(accelerator, cfg, models, ema, step, out)
+            if validator and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
+                validator.run(accelerator.unwrap_model(models.student), step)
+            if step < cfg.train.max_steps and _any_process(accelerator, bool(stop_requested)):
+                saved = saved or save_checkpoint(accelerator, cfg, models, ema, step, out)
+                bar.close()
+                accelerator.end_training()
+                raise TrainingStopped(step, saved)
 
     bar.close()
     accelerator.wait_for_everyone()
