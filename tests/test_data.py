@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader
 from bksdm.data import (
     MAX_CONSECUTIVE_BAD,
     BadRecordError,
+    DataError,
     DistillDataset,
     FolderSource,
     GlobalBatchSampler,
     HFSource,
     ImageTransform,
     SampleRef,
+    UnusableDataError,
     WebDatasetSource,
     clean_caption,
     collate,
@@ -249,7 +251,7 @@ def test_optional_packages_missing_give_an_install_hint(monkeypatch: pytest.Monk
 def test_open_source_rejects_unknown_specs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="WebDatasetSource"):
         open_source(str(tmp_path / "shards-{0..3}.tar"))
-    with pytest.raises(FileNotFoundError, match="metadata"):
+    with pytest.raises(DataError, match="has no metadata.csv or metadata.jsonl"):
         open_source(tmp_path)
 
 
@@ -331,7 +333,8 @@ class AllBad:
 @pytest.mark.parametrize("n", [3, 150])
 def test_unusable_data_raises(n: int) -> None:
     dataset = DistillDataset(AllBad(n), ImageTransform(R), seed=0)
-    with pytest.raises(RuntimeError, match=f"{min(n, MAX_CONSECUTIVE_BAD)} consecutive records from index 1"):
+    expected = "all 3 records of the data" if n == 3 else f"{MAX_CONSECUTIVE_BAD} consecutive records from index 1"
+    with pytest.raises(UnusableDataError, match=f"{expected} are unusable"):
         dataset[SampleRef(1, 0, 0)]
 
 

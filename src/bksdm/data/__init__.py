@@ -9,7 +9,8 @@ same samples with the same augmentations as one uninterrupted single-process run
 - :class:`DistillDataset` loads one :class:`SampleRef` and draws every random choice for it (flip, crop
   offset, which of several captions) from ``sample_generator(seed, step, position, STREAM_DATA)``.
 - A bad record (missing or corrupt image, empty caption) is replaced by the next index, deterministically,
-  so batches keep their size and stay reproducible; the reasons travel with the batch in ``skipped``.
+  so batches keep their size and stay reproducible; the reasons travel with the batch in ``skipped``. Data in
+  which no record is usable raises :class:`UnusableDataError`.
 
 Sources give random access to raw records ``(image, caption, record_id)``: :class:`FolderSource` (a folder of
 images plus ``metadata.csv`` / ``metadata.jsonl``, the layout of the paper's LAION-Aesthetics subsets) and
@@ -29,7 +30,8 @@ would shard (and reorder) a second time.
 The package is split by concept; everything public is re-exported here, so import from ``bksdm.data``:
 
 - :mod:`bksdm.data.sources`: the :class:`Source` protocol, :class:`FolderSource`, :class:`HFSource`,
-  :func:`open_source`.
+  :func:`open_source`, the strict :func:`csv_rows`, and :class:`DataError` (a ``ValueError``: missing, malformed
+  or non-UTF-8 metadata, an unreachable hub, or :class:`UnusableDataError` when no record can be used).
 - :mod:`bksdm.data.images`: decoding and transforming one record (:func:`open_image`, :func:`to_rgb`,
   :class:`ImageTransform`, :func:`clean_caption`, :func:`load_sample`, :class:`BadRecordError`).
 - :mod:`bksdm.data.sampling`: :class:`SampleRef`, :class:`GlobalBatchSampler`, :class:`DistillDataset`,
@@ -48,7 +50,20 @@ from bksdm.data.images import (
 )
 from bksdm.data.sampling import MAX_CONSECUTIVE_BAD, DistillDataset, GlobalBatchSampler, SampleRef, collate
 from bksdm.data.shards import CAPTION_KEYS, IMAGE_KEYS, WebDatasetSource, expand_shards
-from bksdm.data.sources import METADATA_NAMES, FolderSource, HFSource, ImageData, Record, Source, open_source
+from bksdm.data.sources import (
+    METADATA_NAMES,
+    DataError,
+    FolderSource,
+    HFSource,
+    ImageData,
+    MissingPackageError,
+    Record,
+    Source,
+    UnusableDataError,
+    csv_rows,
+    open_source,
+    require_usable,
+)
 
 __all__ = [
     "CAPTION_KEYS",
@@ -56,22 +71,27 @@ __all__ = [
     "MAX_CONSECUTIVE_BAD",
     "METADATA_NAMES",
     "BadRecordError",
+    "DataError",
     "DistillDataset",
     "FolderSource",
     "GlobalBatchSampler",
     "HFSource",
     "ImageData",
     "ImageTransform",
+    "MissingPackageError",
     "Record",
     "SampleRef",
     "Source",
     "Transformed",
+    "UnusableDataError",
     "WebDatasetSource",
     "clean_caption",
     "collate",
+    "csv_rows",
     "expand_shards",
     "load_sample",
     "open_image",
     "open_source",
+    "require_usable",
     "to_rgb",
 ]

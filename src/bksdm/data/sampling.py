@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bksdm.data.images import BadRecordError, ImageTransform, load_sample
-from bksdm.data.sources import Source
+from bksdm.data.sources import Source, UnusableDataError, unusable_message
 from bksdm.seeding import mix_seed
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,8 @@ class DistillDataset(Dataset):
     ``dataset[ref]`` is a pure function of ``(source, transform, seed, ref)``: the same slot gives the same
     pixels in any process or worker. A bad record is replaced by index ``(index + k) % len`` for the
     smallest ``k`` that works, with the generator of the same slot, and the reasons are returned in
-    ``skipped``; ``MAX_CONSECUTIVE_BAD`` bad records in a row raise.
+    ``skipped``; ``MAX_CONSECUTIVE_BAD`` bad records in a row (or all of them, in a smaller data set) raise
+    :class:`UnusableDataError`, a ``ValueError`` whose message survives a DataLoader worker.
 
     Args:
         source: Random access to raw records.
@@ -197,10 +198,11 @@ class DistillDataset(Dataset):
                 _log_skip(self._num_skipped, str(exc))
                 continue
             return {**sample, "index": index, "step": ref.step, "position": ref.position, "skipped": skipped}
-        raise RuntimeError(
-            f"{len(skipped)} consecutive records from index {ref.index} are unusable; the data or its paths "
-            f"are broken. First reasons:\n  " + "\n  ".join(skipped[:5])
-        )
+        if len(skipped) == len(self):
+            headline = f"all {len(self)} records of the data are unusable"
+        else:
+            headline = f"{len(skipped)} consecutive records from index {ref.index} are unusable"
+        raise UnusableDataError(unusable_message(headline, skipped))
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

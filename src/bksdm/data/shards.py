@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bksdm.data.images import BadRecordError, ImageTransform, load_sample
 from bksdm.data.sampling import MAX_CONSECUTIVE_BAD, _log_skip, collate
-from bksdm.data.sources import Record
+from bksdm.data.sources import MissingPackageError, Record, UnusableDataError, unusable_message
 from bksdm.seeding import STREAM_DATA, mix_seed
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def _import_webdataset() -> Any:
     try:
         import webdataset
     except ImportError as exc:
-        raise ImportError("WebDatasetSource needs the webdataset package: pip install webdataset") from exc
+        raise MissingPackageError("webdataset shards need the webdataset package: pip install webdataset") from exc
     return webdataset
 
 
@@ -162,7 +162,10 @@ class WebDatasetSource(IterableDataset):
                 num_read += 1
                 yield sample
             if num_read == 0:
-                raise RuntimeError(f"no sample could be read from the {len(shards)} shard(s) {shards[:3]}...")
+                raise UnusableDataError(
+                    f"no sample could be read from the {len(shards)} shard(s) {shards[:3]}...: are they tar files "
+                    "of webdataset samples (KEY.jpg + KEY.txt)?"
+                )
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], reader: int, num_readers: int) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
@@ -217,9 +220,8 @@ class WebDatasetSource(IterableDataset):
                 continue
             ahead.popleft()
             return {**sample, "index": -1, "step": step, "position": position, "skipped": skipped}
-        raise RuntimeError(
-            f"{MAX_CONSECUTIVE_BAD} consecutive samples of the shards are unusable. First reasons:\n  "
-            + "\n  ".join(skipped[:5])
+        raise UnusableDataError(
+            unusable_message(f"{MAX_CONSECUTIVE_BAD} consecutive samples of the shards are unusable", skipped, "")
         )
 
     def dataloader(self, num_workers: int = 0, **kwargs: Any) -> DataLoader:

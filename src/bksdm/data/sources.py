@@ -7,14 +7,18 @@ picks one from a short spec. Streaming tar shards are in :mod:`bksdm.data.shards
 
 from __future__ import annotations
 
+import codecs
 import csv
+import functools
 import json
 import logging
 import os
+import socket
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
@@ -27,6 +31,168 @@ Record = tuple[ImageData, Any, str]
 """A raw record ``(image, caption, record_id)``; the caption is unchecked (may be None, bytes, a list...)."""
 
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+
+CSV_ADVICE = (
+    "a field that holds commas, double quotes or line breaks must be in double quotes, with each double quote "
+    'inside it doubled (""), as csv writers and spreadsheets write it'
+)
+
+
+class DataError(ValueError):
+    """The data cannot be read as given: a missing folder or metadata file, a malformed or non-UTF-8 metadata
+    file, a hub data set that cannot be reached, or records that are all unusable. The message names the file
+    (and the line) and says how to fix it."""
+
+
+class UnusableDataError(DataError):
+    """Every record tried in a row was unusable (missing, corrupt or empty): the data or its paths are broken.
+
+    Raised inside a DataLoader worker, it reaches the main process re-created by torch from a message that
+    wraps the worker's whole traceback; the constructor keeps only the original message, so that the user
+    sees the cause, not a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if message.startswith(f"Caught {type(self).__name__}") and marker in message:
+            message = message[message.rindex(marker) + len(marker) :].rstrip("\n")
+        super().__init__(message)
+
+
+def require_usable(num_usable: int, skipped: list[str], data: str) -> None:
+    """Refuses data of which not one record could be used (e.g. at the end of ``bksdm cache``).
+
+    Args:
+        num_usable: Records that loaded.
+        skipped: The reasons of those that did not (``"record: reason"``).
+        data: The data spec, for the message.
+
+    Raises:
+        UnusableDataError: If ``num_usable`` is 0, with the first reasons and what to check.
+    """
+    if num_usable == 0:
+        raise UnusableDataError(unusable_message(f"all {len(skipped)} records of {data} are unusable", skipped))
+
+
+PATHS_HINT = " (image paths in a metadata file are relative to its folder)"
+
+
+def unusable_message(headline: str, skipped: list[str], hint: str = PATHS_HINT) -> str:
+    """``headline``, the first reasons, and what usually causes it."""
+    reasons = "\n  ".join(skipped[:5]) + ("\n  ..." if len(skipped) > 5 else "")
+    return f"{headline}: the data or its paths are broken{hint}. First reasons:\n  {reasons}"
+
+
+class MissingPackageError(DataError, ImportError):
+    """An optional package a data source needs is not installed (the message gives the install command)."""
+
+
+# Byte-order marks of the encodings a spreadsheet or an editor may save text in (UTF-32 first: its
+# little-endian mark starts with UTF-16's).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def check_utf8_start(path: Path, error: type[ValueError] = DataError) -> None:
+    """Refuses a text file saved as UTF-16 or UTF-32, before its header is read as mangled column names.
+
+    A UTF-8 byte-order mark is fine (readers strip it). UTF-16/32 are recognised by their byte-order mark, or
+    without one by NUL bytes in the first line (text never holds NUL; UTF-16 puts one beside every ASCII
+    character).
+
+    Raises:
+        error: Naming the file, the encoding found and how to save it as UTF-8.
+    """
+    with path.open("rb") as f:
+        head = f.read(4096)
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            found = f"is saved as {name} (it starts with a {name} byte-order mark)"
+            break
+    else:
+        if b"\x00" not in head.split(b"\n", 1)[0]:
+            return
+        name = "UTF-16"
+        found = "holds NUL bytes in its first line: it is probably saved as UTF-16 or UTF-32 without a byte-order mark"
+    raise error(
+        f"{path} {found}, but bksdm reads text files as UTF-8. Save it as UTF-8 (a spreadsheet's 'CSV UTF-8' "
+        f"format, or: iconv -f {name} -t UTF-8 {path.name} > utf8-{path.name})"
+    )
+
+
+def utf8_error(path: Path, error: type[ValueError] = DataError) -> ValueError:
+    """The error for a file that is not valid UTF-8: its first bad line, the byte offset and the bytes.
+
+    Called after a decoder failed; scans the file again line by line (only on that error path).
+    """
+    offset = 0
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad = line[err.start : err.start + 8]
+                return error(
+                    f"{path}, line {number} (byte {offset + err.start}): {bad!r} is not UTF-8 text, and bksdm reads "
+                    f"text files as UTF-8. Save the file as UTF-8 (from Latin-1 or Windows-1252, e.g.: iconv -f "
+                    f"CP1252 -t UTF-8 {path.name} > utf8-{path.name})"
+                )
+            offset += len(line)
+    return error(f"{path} is not UTF-8 text; save it as UTF-8")
+
+
+def csv_rows(path: Path, error: type[ValueError] = DataError) -> Iterator[tuple[int, list[str]]]:
+    """The records of a UTF-8 CSV file, header first, each with the line it starts on; strictly parsed.
+
+    Python's ``csv`` module is lenient by default: an unbalanced double quote makes it read every following
+    line, up to the next quote or the end of the file, into one field, and a row with a field too many or
+    too few passes. Here these are errors naming the line: a quote that is never closed, text after a
+    closing quote, and a row whose field count differs from the header's. Blank lines are skipped. A
+    UTF-8 byte-order mark is dropped.
+
+    Raises:
+        error: An encoding that is not UTF-8, or malformed CSV; the message names the file and the line.
+    """
+    check_utf8_start(path, error)
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, strict=True)
+        header: list[str] | None = None
+        start = 1  # the line the next record starts on
+        try:
+            for row in reader:
+                line, start = start, reader.line_num + 1
+                if not any(field.strip() for field in row):
+                    continue  # a blank line
+                if header is None:
+                    header = row
+                elif len(row) != len(header):
+                    raise error(
+                        f"{path}, line {line}: {len(row)} field{'s' if len(row) != 1 else ''}, but the header has "
+                        f"{len(header)} ({','.join(header)}); {CSV_ADVICE}"
+                    )
+                yield line, row
+        except csv.Error as err:
+            if "end of data" in str(err):
+                raise error(
+                    f"{path}, line {start}: a double quote opened in the record that starts there is never closed "
+                    f"(the field runs to the end of the file, line {reader.line_num}); {CSV_ADVICE}"
+                ) from None
+            if "field limit" in str(err):
+                raise error(
+                    f"{path}, line {start}: the record that starts there has a field longer than "
+                    f"{csv.field_size_limit()} characters (by line {reader.line_num}): a double quote opened there "
+                    f"and not closed?; {CSV_ADVICE}"
+                ) from None
+            where = f"line {reader.line_num}"
+            if reader.line_num != start:
+                where += f" (in the record that starts on line {start}: a double quote opened there?)"
+            raise error(f"{path}, {where}: malformed CSV ({err}); {CSV_ADVICE}") from None
+        except UnicodeDecodeError:
+            raise utf8_error(path, error) from None
 
 
 class Source(Protocol):
@@ -79,8 +245,8 @@ class _StringTable:
         return raw.decode("utf-8", "surrogatepass") if kind == 1 else json.loads(raw)
 
 
-def _missing_columns_error(path: Path, missing: list[str], present: Iterable[str]) -> ValueError:
-    return ValueError(
+def _missing_columns_error(path: Path, missing: list[str], present: Iterable[str]) -> DataError:
+    return DataError(
         f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)}; "
         f"columns present: {sorted(present)}. Pass image_column=/caption_column= to name yours."
     )
@@ -89,10 +255,12 @@ def _missing_columns_error(path: Path, missing: list[str], present: Iterable[str
 class FolderSource:
     """A folder of images described by a metadata file (the layout of the paper's LAION-Aesthetics subsets).
 
-    The metadata is ``metadata.csv`` (read with the ``csv`` module, so captions may hold commas, quotes and
-    newlines) or ``metadata.jsonl`` (one JSON object per line; a caption may be a list of captions). Image
-    paths in it are relative to ``root``. Images are not opened here: a missing or broken file surfaces when
-    the record is loaded, where :class:`DistillDataset` skips it.
+    The metadata is ``metadata.csv`` (parsed strictly, see :func:`csv_rows`: captions may hold commas, quotes
+    and newlines when quoted; a stray quote or a row with a field too many is an error naming the line) or
+    ``metadata.jsonl`` (one JSON object per line; a caption may be a list of captions; a malformed line is
+    skipped with a warning). Both must be UTF-8. Image paths in it are relative to ``root``. Images are not
+    opened here: a missing or broken file surfaces when the record is loaded, where :class:`DistillDataset`
+    skips it.
 
     Args:
         root: The folder holding the images (and, unless ``metadata`` says otherwise, the metadata file).
@@ -101,9 +269,9 @@ class FolderSource:
         caption_column: Column holding the caption.
 
     Raises:
-        FileNotFoundError: If the folder or the metadata file does not exist.
-        ValueError: If a column is missing (naming the file, the column and the columns present), if the
-            metadata format is unknown, or if it holds no records.
+        DataError: If the folder or the metadata file does not exist, the file is empty, not UTF-8 or malformed
+            CSV (naming the line), a column is missing (naming the file, the column and the columns present),
+            the metadata format is unknown, or it holds no records.
     """
 
     def __init__(
@@ -115,64 +283,103 @@ class FolderSource:
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
+            raise DataError(f"image folder not found: {self.root}")
         self.metadata = self._find_metadata(metadata)
         self.image_column = image_column
         self.caption_column = caption_column
+        self.num_bad_lines = 0
         self._files = _StringTable()
         self._captions = _StringTable()
+        if self.metadata.stat().st_size == 0:
+            raise DataError(f"{self.metadata} is empty; {self._layout_hint()}")
         if self.metadata.suffix.lower() == ".csv":
             self._read_csv()
         elif self.metadata.suffix.lower() in (".jsonl", ".json"):
             self._read_jsonl()
         else:
-            raise ValueError(f"{self.metadata}: unknown metadata format (expected .csv or .jsonl)")
+            raise DataError(f"{self.metadata}: unknown metadata format (expected .csv or .jsonl)")
         self._files.freeze()
         self._captions.freeze()
         if len(self) == 0:
-            raise ValueError(f"{self.metadata}: no records")
+            raise DataError(f"{self.metadata} holds no records; {self._layout_hint()}")
         logger.info("%s: %d records", self.metadata, len(self))
+
+    def _layout_hint(self) -> str:
+        if self.metadata.suffix.lower() == ".csv":
+            return (
+                f"it needs a header line naming the columns ({self.image_column},{self.caption_column}) and then "
+                f"one line per image, e.g. 0001.jpg,a photo of a cat"
+            )
+        example = json.dumps({self.image_column: "0001.jpg", self.caption_column: "a photo of a cat"})
+        return f"it needs one JSON object per image and line, e.g. {example}"
 
     def _find_metadata(self, metadata: str | os.PathLike | None) -> Path:
         if metadata is not None:
             path = Path(metadata)
             path = path if path.is_absolute() else self.root / path
             if not path.is_file():
-                raise FileNotFoundError(f"metadata file not found: {path}")
+                raise DataError(f"metadata file not found: {path}")
             return path
         found = [self.root / name for name in METADATA_NAMES if (self.root / name).is_file()]
         if not found:
-            raise FileNotFoundError(f"{self.root}: no {' or '.join(METADATA_NAMES)} (or pass metadata=PATH)")
+            raise DataError(
+                f"{self.root} has no {' or '.join(METADATA_NAMES)}: a data folder needs one, listing each image "
+                f"file (relative to the folder) with its caption, e.g. metadata.csv with the lines "
+                f"'file_name,text' and '0001.jpg,a photo of a cat' (or pass the metadata file itself)"
+            )
         if len(found) > 1:
             logger.warning("%s holds both %s; using %s", self.root, " and ".join(METADATA_NAMES), found[0].name)
         return found[0]
 
     def _read_csv(self) -> None:
-        # utf-8-sig drops a BOM (spreadsheet exports); surrogateescape keeps undecodable bytes so that one bad
-        # caption becomes one skipped record instead of an unreadable file.
-        with self.metadata.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            missing = [c for c in (self.image_column, self.caption_column) if c not in columns]
-            if missing:
-                raise _missing_columns_error(self.metadata, missing, columns)
-            try:
-                for row in reader:
-                    self._files.append(row.get(self.image_column) or None)
-                    self._captions.append(row.get(self.caption_column))
-            except csv.Error as exc:
-                raise ValueError(f"{self.metadata}, line {reader.line_num}: malformed CSV: {exc}") from exc
+        rows = csv_rows(self.metadata)
+        first = next(rows, None)
+        if first is None:
+            raise DataError(f"{self.metadata} holds only blank lines; {self._layout_hint()}")
+        columns = first[1]
+        missing = [c for c in (self.image_column, self.caption_column) if c not in columns]
+        if missing:
+            raise _missing_columns_error(self.metadata, missing, columns)
+        image_at, caption_at = columns.index(self.image_column), columns.index(self.caption_column)
+        for line, row in rows:
+            for field in row:
+                if "\n" in field or "\r" in field:
+                    self._check_swallowed_rows(line, field, len(columns), image_at)
+            self._files.append(row[image_at] or None)
+            self._captions.append(row[caption_at])
+
+    def _check_swallowed_rows(self, line: int, field: str, width: int, image_at: int) -> None:
+        """Refuses a multi-line field whose later lines look like rows of this file.
+
+        A stray double quote that another one closes lines later reads as valid CSV: one record whose field
+        holds the rows in between. A line inside a field that parses as a full row naming an image file is
+        almost certainly such a swallowed row, not a caption.
+        """
+        suffixes = _image_suffixes()
+        for offset, text in enumerate(field.splitlines()[1:], start=1):
+            parsed = next(csv.reader([text]), [])
+            if len(parsed) == width and Path(parsed[image_at].strip()).suffix.lower() in suffixes:
+                raise DataError(
+                    f"{self.metadata}, line {line}: a double quote in the record that starts there is closed only "
+                    f"{offset} line(s) later, so the rows in between became part of one field (e.g. "
+                    f"{text[:80]!r}); {CSV_ADVICE}"
+                )
 
     def _read_jsonl(self) -> None:
+        check_utf8_start(self.metadata)
         bad_lines: list[int] = []
         columns: set[str] = set()
         with self.metadata.open("rb") as f:
             for line_number, line in enumerate(f, start=1):
-                if not line.strip():
+                try:
+                    text = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise utf8_error(self.metadata) from None
+                if not text.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+                    row = json.loads(text)
+                except ValueError:
                     row = None
                 if not isinstance(row, dict):
                     bad_lines.append(line_number)
@@ -185,6 +392,13 @@ class FolderSource:
             shown = ", ".join(map(str, bad_lines[:20])) + (", ..." if len(bad_lines) > 20 else "")
             logger.warning("%s: skipped %d malformed JSON line(s): %s", self.metadata, len(bad_lines), shown)
         self.num_bad_lines = len(bad_lines)
+        if not columns and not bad_lines:
+            raise DataError(f"{self.metadata} holds only blank lines; {self._layout_hint()}")
+        if not columns:
+            raise DataError(
+                f"{self.metadata}: none of its {len(bad_lines)} line(s) is a JSON object (first bad line: "
+                f"{bad_lines[0]}); {self._layout_hint()}"
+            )
         missing = [c for c in (self.image_column, self.caption_column) if c not in columns]
         if missing:
             raise _missing_columns_error(self.metadata, missing, columns)
@@ -201,11 +415,16 @@ class FolderSource:
         return path, caption, str(path)
 
 
+@functools.cache
+def _image_suffixes() -> frozenset[str]:
+    return frozenset(s.lower() for s in Image.registered_extensions())
+
+
 def _import_datasets() -> Any:
     try:
         import datasets
     except ImportError as exc:
-        raise ImportError("HFSource needs the Hugging Face datasets package: pip install datasets") from exc
+        raise MissingPackageError("hf: data needs the Hugging Face datasets package: pip install datasets") from exc
     return datasets
 
 
@@ -226,7 +445,8 @@ class HFSource:
 
     Raises:
         ImportError: If ``datasets`` is not installed.
-        ValueError: If the split or a column is missing.
+        DataError: If the split or a column is missing, the data set does not exist, or the hub cannot be
+            reached (found within seconds, not after the hub client's half a minute of retries).
     """
 
     def __init__(
@@ -248,7 +468,7 @@ class HFSource:
                     raise ValueError(f"{self.name}: no split {split!r}; splits: {sorted(dataset)}")
                 dataset = dataset[split]
         else:
-            dataset = datasets.load_dataset(self.name, split=split, **load_kwargs)
+            dataset = _load_dataset(datasets, self.name, split, load_kwargs)
         missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
         if missing:
             raise _missing_columns_error(Path(self.name), missing, dataset.column_names)
@@ -273,6 +493,63 @@ class HFSource:
                 record_id = f"{record_id} ({image['path']})"
             image = image.get("bytes") or image.get("path")
         return image, row[self.caption_column], record_id
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+"""How long to wait for a TCP connection to the hub before calling it unreachable."""
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub at ``endpoint`` cannot be reached, or None if a TCP connection opens (or a proxy is set).
+
+    The hub client retries a failed request five times with backoff (about 25 s, then a traceback); one
+    connection attempt tells the same in milliseconds when there is no network (DNS fails at once).
+    """
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None  # only the proxy knows; let the client try
+    url = urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return None
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return f"{host}:{port}: {err.strerror or err}"
+    return None
+
+
+def _load_dataset(datasets: Any, name: str, split: str, load_kwargs: dict[str, Any]) -> Any:
+    """``datasets.load_dataset`` with the hub's faults turned into :class:`DataError` messages."""
+    local = Path(name).expanduser().exists()
+    if not local and name.startswith(("/", "./", "../", "~")):
+        raise DataError(f"hf:{name}: no such folder (hf: takes a hub data set name or a local datasets folder)")
+    offline = bool(datasets.config.HF_HUB_OFFLINE)
+    if not local and not offline:
+        reason = _hub_unreachable(datasets.config.HF_ENDPOINT)
+        if reason is not None:
+            raise DataError(
+                f"hf:{name}: cannot reach the Hugging Face Hub ({reason}). Check the network; if the data set "
+                f"was downloaded before, set HF_HUB_OFFLINE=1 to use the cached copy; or give a local copy (a "
+                f"folder with metadata.csv, or hf:FOLDER saved with save_to_disk)"
+            )
+    try:
+        return datasets.load_dataset(name, split=split, **load_kwargs)
+    except datasets.exceptions.DatasetNotFoundError as err:
+        raise DataError(f"hf:{name}: {err} Check the name (and, for a gated data set, your login)") from None
+    except ConnectionError as err:
+        if offline:
+            raise DataError(
+                f"hf:{name}: HF_HUB_OFFLINE is set and the data set is not in the local cache "
+                f"({datasets.config.HF_DATASETS_CACHE}); download it once with network (unset HF_HUB_OFFLINE), "
+                f"or give a local copy"
+            ) from None
+        raise DataError(f"hf:{name}: cannot reach the Hugging Face Hub ({err}); check the network") from None
+    except FileNotFoundError as err:
+        raise DataError(f"hf:{name}: {err}") from None
+    except ValueError as err:  # e.g. an unknown split: the library's message names the splits
+        raise DataError(f"hf:{name}: {err}") from None
 
 
 def open_source(spec: str | os.PathLike, **kwargs: Any) -> FolderSource | HFSource:
