@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from bksdm import metrics as M
+from bksdm.artifacts import atomic_file
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -40,6 +42,7 @@ __all__ = [
     "EvaluationOptions",
     "ImageRecord",
     "compute_reference",
+    "describe_images",
     "evaluate",
     "find_images",
     "format_results",
@@ -86,8 +89,15 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"manifest {path} not found")
+    from bksdm.data.sources import check_utf8_start, utf8_error
+
+    check_utf8_start(path, EvaluationError)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise utf8_error(path, EvaluationError) from None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -96,19 +106,60 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
             raise EvaluationError(f"{path}:{number}: not a JSON object ({err.msg})") from None
         if not isinstance(entry, dict) or "file" not in entry:
             continue
-        seed = entry.get("seed")
-        index = entry.get("index")
+        file, prompt = entry["file"], entry.get("prompt")
+        if not isinstance(file, str) or not file.strip():
+            raise EvaluationError(f"{path}:{number}: 'file' must be a file name (a string), got {file!r}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise EvaluationError(f"{path}:{number}: 'prompt' must be a string, got {prompt!r}")
         records.append(
             ImageRecord(
-                file=path.parent / entry["file"],
-                prompt=entry.get("prompt"),
-                seed=int(seed) if seed is not None else None,
-                index=int(index) if index is not None else None,
+                file=path.parent / file,
+                prompt=prompt,
+                seed=_optional_int(entry, "seed", path, number),
+                index=_optional_int(entry, "index", path, number),
             )
         )
     if not records:
         raise EvaluationError(f"{path}: no line names an image (need JSON lines with 'file' and 'prompt' keys)")
     return records
+
+
+def _optional_int(entry: dict[str, Any], key: str, path: Path, number: int) -> int | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+        raise EvaluationError(f"{path}:{number}: '{key}' must be an integer, got {value!r}")
+    return int(value)
+
+
+def _manifest_of(folder: Path, manifest: str | Path | None) -> Path | None:
+    """The manifest :func:`find_images` reads: the one given, else ``manifest.jsonl`` in the folder, if any."""
+    if manifest is None and (folder / MANIFEST_NAME).is_file():
+        return folder / MANIFEST_NAME
+    return Path(manifest) if manifest is not None else None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def describe_images(images: str | Path, manifest: str | Path | None, count: int) -> str:
+    """Where ``count`` images came from, for messages: the manifest (and how many image files the folder holds
+    beside it, when that differs) or the folder."""
+    folder = Path(images)
+    used = _manifest_of(folder, manifest)
+    if used is None:
+        return f"{folder} holds {count} image(s)"
+    text = f"the manifest {used} lists {count} image(s)"
+    if folder.is_dir():
+        on_disk = len(_image_files(folder))
+        if on_disk != count:
+            text += (
+                f", but {folder} holds {on_disk} image file(s): is the manifest from another or an unfinished "
+                f"run? (give --manifest FILE, or move the manifest away to score every image of the folder)"
+            )
+    return text
 
 
 def find_images(images: str | Path, manifest: str | Path | None = None) -> list[ImageRecord]:
@@ -121,18 +172,18 @@ def find_images(images: str | Path, manifest: str | Path | None = None) -> list[
     folder = Path(images)
     if not folder.is_dir():
         raise EvaluationError(f"image folder {folder} not found")
-    if manifest is None and (folder / MANIFEST_NAME).is_file():
-        manifest = folder / MANIFEST_NAME
+    manifest = _manifest_of(folder, manifest)
     if manifest is not None:
         records = read_manifest(manifest)
         missing = [r.file for r in records if not r.file.is_file()]
         if missing:
             raise EvaluationError(
-                f"{len(missing)} image(s) of the manifest are missing, e.g. {missing[0]} (generation unfinished? "
-                "run bksdm generate again: it resumes)"
+                f"{len(missing)} of the {len(records)} image(s) that the manifest {manifest} lists are missing, e.g. "
+                f"{missing[0]} (generation unfinished? run bksdm generate again: it resumes; or give the manifest "
+                f"of these images with --manifest)"
             )
         return records
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = _image_files(folder)
     if not files:
         raise EvaluationError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return [ImageRecord(file=p) for p in files]
@@ -158,23 +209,45 @@ def paper_resize(image: Image.Image, size: int = 256, jpeg_quality: int | None =
 
 
 def _load(path: Path, resize: int | None, jpeg_quality: int | None) -> Image.Image:
+    """Reads one image; raises :class:`UnreadableImage` for a missing, corrupt or oversized one."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            image = im if im.mode in ("RGB", "L") else im.convert("RGB")
-            image = paper_resize(image, resize, jpeg_quality) if resize else image.convert("RGB")
-    except OSError as err:
-        raise EvaluationError(f"cannot read image {path}: {err}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                image = im if im.mode in ("RGB", "L") else im.convert("RGB")
+                image = paper_resize(image, resize, jpeg_quality) if resize else image.convert("RGB")
+    except Exception as err:  # PIL raises many types on malformed input (OSError, SyntaxError, bombs, ...)
+        raise UnreadableImage(f"{path}: {type(err).__name__}: {err}") from None
     return image
 
 
+class UnreadableImage(Exception):
+    """One image that cannot be scored (skipped and counted, as the data loader skips bad records)."""
+
+
 def _batches(
-    records: Sequence[ImageRecord], batch_size: int, resize: int | None, jpeg_quality: int | None, progress: bool
+    records: Sequence[ImageRecord],
+    batch_size: int,
+    resize: int | None,
+    jpeg_quality: int | None,
+    progress: bool,
+    skipped: list[str],
 ) -> Iterator[tuple[list[ImageRecord], list[Image.Image]]]:
+    """Batches of readable images with their records; unreadable ones are appended to ``skipped``."""
     starts = range(0, len(records), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
-        chunk = list(records[start : start + batch_size])
-        yield chunk, [_load(r.file, resize, jpeg_quality) for r in chunk]
+        chunk, images = [], []
+        for record in records[start : start + batch_size]:
+            try:
+                images.append(_load(record.file, resize, jpeg_quality))
+            except UnreadableImage as err:
+                skipped.append(str(err))
+                logger.warning("skipped unreadable image %s", err)
+                continue
+            chunk.append(record)
+        if chunk:
+            yield chunk, images
 
 
 # ----------------------------------------------------------------------------------- Inception outputs
@@ -224,10 +297,17 @@ def compute_reference(
         The statistics and the features (N, 2048).
     """
     records = find_images(images)
+    skipped: list[str] = []
     feats = [
         _inception_batch(net, batch, True, False)[0]
-        for _, batch in _batches(records, batch_size, resize, jpeg_quality, progress)
+        for _, batch in _batches(records, batch_size, resize, jpeg_quality, progress, skipped)
     ]
+    if len(records) - len(skipped) < 2:
+        raise EvaluationError(
+            f"reference images: {describe_images(images, None, len(records))}"
+            + (f", {len(skipped)} of them unreadable ({skipped[0]})" if skipped else "")
+            + "; FID statistics need at least 2 readable images"
+        )
     features = np.concatenate(feats)
     return M.feature_statistics(features), features
 
@@ -240,9 +320,8 @@ def save_statistics(path: str | Path, stats: M.FeatureStatistics, features: np.n
     arrays: dict[str, np.ndarray] = {"mu": stats.mu, "sigma": stats.sigma, "count": np.asarray(stats.count)}
     if features is not None:
         arrays["features"] = np.asarray(features, dtype=np.float32)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_file(path) as partial, partial.open("wb") as f:  # a file object: savez would append .npz
+        np.savez_compressed(f, **arrays)
     return path
 
 
@@ -332,7 +411,7 @@ def _choose_metrics(options: EvaluationOptions, prompts: list[str | None]) -> li
     return chosen
 
 
-def _check(options: EvaluationOptions, chosen: list[str], prompts: list[str | None], count: int) -> None:
+def _check(options: EvaluationOptions, chosen: list[str], prompts: list[str | None]) -> None:
     if {"fid", "kid"} & set(chosen) and options.reference is None and options.ref_images is None:
         raise EvaluationError(
             "FID/KID need a reference: --ref STATS.npz (pytorch-fid format; make one with `bksdm fid-stats "
@@ -345,14 +424,22 @@ def _check(options: EvaluationOptions, chosen: list[str], prompts: list[str | No
             "the CLIP score and the shapes metrics need a prompt per image: give --manifest FILE (JSON lines "
             "with 'file' and 'prompt', as bksdm generate writes manifest.jsonl)"
         )
-    if "is" in chosen and count < options.is_splits:
-        raise EvaluationError(
-            f"the Inception Score needs at least {options.is_splits} images (--is-splits), got {count}"
-        )
-    if "fid" in chosen and count < 2:
-        raise EvaluationError("FID needs at least 2 images")
     if "shapes" in chosen and options.shapes_reference_count < 2:
         raise EvaluationError("--shapes-reference-count must be at least 2")
+
+
+def _check_count(options: EvaluationOptions, chosen: list[str], count: int, where: str) -> None:
+    """Refuses too few images for a metric, saying where the images came from (``where``)."""
+    needs = {"fid": 2, "shapes": 2, "clip": 1}
+    if "is" in chosen:
+        needs["is"] = options.is_splits
+    if "kid" in chosen:
+        needs["kid"] = 2
+    hints = {"is": " (or lower --is-splits)"}
+    for metric in chosen:
+        if count < needs.get(metric, 1):
+            name = {"is": "the Inception Score", "shapes": "the shapes metrics"}.get(metric, metric.upper())
+            raise EvaluationError(f"{name} needs at least {needs[metric]} images{hints.get(metric, '')}, but {where}")
 
 
 def evaluate(
@@ -370,7 +457,8 @@ def evaluate(
         on_stage: Called with a short message before each slow stage (network loading, the pass).
 
     Returns:
-        A JSON-ready dict: ``metrics`` (flat name → number), ``count``, ``images``, ``networks`` (what scored
+        A JSON-ready dict: ``metrics`` (flat name → number), ``count`` (images scored), ``skipped`` (the
+        unreadable ones, "path: reason"), ``images``, ``networks`` (what scored
         it: weight files, CLIP model, reference), ``settings`` and ``seconds``.
 
     Raises:
@@ -383,7 +471,8 @@ def evaluate(
     records = find_images(images, manifest)
     prompts = [r.prompt for r in records]
     chosen = _choose_metrics(options, prompts)
-    _check(options, chosen, prompts, len(records))
+    _check(options, chosen, prompts)
+    _check_count(options, chosen, len(records), describe_images(images, manifest, len(records)))
     device = torch.device(options.device)
     networks: dict[str, Any] = {}
     results: dict[str, Any] = {}
@@ -440,9 +529,18 @@ def evaluate(
         )
         networks["shapes_classifier"] = str(shapes.ASSETS)
 
+    if "kid" in chosen and len(records) < options.kid_subset_size:  # before the long pass, not after it
+        raise EvaluationError(
+            f"KID subsets of {options.kid_subset_size} images need at least that many (lower --kid-subset-size), "
+            f"but {describe_images(images, manifest, len(records))}"
+        )
     say(f"scoring {len(records)} images ({', '.join(chosen)})")
     feats, logits, cosines, shape_feats, predicted = [], [], [], [], []
-    for chunk, batch in _batches(records, options.batch_size, options.resize, options.jpeg_quality, options.progress):
+    skipped: list[str] = []
+    batches = _batches(records, options.batch_size, options.resize, options.jpeg_quality, options.progress, skipped)
+    scored: list[ImageRecord] = []
+    for chunk, batch in batches:
+        scored += chunk
         if net is not None:
             f, lg = _inception_batch(net, batch, bool({"fid", "kid"} & set(chosen)), "is" in chosen)
             feats.append(f)
@@ -453,6 +551,10 @@ def evaluate(
             shape_feats.append(shapes.features(classifier, batch))
             predicted.extend(shapes.predict(classifier, batch))
 
+    count = len(scored)
+    if skipped:
+        where = f"{describe_images(images, manifest, len(records))} and {len(skipped)} of them are unreadable"
+        _check_count(options, chosen, count, f"{where} (e.g. {skipped[0]})")
     if {"fid", "kid"} & set(chosen):
         generated = np.concatenate(feats)
         if "fid" in chosen:
@@ -471,7 +573,7 @@ def evaluate(
     if "shapes" in chosen:
         from bksdm.toy.shapes import ATTRIBUTES, parse_caption
 
-        wanted = [parse_caption(p) for p in prompts]
+        wanted = [parse_caption(r.prompt) for r in scored]
         for name in ATTRIBUTES:
             results[f"shapes_{name}_accuracy"] = float(
                 np.mean([getattr(p, name) == getattr(w, name) for p, w in zip(predicted, wanted, strict=True)])
@@ -483,7 +585,8 @@ def evaluate(
     return {
         "images": str(images),
         "manifest": str(manifest) if manifest is not None else None,
-        "count": len(records),
+        "count": count,
+        "skipped": skipped,
         "metrics": results,
         "networks": networks,
         "settings": {
@@ -525,6 +628,8 @@ def format_results(result: dict[str, Any]) -> str:
             for k, v in result["metrics"].items()]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     lines = [f"bksdm evaluate: {result['count']} images in {result['images']}", ""]
+    if result.get("skipped"):
+        lines[0] += f" ({len(result['skipped'])} unreadable, skipped: see 'skipped' in the JSON)"
     lines += [f"  {name:<{width}}  {value:>12}  {note}".rstrip() for name, value, note in rows]
     lines += ["", "  " + ", ".join(f"{k}: {v}" for k, v in result["networks"].items())]
     return "\n".join(lines)

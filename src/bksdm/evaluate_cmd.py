@@ -138,6 +138,7 @@ def _known_errors():
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Handle ``bksdm evaluate``."""
+    from bksdm.artifacts import atomic_file
     from bksdm.evaluate import EvaluationError, EvaluationOptions, evaluate, format_results
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
@@ -171,7 +172,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise EvaluationError(str(err)) from err
     out = Path(args.out) if args.out else Path(args.images) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_file(out) as partial:
+        partial.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_results(result))
     if not args.json:
         print(f"\nresults: {out}")

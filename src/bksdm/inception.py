@@ -26,6 +26,7 @@ them through the same :func:`load_inception` as the real file.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -324,12 +325,45 @@ def _missing_message(looked: list[Path]) -> str:
     )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+_WEIGHTS_HINT = (
+    "give a state dict of tensors: the .pth that pytorch-fid or torch-fidelity downloads (torch.save of "
+    "state_dict()), or a .safetensors file"
+)
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file, read without ever running code from it.
+
+    ``.pth`` files go through ``torch.load(weights_only=True)``, whose unpickler accepts tensors and plain
+    containers only: a pickle that would call a function (``__reduce__`` to ``os.system``) is refused before
+    anything runs.
+
+    Raises:
+        ValueError: The file is not a readable state dict (a pickle of other objects, a corrupt or foreign file).
+        OSError: The file cannot be read.
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False, which would run the file's code: keep only its reason.
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnp")
+        lines = [line.strip().rstrip(".") for line in str(err).splitlines() if line.strip()]
+        reason = "; ".join(line for line in lines if not line.startswith(boilerplate)) or "not a plain state dict"
+        raise ValueError(
+            f"{path} holds pickled Python objects other than tensors, and bksdm never unpickles those (it could "
+            f"run code; nothing was run): {reason}. {_WEIGHTS_HINT[0].upper()}{_WEIGHTS_HINT[1:]}"
+        ) from None
+    except Exception as err:  # torch and safetensors raise assorted types on a foreign or corrupt file
+        raise ValueError(
+            f"{path} cannot be read as a weight file ({type(err).__name__}: {err}); {_WEIGHTS_HINT}"
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict (a mapping of tensors), got {type(state).__name__}")
     return state

@@ -199,7 +199,8 @@ class DistillDataset(Dataset):
                 continue
             return {**sample, "index": index, "step": ref.step, "position": ref.position, "skipped": skipped}
         if len(skipped) == len(self):
-            headline = f"all {len(self)} records of the data are unusable"
+            name = getattr(self.source, "metadata", None) or getattr(self.source, "name", None) or "the data"
+            headline = f"all {len(self)} records of {name} are unusable"
         else:
             headline = f"{len(skipped)} consecutive records from index {ref.index} are unusable"
         raise UnusableDataError(unusable_message(headline, skipped))
