@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bksdm.artifacts import atomic_file
 from bksdm.prompts import PromptFileError
 from bksdm.seeding import mix_seed
 
@@ -121,7 +122,7 @@ def write_prompt_file(records: list[dict[str, Any]], path: str | os.PathLike) ->
     """Write records as ``.jsonl`` (one object per line) or ``.csv`` (``file_name,caption,image_id,...``).
 
     The CSV puts ``file_name`` and the caption in its first two columns, the layout of the official BK-SDM
-    ``metadata.csv``. Written to a temporary name and renamed, so a crash leaves no half file.
+    ``metadata.csv``. Written atomically (:func:`bksdm.artifacts.atomic_file`), so a crash leaves no half file.
 
     Raises:
         PromptFileError: Unknown suffix.
@@ -131,8 +132,7 @@ def write_prompt_file(records: list[dict[str, Any]], path: str | os.PathLike) ->
     if suffix not in (".jsonl", ".csv"):
         raise PromptFileError(f"--out {path}: use a .jsonl or .csv file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
+    with atomic_file(path) as partial, partial.open("w", encoding="utf-8", newline="") as f:
         if suffix == ".jsonl":
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -141,5 +141,4 @@ def write_prompt_file(records: list[dict[str, Any]], path: str | os.PathLike) ->
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(records)
-    os.replace(tmp, path)
     return path

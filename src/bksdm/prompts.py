@@ -13,7 +13,6 @@ generated images can be matched with the real ones they stand for. A prompt's in
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass, field
@@ -62,16 +61,19 @@ def read_prompts(path: str | os.PathLike) -> list[PromptRecord]:
             f"prompt file {path}: unknown suffix '{path.suffix}'; use .txt (one prompt per line), .json, .jsonl or "
             f".csv (with a {'/'.join(PROMPT_COLUMNS)} column)"
         )
+    from bksdm.data.sources import check_utf8_start, utf8_error
+
+    check_utf8_start(path, PromptFileError)  # UTF-16/32 named as such, not read as mangled text
     try:
         if suffix == ".txt":
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
             records = [PromptRecord(line.strip()) for line in lines if line.strip()]
         elif suffix == ".csv":
             records = _read_csv(path)
         elif suffix == ".jsonl":
             records = [
                 _record(json.loads(line), path, f"line {n}")
-                for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+                for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1)
                 if line.strip()
             ]
         else:
@@ -80,15 +82,15 @@ def read_prompts(path: str | os.PathLike) -> list[PromptRecord]:
         raise PromptFileError(
             f"prompt file {path} is not valid JSON{'L' if suffix == '.jsonl' else ''}: {err}"
         ) from None
-    except UnicodeDecodeError as err:
-        raise PromptFileError(f"prompt file {path} is not UTF-8 text ({err})") from None
+    except UnicodeDecodeError:
+        raise utf8_error(path, PromptFileError) from None
     if not records:
         raise PromptFileError(f"prompt file {path} holds no prompts")
     return records
 
 
 def _read_json(path: Path) -> list[PromptRecord]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = json.loads(path.read_text(encoding="utf-8-sig"))
     if isinstance(data, dict) and "annotations" in data and "images" in data:
         raise PromptFileError(
             f"{path} looks like a COCO annotations file, not a prompt list; build the prompt file first with "
@@ -105,23 +107,25 @@ def _read_json(path: Path) -> list[PromptRecord]:
 
 
 def _read_csv(path: Path) -> list[PromptRecord]:
-    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets often write a BOM
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        column = next((c for c in PROMPT_COLUMNS if c in columns), None)
-        if column is None:
-            raise PromptFileError(
-                f"prompt file {path}: the header row ({', '.join(columns) or 'empty'}) names no prompt column; "
-                f"name one of {', '.join(PROMPT_COLUMNS)}"
-            )
-        records = []
-        for n, row in enumerate(reader, start=2):
-            text = (row.get(column) or "").strip()
-            if not text:
-                raise PromptFileError(f"prompt file {path}, line {n}: empty '{column}'")
-            extra = {k: v for k, v in row.items() if k != column and k is not None}
-            records.append(PromptRecord(text, extra))
-        return records
+    # Strict: a stray quote or a row with a field too many is an error naming the line, never prompts lost.
+    from bksdm.data.sources import csv_rows
+
+    rows = csv_rows(path, PromptFileError)
+    _, columns = next(rows, (1, []))
+    column = next((c for c in PROMPT_COLUMNS if c in columns), None)
+    if column is None:
+        raise PromptFileError(
+            f"prompt file {path}: the header row ({', '.join(columns) or 'empty'}) names no prompt column; "
+            f"name one of {', '.join(PROMPT_COLUMNS)}"
+        )
+    records = []
+    for n, row in rows:
+        fields = dict(zip(columns, row, strict=True))
+        text = fields.pop(column).strip()
+        if not text:
+            raise PromptFileError(f"prompt file {path}, line {n}: empty '{column}'")
+        records.append(PromptRecord(text, fields))
+    return records
 
 
 def _record(item: Any, path: Path, where: str) -> PromptRecord:

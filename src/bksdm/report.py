@@ -28,6 +28,7 @@ from typing import Any
 
 from PIL import Image
 
+from bksdm.artifacts import atomic_file
 from bksdm.evaluate import METRIC_LABELS, EvaluationError, ImageRecord, find_images
 from bksdm.reports import human, markdown_table
 
@@ -104,9 +105,12 @@ def parse_named(items: Sequence[str], option: str) -> dict[str, str]:
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise ReportError(f"cannot read {what} {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{what} {path} is not a JSON object (it holds a {type(data).__name__})")
+    return data
 
 
 def collect_model(name: str, source: str, evaluation: str | None, pipeline: str | None) -> dict[str, Any]:
@@ -118,7 +122,8 @@ def collect_model(name: str, source: str, evaluation: str | None, pipeline: str 
         evaluation = evaluation or str(path)
     elif path.is_dir():
         if (path / GENERATION_SETTINGS).is_file():
-            entry["generation"] = _read_json(path / GENERATION_SETTINGS, "generation settings").get("settings")
+            settings = _read_json(path / GENERATION_SETTINGS, "generation settings").get("settings")
+            entry["generation"] = settings if isinstance(settings, dict) else None
         if evaluation is None and (path / EVALUATION_FILE).is_file():
             evaluation = str(path / EVALUATION_FILE)
         try:
@@ -131,7 +136,7 @@ def collect_model(name: str, source: str, evaluation: str | None, pipeline: str 
         if not Path(evaluation).is_file():
             raise ReportError(f"{name}: evaluation file {evaluation} not found (run bksdm evaluate first)")
         entry["evaluation"] = _read_json(Path(evaluation), "evaluation")
-        if "metrics" not in entry["evaluation"]:
+        if not isinstance(entry["evaluation"].get("metrics"), dict):
             raise ReportError(f"{name}: {evaluation} is not a bksdm evaluate result (no 'metrics')")
         entry["evaluation_file"] = evaluation
     generation = entry["generation"] or {}
@@ -238,8 +243,11 @@ def _chart(entries: list[dict[str, Any]], keys: list[str], path: Path) -> Path |
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_file(path) as partial:
+            fig.savefig(partial, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -260,17 +268,28 @@ def _grid(entries: list[dict[str, Any]], columns: int, path: Path) -> list[tuple
         return []
     picks = [shared[round(i * (len(shared) - 1) / max(1, columns - 1))] for i in range(min(columns, len(shared)))]
     picks = list(dict.fromkeys(picks))
-    with Image.open(by_key[0][picks[0]].file) as first:
-        side = min(256, max(first.size))
-    rows = []
-    for m in by_key:
-        row = []
-        for k in picks:
-            with Image.open(m[k].file) as im:
-                row.append(im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC))
-        rows.append(row)
-    image_grid(rows, [e["name"] for e in with_images]).save(path)
-    return [(by_key[0][k].prompt, by_key[0][k].seed) for k in picks]
+    first = _open_rgb(by_key[0][picks[0]].file)
+    side = min(256, max(first.size)) if first is not None else 256
+    columns = [[_open_rgb(m[k].file) for m in by_key] for k in picks]
+    kept = [(k, column) for k, column in zip(picks, columns, strict=True) if all(im is not None for im in column)]
+    if not kept:
+        return []
+    rows = [
+        [column[i].resize((side, side), Image.Resampling.BICUBIC) for _, column in kept] for i in range(len(by_key))
+    ]
+    with atomic_file(path) as partial:
+        image_grid(rows, [e["name"] for e in with_images]).save(partial, format="PNG")
+    return [(by_key[0][k].prompt, by_key[0][k].seed) for k, _ in kept]
+
+
+def _open_rgb(path: Path) -> Image.Image | None:
+    """The image as RGB, or None (with a warning) when it cannot be read: the grid leaves its column out."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as err:  # PIL raises many types on malformed input
+        logger.warning("grid: leaving out unreadable image %s (%s: %s)", path, type(err).__name__, err)
+        return None
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -362,7 +381,7 @@ def write_report(
         )
         md.append("")
     md += ["## Sources", "", markdown_table(src_header, src_rows), ""]
-    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    _write_text(out / "report.md", "\n".join(md))
 
     body = [
         f"<h1>{html.escape(options.title)}</h1>",
@@ -383,7 +402,7 @@ def write_report(
     )
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(options.title)}</title>"
     page += f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    (out / "report.html").write_text(page, encoding="utf-8")
+    _write_text(out / "report.html", page)
 
     report = {
         "title": options.title,
@@ -400,8 +419,13 @@ def write_report(
         "grid": [{"prompt": p, "seed": s} for p, s in columns],
         "files": sorted(p.name for p in out.iterdir() if p.suffix in (".md", ".html", ".png")),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as partial:
+        partial.write_text(text, encoding="utf-8")
 
 
 def _fmt(value: float | None) -> str:
