@@ -12,9 +12,12 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from bksdm import __version__
+from bksdm.artifacts import WriteFailed
 from bksdm.cache import CacheError
+from bksdm.checkpoints import CheckpointError, OutputInUseError
 from bksdm.config import ConfigError
 from bksdm.layout import LayoutError
 from bksdm.loading import TeacherNotFoundError
@@ -32,6 +35,8 @@ USER_ERRORS = (
     ConfigError,
     CacheError,
     TrainingSetupError,
+    CheckpointError,
+    OutputInUseError,
 )
 
 
@@ -158,6 +163,12 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML recipe (defaults: the paper's recipe)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (same as train.resume=...)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an output folder that holds another run, deleting its checkpoints and logs "
+        "(same as train.overwrite=true)",
+    )
     p.set_defaults(func=_run_distill)
 
 
@@ -166,12 +177,12 @@ def _run_distill(args: argparse.Namespace) -> int:
     from bksdm.train import TrainingStopped, distill
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    overrides += ["train.overwrite=true"] if args.overwrite else []
     cfg = load_config(args.config, overrides)
     try:
         target = distill(cfg)
     except TrainingStopped as stopped:
-        print(f"bksdm distill: {stopped}", file=sys.stderr, flush=True)
-        return 128 + signal.SIGTERM  # the shell's status for "ended by SIGTERM"
+        return _stopped("distill", stopped)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -234,8 +245,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     settings = DemoSettings(plan=args.plan, ablations=args.ablations, extra=list(args.overrides))
     if args.steps is not None:
         settings.steps = args.steps
+    from bksdm.train import TrainingStopped
+
     logging.getLogger("bksdm").setLevel(logging.INFO)
-    summary = run_demo(args.out, settings)
+    try:
+        summary = run_demo(args.out, settings)
+    except TrainingStopped as stopped:
+        return _stopped("demo", stopped)
     print(f"\nreport: {args.out}/summary.md ({summary['seconds'] / 60:.1f} min)")
     for name, metrics in summary["models"].items():
         print(
@@ -243,6 +259,12 @@ def _run_demo(args: argparse.Namespace) -> int:
             f"Frechet {metrics['frechet_distance']:.2f}  U-Net {metrics['unet_params']:,} params"
         )
     return 0
+
+
+def _stopped(command: str, stopped: Exception) -> int:
+    """A run stopped by SIGTERM after writing its checkpoint: its message, and the shell's status for SIGTERM."""
+    print(f"bksdm {command}: {stopped}", file=sys.stderr, flush=True)
+    return 128 + signal.SIGTERM
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,9 +316,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (*USER_ERRORS, ValueError) as err:  # ValueError: option values the library rejects with a message
         if args.verbose:
             raise
-        print(f"bksdm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(err), 2)
+    except WriteFailed as err:  # full disk, read-only folder: nothing partial was left
+        return _fail(args.command, err.strerror or str(err), 1)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError) as err:
+        if args.verbose:
+            raise
+        return _fail(args.command, _os_message(err), 2)  # a path the user gave: they can fix it
+    except OSError as err:  # the environment failed (I/O error, full disk outside an atomic write)
+        if args.verbose:
+            raise
+        return _fail(args.command, _os_message(err), 1)
+    except MemoryError:
+        return _fail(args.command, "out of memory: use a smaller batch size or resolution", 1)
+    except KeyboardInterrupt:
+        print(f"bksdm {args.command}: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
+
+
+def _fail(command: str, message: str, status: int) -> int:
+    print(f"bksdm {command}: error: {message}", file=sys.stderr)
+    return status
+
+
+def _os_message(err: OSError) -> str:
+    """An OSError as one line: what failed, on which path (OSError's own text is ``[Errno N] ...``)."""
+    import errno
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        from bksdm.artifacts import describe_failure
+
+        return describe_failure(err, Path(err.filename or "."))
+    where = f": {err.filename}" if err.filename else ""
+    return f"{err.strerror or err}{where}"
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -188,6 +188,9 @@ class TrainConfig:
     resume: str | None = None
     """Continue a run: ``latest`` (the newest checkpoint in ``output_dir``) or a checkpoint folder. None: start
     fresh."""
+    overwrite: bool = False
+    """Start afresh in an ``output_dir`` that holds another run, deleting its checkpoints and logs (without it,
+    such a folder is refused: the runs would mix)."""
     log_every: int = 10
     """Log losses, learning rate and throughput every N optimizer steps."""
     validate_every: int = 1000

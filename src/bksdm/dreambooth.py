@@ -36,25 +36,21 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from bksdm.checkpoints import find_checkpoint, load_module, read_checkpoint, read_weights, restore_training_state
+from bksdm.checkpoints import write_checkpoint as write_training_checkpoint
 from bksdm.distill import diffusion_target, draw_noise
-from bksdm.dreambooth_config import (
-    RUN_FILE,
-    DreamBoothConfig,
-    DreamBoothError,
-    check_config,
-    complete_checkpoints,
-)
+from bksdm.dreambooth_config import RUN_FILE, DreamBoothConfig, DreamBoothError, check_config
 from bksdm.encoding import TextEncoders, encode_text, sample_latents, vae_dtype
 from bksdm.loading import load_pipeline, teacher_or_default
 from bksdm.lora import (
     LORA_FILE,
     TEXT_LORA_TARGETS,
     UNET_LORA_TARGETS,
+    load_lora,
     lora_config,
-    register_lora_checkpoint_hooks,
     save_lora,
 )
-from bksdm.recipes import make_accelerator, write_checkpoint
+from bksdm.recipes import make_accelerator, peak_memory_mb
 from bksdm.subject_data import (
     LatentBank,
     class_images,
@@ -65,7 +61,6 @@ from bksdm.subject_data import (
     pick,
     save_image_atomic,
 )
-from bksdm.train import CHECKPOINT_PREFIX, STATE_FILE, _peak_memory_mb
 
 __all__ = [
     "LORA_FILE",
@@ -196,9 +191,7 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
     )
-    accelerator.register_for_checkpointing(lr_scheduler)  # stepped by hand, once per optimizer step
-    if cfg.lora:
-        register_lora_checkpoint_hooks(accelerator)
+    # the lr schedule is stepped by hand, once per optimizer step
     prepared = accelerator.prepare(*trained, optimizer)
     unet_t, optimizer = prepared[0], prepared[-1]
     text_t = prepared[1] if cfg.train_text_encoder else None
@@ -206,10 +199,9 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
         module.train()
 
     step = 0
-    checkpoint = _find_checkpoint(out, cfg.resume)
+    checkpoint = find_checkpoint(out, cfg.resume)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+        step = _resume(cfg, pipe, checkpoint, optimizer, lr_scheduler)
         logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
     if main:
         (out / RUN_FILE).write_text(json.dumps({"config": dataclasses.asdict(cfg), "model": model_ref}, indent=2))
@@ -270,7 +262,7 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
             record.update(
                 lr=lr_scheduler.get_last_lr()[0],
                 seconds_per_step=(time.perf_counter() - tick) / window_steps,
-                peak_memory_mb=_peak_memory_mb(accelerator.device),
+                peak_memory_mb=peak_memory_mb(accelerator.device),
             )
             records.append(record)
             if main:
@@ -283,8 +275,16 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
                 logger.info(f"step {step} {status}", main_process_only=True)
             window, window_steps, tick = {}, 0, time.perf_counter()
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
-            write_checkpoint(
-                accelerator, out, step, cfg.keep_checkpoints, lambda folder: _write_model_files(cfg, pipe, folder)
+            write_training_checkpoint(
+                accelerator,
+                out,
+                step,
+                cfg.keep_checkpoints,
+                recipe="dreambooth",
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                write_files=lambda folder: _write_model_files(cfg, pipe, folder),
+                fingerprints=_fingerprints(cfg),
             )
         if main and cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
             images = _sample(
@@ -314,12 +314,22 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _find_checkpoint(out: Path, resume: str | None) -> Path | None:
-    if resume is None:
-        return None
-    if resume != "latest":
-        return Path(resume)
-    return max(complete_checkpoints(out), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+def _fingerprints(cfg: DreamBoothConfig) -> dict[str, Any]:
+    """What a checkpoint's weights depend on: a LoRA checkpoint does not resume full fine-tuning, nor the reverse."""
+    return {"lora": cfg.lora, "train_text_encoder": cfg.train_text_encoder}
+
+
+def _resume(cfg: DreamBoothConfig, pipe, checkpoint: Path, optimizer, lr_scheduler) -> int:
+    """Loads a checkpoint written by this recipe (weights, optimizer, schedule); returns its step."""
+    state = read_checkpoint(checkpoint, "dreambooth", _fingerprints(cfg))
+    if cfg.lora:
+        load_lora(checkpoint / LORA_FILE, pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None)
+    else:
+        load_module(pipe.unet, read_weights(checkpoint / "unet", "diffusion_pytorch_model"), "U-Net")
+        if cfg.train_text_encoder:
+            load_module(pipe.text_encoder, read_weights(checkpoint / "text_encoder", "model"), "text encoder")
+    restore_training_state(checkpoint, state, optimizer, lr_scheduler)
+    return int(state["step"])
 
 
 def _sampling_settings(model_ref: str, cfg: DreamBoothConfig) -> dict[str, Any]:

@@ -12,12 +12,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bksdm.checkpoints import STATE_FILE, complete_checkpoints
 from bksdm.data.images import BadRecordError, open_image
 from bksdm.lora import text_encoder_lora_problem
 from bksdm.subject_data import list_images
-from bksdm.train import CHECKPOINT_PREFIX, STATE_FILE
 
-__all__ = ["RUN_FILE", "DreamBoothConfig", "DreamBoothError", "check_config", "complete_checkpoints"]
+__all__ = ["RUN_FILE", "DreamBoothConfig", "DreamBoothError", "check_config"]
 
 RUN_FILE = "dreambooth.json"
 """Settings and results of a run, in the output folder (and the settings in each checkpoint)."""
@@ -196,8 +196,3 @@ def check_config(cfg: DreamBoothConfig) -> list[Path]:
         n = len(problems)
         raise DreamBoothError(f"cannot start ({n} problem{'s' * (n != 1)}):\n  - " + "\n  - ".join(problems))
     return images
-
-
-def complete_checkpoints(out: Path) -> list[Path]:
-    """The complete checkpoints (with their state file) in ``out/checkpoints``."""
-    return [p for p in (out / "checkpoints").glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()]

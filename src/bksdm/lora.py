@@ -3,7 +3,7 @@
 Adapters go on the U-Net's attention projections (and optionally the CLIP text encoder's), the modules
 diffusers' own DreamBooth-LoRA recipe adapts. The result is saved with diffusers' ``save_lora_weights``, so
 ``pipe.load_lora_weights(folder)`` loads it in any diffusers program. Checkpoints keep only the adapters, in
-peft's format (exact round trip), instead of the frozen base weights accelerate would otherwise save.
+that same file (read back exactly by :func:`load_lora`), not the frozen base weights.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 
 __all__ = [
     "LORA_FILE",
@@ -20,7 +20,7 @@ __all__ = [
     "UNET_LORA_TARGETS",
     "lora_config",
     "lora_layers",
-    "register_lora_checkpoint_hooks",
+    "load_lora",
     "save_lora",
     "text_encoder_lora_problem",
 ]
@@ -31,7 +31,6 @@ UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """U-Net modules LoRA adapts: the attention projections (diffusers' DreamBooth-LoRA recipe)."""
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 """CLIP text encoder modules LoRA adapts when the text encoder is trained."""
-_CHECKPOINT_STATE = "lora_{}.safetensors"  # peft-format adapter state inside a checkpoint
 
 
 def lora_config(rank: int, alpha: float, targets: Sequence[str]):
@@ -67,31 +66,33 @@ def save_lora(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module
     return folder / LORA_FILE
 
 
-def register_lora_checkpoint_hooks(accelerator) -> None:
-    """Makes ``accelerator.save_state`` / ``load_state`` keep only the adapters of the prepared models."""
+def load_lora(file: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> None:
+    """Sets the adapters of peft-adapted ``unet`` (and ``text_encoder``) to the weights of a :func:`save_lora` file.
+
+    The values round-trip exactly (diffusers' format only renames the keys). A checkpoint resumes from this
+    file, so it holds the adapters once.
+
+    Raises:
+        ValueError: the file does not hold exactly these adapters.
+    """
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
 
-    def name(model) -> str:
-        return "unet" if isinstance(accelerator.unwrap_model(model), UNet2DConditionModel) else "text_encoder"
+    from bksdm.checkpoints import read_weights
 
-    def save_hook(models, weights, output_dir) -> None:
-        for model in models:
-            state = get_peft_model_state_dict(accelerator.unwrap_model(model))
-            file = Path(output_dir) / _CHECKPOINT_STATE.format(name(model))
-            save_file({k: v.contiguous() for k, v in state.items()}, file)
-        weights.clear()  # nothing else of the models is saved
-
-    def load_hook(models, input_dir) -> None:
-        while models:  # popped models are not loaded again by accelerate
-            model = models.pop()
-            state = load_file(Path(input_dir) / _CHECKPOINT_STATE.format(name(model)))
-            result = set_peft_model_state_dict(accelerator.unwrap_model(model), state)
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"checkpoint {input_dir} does not match the adapter: {result.unexpected_keys[:3]}")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    stored = read_weights(file.parent, file.name.removesuffix(".safetensors"))
+    parts = [("unet", unet, convert_unet_state_dict_to_peft)]
+    if text_encoder is not None:
+        parts.append(("text_encoder", text_encoder, convert_state_dict_to_peft))
+    for prefix, module, convert in parts:
+        state = convert({k[len(prefix) + 1 :]: v for k, v in stored.items() if k.startswith(prefix + ".")})
+        expected = get_peft_model_state_dict(module)
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+            raise ValueError(f"{file} does not hold this run's {prefix} adapter (another rank or target modules)")
+        set_peft_model_state_dict(module, state)
+    unknown = {k.split(".", 1)[0] for k in stored} - {prefix for prefix, _, _ in parts}
+    if unknown:
+        raise ValueError(f"{file} holds adapters of {sorted(unknown)}, which this run does not train")
 
 
 def text_encoder_lora_problem() -> str | None:

@@ -1,16 +1,9 @@
-"""What every training recipe shares: the accelerator set-up and atomic, rotated checkpoints.
-
-``bksdm dreambooth`` uses these; they follow ``bksdm distill``'s conventions exactly (same folder names, same
-``trainer_state.json`` marker, so :func:`bksdm.train.find_checkpoint` finds checkpoints of either recipe).
-"""
+"""What every training recipe shares besides checkpoints (:mod:`bksdm.checkpoints`): the accelerator set-up and
+the peak-memory figure of the logs."""
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,9 +11,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 
-from bksdm.train import CHECKPOINT_PREFIX, STATE_FILE
-
-__all__ = ["make_accelerator", "write_checkpoint"]
+__all__ = ["make_accelerator", "peak_memory_mb"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,33 +51,10 @@ def make_accelerator(
     return accelerator, mixed
 
 
-def write_checkpoint(
-    accelerator: Accelerator, out: Path, step: int, keep: int, write_files: Callable[[Path], None]
-) -> Path:
-    """Writes ``out/checkpoints/checkpoint-NNNNNNN``: accelerate's state plus ``write_files(folder)``.
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA's allocated maximum on a GPU, else the peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
 
-    The folder is written under a ``.partial`` name and renamed when complete (``trainer_state.json`` last),
-    so a crash mid-write never leaves a folder that ``--resume latest`` would pick; then only the newest
-    ``keep`` checkpoints are kept. Every process must call it; ``write_files`` runs on the main process only.
-
-    Returns:
-        The checkpoint folder.
-    """
-    root = out / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
-    partial = root / f".{final.name}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if accelerator.is_main_process:
-        write_files(partial)
-        (partial / STATE_FILE).write_text(json.dumps({"step": step, "time": time.time()}))
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        done = sorted(root.glob(CHECKPOINT_PREFIX + "*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-        for old in done[: -max(keep, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -25,18 +25,36 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from bksdm.artifacts import atomic_dir
+from bksdm.checkpoints import (
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    CheckpointError,
+    claim_output,
+    find_checkpoint,
+    load_module,
+    read_checkpoint,
+    read_weights,
+    remove_entries,
+    restore_training_state,
+    trim_metrics,
+    write_checkpoint,
+)
 from bksdm.config import DistillConfig, OptimConfig, config_to_dict, save_config
 from bksdm.distill import LossWeights, draw_noise, kd_step
 from bksdm.encoding import TextEncoders, sample_latents, vae_dtype
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
 from bksdm.plan import resolve
+from bksdm.recipes import make_accelerator, peak_memory_mb
 from bksdm.signals import handling
 from bksdm.surgery import build_student
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
+__all__ = ["CHECKPOINT_PREFIX", "STATE_FILE", "TrainingSetupError", "TrainingStopped", "distill", "find_checkpoint"]
+
+WEIGHTS = "diffusion_pytorch_model"  # diffusers' weight file stem
+RUN_ENTRIES = ("config.yaml", "student", "loss_curve.png", "validation")  # a distill run's own entries in its folder
 
 
 class TrainingSetupError(ValueError):
@@ -94,17 +112,6 @@ def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dt
     return Models(pipe, teacher, student, TextEncoders.from_pipeline(pipe), scheduler, pairs, plan_source)
 
 
-def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """``latest`` → the newest complete checkpoint in ``output_dir`` (None if there is none); else a path."""
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise TrainingSetupError(f"train.resume={resume}: not a complete checkpoint (no {STATE_FILE})")
-        return path
-    done = [p for p in (output_dir / "checkpoints").glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
-
-
 class TrainingStopped(Exception):
     """The run was asked to stop (SIGTERM: a scheduler's preemption, ``kill``), wrote a checkpoint of the step it
     had reached and stopped; ``--resume latest`` continues it exactly."""
@@ -122,67 +129,92 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum").item())
 
 
-def save_checkpoint(accelerator: Accelerator, cfg: DistillConfig, models: Models, ema, step: int, out: Path) -> Path:
-    """Writes accelerate state + the student (and EMA) in diffusers format, atomically, then rotates.
+def save_checkpoint(
+    accelerator: Accelerator, cfg: DistillConfig, models: Models, ema, step: int, out: Path, optimizer, lr_scheduler
+) -> Path:
+    """A resumable checkpoint (:mod:`bksdm.checkpoints`): the student in ``unet/``, the EMA weights in
+    ``unet_ema/`` (both stock diffusers folders), the optimizer and schedule, the resolved config."""
+    student = accelerator.unwrap_model(models.student)
 
-    The checkpoint is written under a ``.partial`` name and renamed when complete, so a crash mid-write never
-    leaves a folder that ``resume=latest`` would pick.
-    """
-    root = out / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
-    partial = root / f".{final.name}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(models.student).save_pretrained(partial / "unet")
+    def write_files(folder: Path) -> None:
+        student.save_pretrained(folder / "unet")
         if ema is not None:
-            ema.save_pretrained(partial / "unet_ema")
-        save_config(cfg, partial / "config.yaml")
-        (partial / STATE_FILE).write_text(json.dumps({"step": step, "time": time.time()}))
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        done = sorted(root.glob(CHECKPOINT_PREFIX + "*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-        for old in done[: -cfg.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+            ema.save_pretrained(folder / "unet_ema")
+        save_config(cfg, folder / "config.yaml")
+
+    return write_checkpoint(
+        accelerator,
+        out,
+        step,
+        cfg.train.keep_checkpoints,
+        recipe="distill",
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        write_files=write_files,
+        fingerprints={"ema": ema is not None},
+        extra={"ema": _ema_scalars(ema)} if ema is not None else None,
+    )
+
+
+def resume_from(accelerator: Accelerator, checkpoint: Path, models: Models, ema, optimizer, lr_scheduler) -> int:
+    """Loads a checkpoint written by :func:`save_checkpoint` into this run; returns its step.
+
+    Raises:
+        CheckpointError: not a distill checkpoint of this format, or made for another student (plan) or EMA setting.
+    """
+    state = read_checkpoint(checkpoint, "distill", {"ema": ema is not None})
+    student = accelerator.unwrap_model(models.student)
+    load_module(student, read_weights(checkpoint / "unet", WEIGHTS), "student U-Net")
+    if ema is not None:
+        stored = read_weights(checkpoint / "unet_ema", WEIGHTS)
+        names = [name for name, _ in student.named_parameters()]
+        if set(names) - set(stored):
+            raise CheckpointError(f"checkpoint {checkpoint}: unet_ema/ does not hold every student parameter")
+        shadow = [stored[name].to(p.device, p.dtype) for name, p in zip(names, ema.shadow_params, strict=True)]
+        ema.load_state_dict({**state["extra"]["ema"], "shadow_params": shadow})
+    restore_training_state(checkpoint, state, optimizer, lr_scheduler)
+    return int(state["step"])
+
+
+def _ema_scalars(ema) -> dict[str, Any]:
+    return {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
 
 
 def save_student(accelerator: Accelerator, models: Models, ema, out: Path) -> Path:
-    """The final output: a complete pipeline (teacher's encoders/VAE/scheduler + student U-Net, EMA if on)."""
-    target = out / "student"
+    """The final output: a complete pipeline (teacher's encoders/VAE/scheduler + student U-Net, EMA if on).
+
+    With EMA the pipeline holds the EMA weights; the raw weights of the last step stay in the last checkpoint's
+    ``unet/``. Written atomically: a crash or a full disk leaves the checkpoints and no half pipeline.
+    """
     student = accelerator.unwrap_model(models.student)
     if ema is not None:
-        raw = out / "student_unet_no_ema"
-        student.save_pretrained(raw)
         ema.copy_to(student.parameters())
-    partial = out / ".student.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     pipe = models.pipe
     pipe.unet = student
     pipe.to(torch.float32)
-    pipe.save_pretrained(partial, safe_serialization=True)
-    plan_file = Path(models.plan_source) / PLAN_FILE
-    if plan_file.is_file():
-        shutil.copy(plan_file, partial / PLAN_FILE)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
+    target = out / "student"
+    with atomic_dir(target) as partial:
+        pipe.save_pretrained(partial, safe_serialization=True)
+        plan_file = Path(models.plan_source) / PLAN_FILE
+        if plan_file.is_file():
+            shutil.copy(plan_file, partial / PLAN_FILE)
     return target
 
 
 def distill(cfg: DistillConfig) -> Path:
     """Runs the recipe and returns the folder of the final student pipeline."""
     from bksdm.batches import batch_stream
-    from bksdm.recipes import make_accelerator
     from bksdm.validation import Validator, plot_losses
 
     out = Path(cfg.train.output_dir)
+    checkpoint = find_checkpoint(out, cfg.train.resume)  # before any work: a bad path fails now
+    stale = claim_output(out, resume=cfg.train.resume, overwrite=cfg.train.overwrite, markers=RUN_ENTRIES)
     accelerator, mixed = make_accelerator(
         out, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps, cfg.train.trackers
     )
+    if accelerator.is_main_process:
+        remove_entries(stale)  # train.overwrite=true: the earlier run's checkpoints and logs
+    accelerator.wait_for_everyone()
     set_seed(cfg.train.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     if cfg.train.teacher_dtype != "auto":
@@ -213,20 +245,16 @@ def distill(cfg: DistillConfig) -> Path:
             model_config=models.student.config,
         )
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     # The lr schedule is stepped by hand once per optimizer step (accelerate would step it once per process).
-    accelerator.register_for_checkpointing(lr_scheduler)
     models.student, optimizer = accelerator.prepare(models.student, optimizer)
 
     step = 0
-    if cfg.train.resume:
-        checkpoint = find_checkpoint(out, cfg.train.resume)
-        if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
-            logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
+    if checkpoint is not None:
+        step = resume_from(accelerator, checkpoint, models, ema, optimizer, lr_scheduler)
+        logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        trim_metrics(out / "logs" / "metrics.jsonl", step)  # records after the checkpoint are written again
         save_config(cfg, out / "config.yaml")
         accelerator.init_trackers("bksdm-distill", config=_flat(config_to_dict(cfg)))
     weights = LossWeights(cfg.loss.lambda_task, cfg.loss.lambda_out, cfg.loss.lambda_feat)
@@ -292,7 +320,7 @@ def distill(cfg: DistillConfig) -> Path:
                     **{k: v / window_steps for k, v in window.items()},
                     "lr": lr_scheduler.get_last_lr()[0],
                     "samples_per_s": samples / elapsed,
-                    "peak_memory_mb": _peak_memory_mb(accelerator.device),
+                    "peak_memory_mb": peak_memory_mb(accelerator.device),
                     "skipped_samples": skipped,
                 }
                 accelerator.log(record, step=step)
@@ -305,11 +333,11 @@ def distill(cfg: DistillConfig) -> Path:
             every = cfg.train.checkpoint_every
             saved = None
             if (every and step % every == 0) or step == cfg.train.max_steps:
-                saved = save_checkpoint(accelerator, cfg, models, ema, step, out)
+                saved = save_checkpoint(accelerator, cfg, models, ema, step, out, optimizer, lr_scheduler)
             if validator and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
                 validator.run(accelerator.unwrap_model(models.student), step)
             if step < cfg.train.max_steps and _any_process(accelerator, bool(stop_requested)):
-                saved = saved or save_checkpoint(accelerator, cfg, models, ema, step, out)
+                saved = saved or save_checkpoint(accelerator, cfg, models, ema, step, out, optimizer, lr_scheduler)
                 bar.close()
                 accelerator.end_training()
                 raise TrainingStopped(step, saved)
@@ -334,14 +362,6 @@ def _status(record: dict[str, Any]) -> str:
         f"step {record['step']} {terms} lr={record['lr']:.2e} {record['samples_per_s']:.1f} samples/s "
         f"peak {record['peak_memory_mb']:.0f} MB"
     )
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
