@@ -33,9 +33,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from bksdm import __version__
+from bksdm.artifacts import atomic_file
 from bksdm.config import DistillConfig
 from bksdm.data import BadRecordError, ImageTransform, SampleRef, load_sample, open_source
-from bksdm.encoding import TextEncoders, encode_images, encode_text
+from bksdm.encoding import TextEncoders, encode_images, encode_text, freeze
 from bksdm.loading import load_pipeline, parse_dtype, teacher_or_default
 from bksdm.seeding import STREAM_DATA, sample_generator
 
@@ -122,10 +123,12 @@ def build_cache(
         changed = {k: (old.get(k), v) for k, v in meta.items() if k != "bksdm_version" and old.get(k) != v}
         if changed:
             raise CacheError(f"{out} holds a cache made with other settings {changed}; use another folder")
-    previous.write_text(json.dumps({**meta, "complete": False}, indent=2))
+    _write_json(previous, {**meta, "complete": False})
 
-    pipe = load_pipeline(teacher, device=device)
+    # Only what the cache encodes with: the teacher's U-Net (3.4 GB at SD size) is never loaded.
+    pipe = load_pipeline(teacher, device=device, unet=None)
     text = TextEncoders.from_pipeline(pipe)
+    freeze(pipe.vae, *text.encoders)
     transform = ImageTransform(cfg.data.resolution, center_crop=True, random_flip=False)
     num_shards = (total + shard_size - 1) // shard_size
     rows, skipped = 0, []
@@ -165,15 +168,10 @@ def build_cache(
             ids += [str(s["record_id"]) for s in good]
         for reason in shard_skipped:
             logger.warning("skipped %s", reason)
-        partial = out / f".{path.name}.partial"
-        if tensors:
+        with atomic_file(path) as partial:
             save_file({k: torch.cat(v).contiguous() for k, v in tensors.items()}, str(partial))
-            partial.rename(path)
-        else:
-            save_file({}, str(partial))
-            partial.rename(path)
         info = {"start": start, "stop": stop, "captions": captions, "record_ids": ids, "skipped": shard_skipped}
-        info_path.write_text(json.dumps(info))
+        _write_json(info_path, info)
         rows += len(captions)
         skipped += shard_skipped
     meta.update(
@@ -184,8 +182,13 @@ def build_cache(
         scaling_factor=pipe.vae.config.scaling_factor,
         sdxl=text.is_sdxl,
     )
-    previous.write_text(json.dumps(meta, indent=2))
+    _write_json(previous, meta)
     return meta
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with atomic_file(path) as partial:
+        partial.write_text(json.dumps(data, indent=2, allow_nan=False))
 
 
 def _columns(cfg: DistillConfig) -> dict[str, str]:
