@@ -207,7 +207,7 @@ def train_denoiser(
     start = 0
     state_file = work_dir / "denoiser.pt"
     if state_file.is_file():
-        state = torch.load(state_file, weights_only=False)
+        state = torch.load(state_file, weights_only=True)  # tensors and plain values only: runs no code
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
