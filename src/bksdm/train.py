@@ -212,6 +212,11 @@ def distill(cfg: DistillConfig) -> Path:
     accelerator, mixed = make_accelerator(
         out, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps, cfg.train.trackers
     )
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise TrainingSetupError(
+            f"{accelerator.distributed_type.value} shards the training state, which bksdm's checkpoints do not gather; "
+            "run distill with DDP (accelerate launch --multi_gpu)"
+        )
     if accelerator.is_main_process:
         remove_entries(stale)  # train.overwrite=true: the earlier run's checkpoints and logs
     accelerator.wait_for_everyone()
