@@ -207,6 +207,10 @@ def distill(cfg: DistillConfig) -> Path:
     from bksdm.validation import Validator, plot_losses
 
     out = Path(cfg.train.output_dir)
+    if cfg.model.student and not Path(cfg.model.student).is_dir():
+        raise TrainingSetupError(
+            f"model.student={cfg.model.student}: no such folder; give a folder written by `bksdm prune` (or its unet/)"
+        )
     checkpoint = find_checkpoint(out, cfg.train.resume)  # before any work: a bad path fails now
     stale = claim_output(out, resume=cfg.train.resume, overwrite=cfg.train.overwrite, markers=RUN_ENTRIES)
     accelerator, mixed = make_accelerator(
