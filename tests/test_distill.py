@@ -374,3 +374,95 @@ def test_vae_runs_in_fp32_only_where_fp16_would_overflow(force_upcast, weight, e
 
     vae = SimpleNamespace(config={"force_upcast": force_upcast})
     assert vae_dtype(vae, weight) == expected
+
+
+# ------------------------------------------------------------------------------------------ CPU kernels
+
+
+def _onednn_calls(fn) -> tuple[object, list[str]]:
+    """``fn()``'s result and the names of the oneDNN operators it called (from the profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    names = sorted({e.key for e in prof.key_averages() if "pointwise" in e.key or "mkldnn_convolution" in e.key})
+    return out, names
+
+
+def test_cpu_kernels_linear_forward_and_backward_equal_the_default_ones(monkeypatch) -> None:
+    from bksdm.distill import cpu_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 48, generator=gen)
+    layer = nn.Linear(48, 24)
+
+    def run(onednn: bool):
+        monkeypatch.setenv("BKSDM_ONEDNN", "1" if onednn else "0")
+        xi = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        with cpu_kernels():
+            out = layer(xi)
+        out.pow(2).sum().backward()
+        return out.detach(), xi.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
+
+    ours, names = _onednn_calls(lambda: run(True))
+    stock, stock_names = _onednn_calls(lambda: run(False))
+    assert names == ["mkldnn::_linear_pointwise"] and stock_names == []
+    for a, b in zip(ours, stock, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(a, torch.zeros_like(a))
+
+
+def test_cpu_kernels_pack_a_frozen_conv_weight_once_and_again_when_it_changes() -> None:
+    from bksdm.distill import _PACKED, cpu_kernels
+
+    conv = nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 8, 12, 12, generator=torch.Generator().manual_seed(0))
+    with cpu_kernels():
+        first = conv(x)
+        packed = _PACKED[id(conv.weight)][-1]
+        again = conv(x)
+        assert _PACKED[id(conv.weight)][-1] is packed  # reused, not packed on every call
+        torch.testing.assert_close(first, nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+        assert torch.equal(first, again)
+        conv.weight.mul_(2)  # an in-place change (loading other weights) makes a new packing
+        changed = conv(x)
+        assert _PACKED[id(conv.weight)][-1] is not packed
+    torch.testing.assert_close(changed, nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+    key = id(conv.weight)
+    del conv
+    assert key not in _PACKED  # dropped with the weight
+
+
+def test_cpu_kernels_leave_half_precision_and_autocast_to_pytorch() -> None:
+    from bksdm.distill import cpu_kernels
+
+    layer = nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    with cpu_kernels():
+        (_, bf16) = _onednn_calls(lambda: layer.to(torch.bfloat16)(x.to(torch.bfloat16)))
+        layer.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (out, autocast) = _onednn_calls(lambda: layer(x))
+    assert bf16 == [] and autocast == [] and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("layout", ["sd-v1", "sdxl"])
+def test_kd_step_on_onednn_kernels_equals_the_default_kernels(pipes: dict, layout: str, monkeypatch) -> None:
+    teacher, student, scheduler, pairs = setup(pipes, layout, "bk-small")
+    student.train()
+    inputs = batch(dict(teacher.config))
+
+    def run(flag: str) -> tuple[dict, list]:
+        monkeypatch.setenv("BKSDM_ONEDNN", flag)
+        student.zero_grad(set_to_none=True)
+        losses = kd_step(student, teacher, scheduler, **inputs, feature_pairs=pairs, weights=LossWeights())
+        losses["loss"].backward()
+        return {k: v.detach() for k, v in losses.items()}, [p.grad.clone() for p in student.parameters()]
+
+    (ours, ours_grads), names = _onednn_calls(lambda: run("1"))
+    (stock, stock_grads), stock_names = _onednn_calls(lambda: run("0"))
+    assert "mkldnn::_linear_pointwise" in names and "mkldnn::_convolution_pointwise" in names
+    assert not any("pointwise" in name for name in stock_names)  # (PyTorch's own convolutions use oneDNN too)
+    for key in stock:
+        torch.testing.assert_close(ours[key], stock[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours_grads, stock_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

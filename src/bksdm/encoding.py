@@ -50,6 +50,8 @@ def encode_text(
     Returns:
         ``(encoder_hidden_states (B, 77, D), pooled (B, P) or None)`` in float32.
     """
+    from bksdm.distill import cpu_kernels  # (distill imports diffusers; the cache needs this module alone)
+
     states, pooled = [], None
     for tokenizer, encoder in zip(text.tokenizers, text.encoders, strict=True):
         ids = tokenizer(
@@ -60,9 +62,11 @@ def encode_text(
             return_tensors="pt",
         ).input_ids.to(device)
         if not text.is_sdxl:
-            states.append(encoder(ids)[0])
+            with cpu_kernels(ids.device):
+                states.append(encoder(ids)[0])
             continue
-        out = encoder(ids, output_hidden_states=True)
+        with cpu_kernels(ids.device):
+            out = encoder(ids, output_hidden_states=True)
         states.append(out.hidden_states[-2])
         if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds (B, P)
             pooled = out[0]
@@ -90,7 +94,10 @@ def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[tor
     Under ``no_grad`` whatever the VAE's ``requires_grad``: the encoder is frozen wherever it is called, and a
     graph kept alive through the returned tensors cost ``bksdm cache`` all 24 GB of a CPU machine at SD size.
     """
-    dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    from bksdm.distill import cpu_kernels  # (distill imports diffusers; the cache needs this module alone)
+
+    with cpu_kernels(vae.device):  # oneDNN kernels, convolution weights packed once (see bksdm.distill)
+        dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
     return dist.mean.float(), dist.std.float()
 
 
