@@ -311,62 +311,90 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-def test_cli_serves_until_interrupted(models_dir, stop: str) -> None:
-    """Ctrl-C (or SIGTERM) stops the server cleanly, also when it was started in the background by a script.
+class ServeProcess:
+    """``bksdm serve ARGS`` in a child process, its output read all the time (a full pipe never blocks it).
 
-    Such a process inherits SIGINT as ignored (a non-interactive shell's ``cmd &``; so do CI runners), and the
-    server used to keep serving through Ctrl-C: the child here starts that way on purpose.
+    The child starts with SIGINT ignored on purpose, as if started with ``bksdm serve ... &`` from a script: such
+    a process inherits SIGINT as ignored (a non-interactive shell's ``cmd &``; so do CI runners), and the server
+    used to keep serving through Ctrl-C.
     """
-    teacher, student = models_dir
-    # PYTHONFAULTHANDLER: if the server ever hangs, SIGABRT makes it print every thread's stack (see below).
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-    args = ["serve", "--teacher", str(teacher), "--student", str(student), "--port", "0", "--steps", "2"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bksdm.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=_ignore_sigint,  # as if started with `bksdm serve ... &` from a script
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()  # read all the time: a full pipe must never block the server
 
-    def wait_for(text: str, seconds: float) -> str | None:
+    def __init__(self, args: list[str]) -> None:
+        # PYTHONFAULTHANDLER: if the server ever hangs, SIGABRT makes it print every thread's stack (see stop).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bksdm.cli", "serve", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=_ignore_sigint,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")))
+        self.reader.daemon = True
+        self.reader.start()
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, seconds: float) -> str | None:
+        """The first output line holding ``text``, waiting up to ``seconds`` (None if it never came)."""
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and proc.poll() is None:
-            found = next((line for line in list(lines) if text in line), None)
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            found = next((line for line in list(self.lines) if text in line), None)
             if found:
                 return found
             time.sleep(0.05)
-        return next((line for line in list(lines) if text in line), None)
+        return next((line for line in list(self.lines) if text in line), None)
 
-    def output() -> str:
-        return "".join(lines)
+    def url(self, names: str = "teacher, student", steps: int = 2) -> str:
+        """Wait for the server to start serving; its URL."""
+        line = self.wait_for("serving ", 120)
+        assert line, f"bksdm serve did not start: {self.output()}"
+        pattern = rf"serving {names} at (http://127\.0\.0\.1:\d+/) \({steps} steps, guidance 7\.5\)"
+        match = re.search(pattern, line)
+        assert match, self.output()
+        return match.group(1)
 
-    try:
-        line = wait_for("serving ", 120)
-        assert line, f"bksdm serve did not start: {output()}"
-        match = re.search(r"serving teacher, student at (http://127\.0\.0\.1:\d+/) \(2 steps, guidance 7\.5\)", line)
-        assert match, output()
-        status, answer = request(match.group(1) + "api/generate", {"prompt": "a green triangle", "seed": 3})
-        assert status == 200 and [m["name"] for m in answer["models"]] == ["teacher", "student"]
-        proc.send_signal(getattr(signal, stop))
+    def stop(self, stop: str, timeout: float = 120) -> tuple[int, float]:
+        """Send signal ``stop``; (exit status, seconds from the signal to the exit). Fails if it does not exit
+        within ``timeout`` s, with every thread's stack in the message."""
+        started = time.monotonic()
+        self.proc.send_signal(getattr(signal, stop))
         try:
-            returncode = proc.wait(timeout=120)  # a loaded 2-core CI machine can take a while to wind down
+            returncode = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is stuck
-            proc.wait(timeout=30)
-            reader.join(timeout=10)
-            pytest.fail(f"bksdm serve did not exit within 120 s of {stop}; its output and stacks:\n{output()}")
-        reader.join(timeout=10)
-        assert returncode == 0 and "stopped" in output(), f"exit status {returncode}: {output()}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler prints where every thread is stuck
+            self.proc.wait(timeout=30)
+            self.reader.join(timeout=10)
+            stacks = self.output()
+            pytest.fail(f"bksdm serve did not exit within {timeout} s of {stop}; its output and stacks:\n{stacks}")
+        seconds = time.monotonic() - started
+        self.reader.join(timeout=10)
+        return returncode, seconds
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_cli_serves_until_interrupted(models_dir, stop: str) -> None:
+    """Ctrl-C (or SIGTERM) stops the server cleanly, also when it was started in the background by a script."""
+    teacher, student = models_dir
+    args = ["--teacher", str(teacher), "--student", str(student), "--port", "0", "--steps", "2"]
+    with ServeProcess(args) as server:
+        url = server.url()
+        status, answer = request(url + "api/generate", {"prompt": "a green triangle", "seed": 3})
+        assert status == 200 and [m["name"] for m in answer["models"]] == ["teacher", "student"]
+        # a loaded 2-core CI machine can take a while to wind down
+        returncode, _ = server.stop(stop, timeout=120)
+        assert returncode == 0 and "stopped" in server.output(), f"exit status {returncode}: {server.output()}"
 
 
 # --- the page, in a real headless Chromium ------------------------------------------------------------------

@@ -144,7 +144,8 @@ def run_serve(args: argparse.Namespace) -> int:
             f"cannot listen on {args.host}:{args.port}: {err.strerror or err}; "
             "pick another --port (0 picks a free one) or check --host"
         ) from None
-    with handling([signal.SIGINT, signal.SIGTERM], _interrupt):  # Ctrl-C or SIGTERM: stop after the request
+    stop = _Stop()
+    with handling([signal.SIGINT, signal.SIGTERM], stop):  # Ctrl-C or SIGTERM: stop within seconds
         try:
             print(f"loading {1 + len(args.student)} model(s) on {device} ...", flush=True)
             app = DemoApp(load_models(teacher, args.student, dtype=dtype, device=device), settings)
@@ -158,12 +159,26 @@ def run_serve(args: argparse.Namespace) -> int:
             )
             server.serve_forever()
         except KeyboardInterrupt:
-            print("stopping (after the request in progress, if any)", flush=True)
+            print("stopping (a generation in progress stops after its current step)", flush=True)
         finally:
-            server.server_close()  # waits for requests in flight
+            server.server_close()  # ends every connection, then waits for their threads (seconds)
     print("stopped", flush=True)
     return 0
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+class _Stop:
+    """The signal handler: the first Ctrl-C (or SIGTERM) stops the server; it ends all requests within seconds.
+
+    A second one while stopping is told to wait rather than raising inside the stop (a traceback, and threads
+    left inside PyTorch, which aborts the process at exit).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.requested:
+            print("bksdm serve: already stopping; it takes a few seconds", file=sys.stderr, flush=True)
+            return
+        self.requested = True
+        raise KeyboardInterrupt(signal.Signals(signum).name)
