@@ -466,3 +466,30 @@ def test_kd_step_on_onednn_kernels_equals_the_default_kernels(pipes: dict, layou
         torch.testing.assert_close(ours[key], stock[key], rtol=1e-5, atol=1e-6)
     for a, b in zip(ours_grads, stock_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_ema_update_equals_diffusers_ema_step() -> None:
+    from diffusers.training_utils import EMAModel
+
+    from bksdm.distill import ema_update
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    model[1].bias.requires_grad_(False)  # a frozen parameter is copied, not averaged
+    ours = EMAModel(model.parameters(), decay=0.9, use_ema_warmup=True, update_after_step=1)
+    reference = copy.deepcopy(ours)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema_update(ours, model.parameters())
+        reference.step(model.parameters())
+        assert ours.optimization_step == reference.optimization_step
+        assert ours.cur_decay_value == reference.cur_decay_value
+        for a, b in zip(ours.shadow_params, reference.shadow_params, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert ours.cur_decay_value > 0  # the decay did act (update_after_step passed)
+    assert torch.equal(ours.shadow_params[-1], model[1].bias)
+    assert not torch.equal(ours.shadow_params[0], model[0].weight)
+    with pytest.raises(ValueError, match="3 were given"):
+        ema_update(ours, list(model.parameters())[:3])

@@ -48,6 +48,7 @@ __all__ = [
     "cpu_kernels",
     "diffusion_target",
     "draw_noise",
+    "ema_update",
     "kd_losses",
     "kd_step",
     "unwrap",
@@ -568,3 +569,32 @@ def kd_step(
         )[0]  # (B, 4, h, w)
         student_feats = tap.features
     return kd_losses(student_pred, teacher_pred, target, student_feats, teacher_feats, weights)
+
+
+@torch.no_grad()
+def ema_update(ema: Any, parameters: Any) -> None:
+    """One step of a diffusers ``EMAModel`` (``ema.step(parameters)``), in place and without temporaries.
+
+    The same update, ``shadow <- shadow - (1 - decay) * (shadow - param)``, written as one
+    ``torch._foreach_lerp_(shadow, param, 1 - decay)``: ``EMAModel.step`` loops over the parameters in Python
+    and allocates two temporaries per parameter (its ``foreach=True`` allocates all of them at once, a second
+    copy of the student); equal to it to float rounding. The step count and decay bookkeeping are EMAModel's
+    own (``optimization_step``, ``get_decay``, ``cur_decay_value``), so its saving and loading are unchanged.
+
+    Args:
+        ema: A ``diffusers.training_utils.EMAModel``.
+        parameters: The model's parameters, in the order the EMA was made from.
+    """
+    params = list(parameters)
+    shadow = list(ema.shadow_params)
+    if len(params) != len(shadow):
+        raise ValueError(f"the EMA holds {len(shadow)} parameters but {len(params)} were given")
+    ema.optimization_step += 1
+    decay = ema.get_decay(ema.optimization_step)
+    ema.cur_decay_value = decay
+    trained = [(s, p) for s, p in zip(shadow, params, strict=True) if p.requires_grad]
+    frozen = [(s, p) for s, p in zip(shadow, params, strict=True) if not p.requires_grad]
+    if trained:
+        torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], 1 - decay)
+    if frozen:
+        torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])

@@ -41,7 +41,7 @@ from bksdm.checkpoints import (
     write_checkpoint,
 )
 from bksdm.config import DistillConfig, OptimConfig, config_to_dict, save_config
-from bksdm.distill import LossWeights, draw_noise, kd_step
+from bksdm.distill import LossWeights, draw_noise, ema_update, kd_step
 from bksdm.encoding import TextEncoders, sample_latents, vae_dtype
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
 from bksdm.plan import resolve
@@ -320,7 +320,7 @@ def distill(cfg: DistillConfig) -> Path:
             step += 1
             window_steps += 1
             if ema is not None:
-                ema.step(accelerator.unwrap_model(models.student).parameters())
+                ema_update(ema, accelerator.unwrap_model(models.student).parameters())  # EMAModel.step, in place
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - tick
