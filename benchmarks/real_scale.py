@@ -287,6 +287,7 @@ class Row:
     gpu_peak_gib: float | None
     disk_gib: float | None
     min_mem_available_gib: float | None
+    disk_free_after_gib: float | None
     load_average_before: list[float]
     load_average_after: list[float]
     command: str
@@ -308,6 +309,7 @@ def run_step(step: Step, logs: Path, wait_limit: float) -> Row:
         name=step.name, ceiling_gib=step.ceiling_gib, command=shown, load_average_before=load_average(),
         exit_status=None, wall_s=None, peak_tree_pss_gib=None, peak_process_rss_gib=None, peak_gib=None,
         within_ceiling=None, gpu_peak_gib=None, disk_gib=None, min_mem_available_gib=None,
+        disk_free_after_gib=None,
     )  # fmt: skip
     missing = [str(p) for p in step.needs if not p.exists()]
     if missing:
@@ -403,6 +405,7 @@ def run_step(step: Step, logs: Path, wait_limit: float) -> Row:
             gpu_peak_gib=gpu,
             disk_gib=round(disk_usage(step.outputs) / GIB, 2),
             min_mem_available_gib=round(monitor.min_available, 2),
+            disk_free_after_gib=round(shutil.disk_usage(logs).free / GIB, 1),
         ),  # fmt: skip
         status=state,
         note=note,
@@ -736,7 +739,8 @@ def steps(arch: str, work: Path, resolution: int, gpu: bool) -> list[Step]:
         "report",
         ["report", "--model", f"teacher={work / 'gen-teacher'}", "--model", f"bk-small={work / 'gen-bk-small'}",
          "--out", work / "report"],
-        c.report, [work / "report"], [work / "gen-teacher" / "evaluation.json"], group="report",
+        c.report, [work / "report"], [work / f"gen-{n}" / "evaluation.json" for n in ("teacher", "bk-small")],
+        group="report",
     )  # fmt: skip
     export = Step(
         "export onnx bk-small unet",
@@ -789,6 +793,14 @@ def steps(arch: str, work: Path, resolution: int, gpu: bool) -> list[Step]:
     for step in dreambooths:
         step.argv.insert(0, "dreambooth")
     return [build, *prunes, profile, *gens, img2img, *evals, report, export, serve, cache, *distills, *dreambooths]
+
+
+def remove_unneeded(step: Step, later: list[Step]) -> None:
+    """Delete ``step``'s outputs that no later step reads (``--lean``: a GPU machine's 64 GB disk)."""
+    needed = [p for s in later for p in s.needs] + [p for s in later if s.keep_outputs for p in s.outputs]
+    for output in step.outputs:
+        if output.is_dir() and not any(n == output or output in n.parents for n in needed):
+            shutil.rmtree(output, ignore_errors=True)
 
 
 def _count_pngs(folder: Path, expected: int) -> str:
@@ -859,6 +871,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the working folder (always kept with --workdir)")
     parser.add_argument("--wait-limit", type=float, default=1800.0,
                         help="seconds to wait for MemAvailable >= ceiling + 2 GiB before skipping")  # fmt: skip
+    parser.add_argument("--lean", action="store_true",
+                        help="delete outputs no later command needs (small disks)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/results/...)")
     parser.add_argument("--update", action="store_true", help="merge rows into an existing --out JSON")
     parser.add_argument("--build", default=None, help=argparse.SUPPRESS)  # subprocess entry: build only
@@ -894,10 +908,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host: {host['cpu_model']} ({host['cpus_usable']} usable cores, native bf16: {host['native_bf16']}), "
           f"{host['memory_total_gib']} GiB, GPU: {host['gpu']}, torch {host['versions']['torch']}")  # fmt: skip
     rows: list[dict[str, Any]] = []
-    for step in plan:
+    for index, step in enumerate(plan):
         print(f"- {step.name} (ceiling {step.ceiling_gib:g} GiB) ...", flush=True)
         row = asdict(run_step(step, work / "logs", args.wait_limit))
         rows.append(row)
+        if args.lean:
+            remove_unneeded(step, plan[index + 1 :])
         peak = "" if row["peak_gib"] is None else f", peak {row['peak_gib']:.2f} GiB"
         print(f"  {row['status']} (exit {row['exit_status']}, {row['wall_s']} s{peak}) {row['note']}", flush=True)
         for line in row["stderr_tail"][-5:]:
