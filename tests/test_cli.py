@@ -97,7 +97,7 @@ def test_bad_plan_fails_before_writing_anything(tiny_sd_dir, tmp_path, capsys) -
 
 def test_missing_teacher_and_occupied_out_are_clear_errors(tiny_sd_dir, tmp_path, capsys) -> None:
     assert main(["prune", "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    assert "cannot load teacher" in capsys.readouterr().err
+    assert "nope: no such folder" in capsys.readouterr().err
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")

@@ -145,11 +145,11 @@ def test_resume_skips_finished_images_and_remakes_missing_ones(tiny_sd_dir, prom
     # A deleted image and the half-written temporary file of a killed run: the image is made again, identical
     # (same seed, batch of one as before), and the leftover is neither counted as done nor kept.
     (out / "000002.png").unlink()
-    (out / ".000002.png.tmp").write_bytes((batch1 / "000002.png").read_bytes()[:100])
+    (out / ".000002.png.partial").write_bytes((batch1 / "000002.png").read_bytes()[:100])
     assert generate(tiny_sd_dir, prompt_file, out, "--batch-size", "1") == 0
     assert "(1 generated, 4 already there" in capsys.readouterr().out
     assert (out / "000002.png").read_bytes() == (batch1 / "000002.png").read_bytes()
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.partial"))
     runs = json.loads((out / "settings.json").read_text())["runs"]
     assert [(r["generated"], r["skipped"]) for r in runs] == [(5, 0), (0, 5), (1, 4)]
 
@@ -164,6 +164,10 @@ def test_resume_skips_finished_images_and_remakes_missing_ones(tiny_sd_dir, prom
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 7
 
 
+class _Killed(BaseException):
+    """The process dying mid-write (SIGKILL, power): nothing in the command may catch it."""
+
+
 def test_a_crash_while_writing_leaves_no_image_that_counts_as_done(
     tiny_sd_dir, prompt_file, batch1, tmp_path, monkeypatch
 ) -> None:
@@ -174,15 +178,15 @@ def test_a_crash_while_writing_leaves_no_image_that_counts_as_done(
         calls.append(Path(fp).name)
         if len(calls) == 3:  # half a file, then the process dies (disk full, SIGKILL, power)
             Path(fp).write_bytes(b"\x89PNG half")
-            raise KeyboardInterrupt
+            raise _Killed
         return real_save(self, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", failing_save)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(_Killed):
         generate(tiny_sd_dir, prompt_file, out, "--batch-size", "1")
     monkeypatch.setattr(Image.Image, "save", real_save)
-    assert calls[2] == ".000002.png.tmp"
+    assert calls[2] == ".000002.png.partial"
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"]
     assert generate(tiny_sd_dir, prompt_file, out, "--batch-size", "1") == 0
     for name in names(5):
@@ -308,7 +312,7 @@ def test_default_model_is_the_bundled_teacher_with_its_settings(tiny_sd_dir, pro
         ("csv without prompt column", "names no prompt column"),
         ("coco annotations", "bksdm coco-prompts"),
         ("empty", "holds no prompts"),
-        ("missing model", "--model: cannot load"),
+        ("missing model", "no-such-model: no such folder"),
         ("bad scheduler", "--scheduler FastScheduler: not a diffusers scheduler"),
         ("missing unet", "--unet"),
     ],

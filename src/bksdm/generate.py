@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bksdm.sampling import check_batch_size, check_guidance, check_side, check_steps
 from bksdm.seeding import mix_seed
 
 
@@ -53,7 +54,7 @@ def generate_images(
         prompts: The prompts.
         seeds: One seed per prompt.
         steps: Denoising steps.
-        guidance_scale: Classifier-free guidance scale (1 turns guidance off).
+        guidance_scale: Classifier-free guidance scale (1 or 0 turn guidance off).
         batch_size: Prompts per pipeline call; results do not depend on it.
         height, width: Image size (default: the pipeline's native size).
         negative_prompt: Optional negative prompt for every image.
@@ -61,7 +62,20 @@ def generate_images(
 
     Returns:
         PIL images in prompt order.
+
+    Raises:
+        SamplingError: Steps below 1, a guidance scale that is not finite, negative or between 0 and 1, a batch
+            size below 1, or a side that is not a positive multiple of the VAE's factor (see
+            :mod:`bksdm.sampling`).
+        ValueError: Not as many seeds as prompts.
     """
+    check_steps(steps, "steps")
+    check_guidance(guidance_scale, "guidance_scale")
+    check_batch_size(batch_size, "batch_size")
+    factor = getattr(pipe, "vae_scale_factor", None)
+    for option, side in (("height", height), ("width", width)):
+        if side is not None:
+            check_side(side, option, factor)
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     images: list[Image.Image] = []

@@ -13,17 +13,21 @@ The output folder::
                          (e.g. a COCO image_id)
     OUT/000000.png ...   one image per prompt, named by index
 
-Every image is written under a temporary name and renamed, so a killed run leaves only whole images; running the
-same command again skips them and makes the rest. A folder made with other settings is refused (mixing them
-would corrupt an evaluation); a longer prompt file that starts with the same prompts extends a folder.
+Every image is written under a hidden partial name and renamed (:func:`bksdm.artifacts.atomic_file`), so a killed
+run or a full disk leaves only whole images; running the same command again skips them and makes the rest. A
+folder made with other settings is refused (mixing them would corrupt an evaluation); a longer prompt file that
+starts with the same prompts extends a folder.
+
+Every option is checked before any work (:mod:`bksdm.sampling`): sizes, steps, guidance and batch size, and the
+memory a call needs at that size and batch against what the device has free once the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ from typing import Any
 import torch
 
 from bksdm import __version__
+from bksdm.artifacts import PARTIAL_SUFFIX, WriteFailed, atomic_file, describe_failure
 from bksdm.prompts import PromptFileError, PromptRecord
 
 __all__ = [
@@ -113,10 +118,17 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale (default 7.5 as in the paper; the bundled teacher's own)",
+        help="classifier-free guidance scale, 1 (or 0) for none, else above 1 (default 7.5 as in the paper; the "
+        "bundled teacher's own)",
     )
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
+    p.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="image height, a multiple of the VAE's factor (8 for SD) (default: the model's native size); a size "
+        "whose estimated memory exceeds what is free is refused before any work",
+    )
+    p.add_argument("--width", type=int, default=None, help="image width, as --height (default: the native size)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
@@ -248,14 +260,17 @@ def _unet_config(ref: str, folder: str, subfolder: str | None) -> dict[str, Any]
 
 
 def _settings_of(args: argparse.Namespace, pipe, model: str, dtype_name: str) -> GenerationSettings:
+    from bksdm.sampling import check_side, check_steps
+
     sample_size = pipe.unet.config.sample_size
     native = sample_size * pipe.vae_scale_factor if isinstance(sample_size, int) else None
-    height, width = args.height or native, args.width or native
+    height = native if args.height is None else args.height  # (0 is a size to refuse, not "the default")
+    width = native if args.width is None else args.width
     if height is None or width is None:
         raise GenerateError("the model has no single native size: pass --height and --width")
-    for name, side in (("--height", height), ("--width", width)):
-        if side % pipe.vae_scale_factor:
-            raise GenerateError(f"{name} {side} is not a multiple of the VAE's factor {pipe.vae_scale_factor}")
+    check_side(height, "--height", pipe.vae_scale_factor)
+    check_side(width, "--width", pipe.vae_scale_factor)
+    check_steps(args.steps, max_steps=getattr(pipe.scheduler.config, "num_train_timesteps", None))
     return GenerationSettings(
         model=_canonical(model),
         unet=_canonical(args.unet) if args.unet else None,
@@ -309,16 +324,30 @@ def _check_resume(out: Path, settings: GenerationSettings, prompts: list[PromptR
 
 
 def _write_json_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as partial:
+        partial.write_text(text, encoding="utf-8")
+
+
+def _json(record: Any, **kwargs: Any) -> str:
+    """Strict JSON: a NaN or infinity is an error here, never a bare ``NaN`` that JSON readers refuse."""
+    return json.dumps(record, allow_nan=False, **kwargs)
 
 
 def _save_image(image, path: Path) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half image that would count as done."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write under a partial name, then rename: a crash or a full disk never leaves a half image that counts as done.
+
+    Raises:
+        WriteFailed: The image could not be written (full disk, read-only folder); the partial file is removed.
+    """
+    with atomic_file(path) as partial:
+        image.save(partial, format="PNG")
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteFailed(err.errno or errno.EIO, describe_failure(err, out)) from err
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -328,8 +357,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from bksdm.generate import generate_images, prompt_seed, resize_image
-    from bksdm.loading import parse_dtype, teacher_or_default
+    from bksdm.loading import parse_dtype, resolve_device, teacher_or_default
     from bksdm.prompts import read_prompts
+    from bksdm.sampling import check_batch_size, check_guidance, check_memory, check_side, check_steps
 
     model = teacher_or_default(args.model)
     defaults = {"num_inference_steps": 25, "guidance_scale": 7.5}
@@ -339,16 +369,18 @@ def run_generate(args: argparse.Namespace) -> int:
         defaults = recommended_settings(model)
     args.steps = args.steps if args.steps is not None else int(defaults["num_inference_steps"])
     args.guidance = args.guidance if args.guidance is not None else float(defaults["guidance_scale"])
-    if args.batch_size < 1 or args.steps < 1:
-        raise GenerateError("--batch-size and --steps must be at least 1")
-    if args.resize is not None and args.resize < 1:
-        raise GenerateError(f"--resize must be a positive size in pixels, got {args.resize}")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise GenerateError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    # Every option that needs no model is checked before anything is loaded or written.
+    check_steps(args.steps)
+    check_guidance(args.guidance)
+    check_batch_size(args.batch_size)
+    for option, side in (("--height", args.height), ("--width", args.width), ("--resize", args.resize)):
+        if side is not None:
+            check_side(side, option)
+    chosen = resolve_device(args.device)
     prompts = read_prompts(args.prompts)
     # Without cpu=True, accelerate runs N independent copies of a multi-process launch on a machine with no GPU.
-    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    device = torch.device(args.device) if args.device not in (None, "cuda") else state.device
+    state = PartialState(cpu=chosen.type == "cpu")
+    device = chosen if args.device not in (None, "cuda") else state.device
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = parse_dtype(dtype_name)
     dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
@@ -363,53 +395,57 @@ def run_generate(args: argparse.Namespace) -> int:
     # Every process checks and lists the folder before anyone writes to it, so all see the same state.
     _check_resume(out, settings, prompts, names)
     todo = [i for i in range(len(prompts)) if not (out / names[i]).is_file()]
+    size = f"--height {settings.height} --width {settings.width}"
+    per_call = max(1, min(args.batch_size, len(todo[state.process_index :: state.num_processes])))
+    check_memory(pipe, settings.height, settings.width, per_call, settings.guidance_scale > 1, device, what=size)
     state.wait_for_everyone()
 
     started = time.time()
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        _make_folder(out)
         settings_path = out / SETTINGS_FILE
         runs = json.loads(settings_path.read_text(encoding="utf-8"))["runs"] if settings_path.is_file() else []
         record = {"settings": asdict(settings), "versions": _versions(diffusers.__version__), "runs": runs}
-        _write_json_atomic(settings_path, json.dumps(record, indent=2) + "\n")
+        _write_json_atomic(settings_path, _json(record, indent=2) + "\n")
         lines = []
         for i, (p, name) in enumerate(zip(prompts, names, strict=True)):
             extra = {(f"source_{k}" if k in _RESERVED else k): v for k, v in p.extra.items()}
             entry = {"index": i, "prompt": p.prompt, "seed": seeds[i], "file": name, **extra}
-            lines.append(json.dumps(entry, ensure_ascii=False))
+            lines.append(_json(entry, ensure_ascii=False))
         _write_json_atomic(out / MANIFEST_FILE, "\n".join(lines) + "\n")
     state.wait_for_everyone()
 
     share = todo[state.process_index :: state.num_processes]
     logger.info("process %d: %d of %d missing images", state.process_index, len(share), len(todo))
-    bar = tqdm(
+    # The bar ends its line when the loop ends or fails, so an error message starts on a line of its own.
+    with tqdm(
         total=len(share),
         unit="img",
         desc="generate" if state.num_processes == 1 else f"generate (process 0 of {state.num_processes})",
         disable=not state.is_main_process,
-    )
-    for start in range(0, len(share), args.batch_size):
-        chunk = share[start : start + args.batch_size]
-        images = generate_images(
-            pipe,
-            [prompts[i].prompt for i in chunk],
-            [seeds[i] for i in chunk],
-            steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            batch_size=len(chunk),
-            height=settings.height,
-            width=settings.width,
-            negative_prompt=settings.negative_prompt,
-        )
-        for i, image in zip(chunk, images, strict=True):
-            _save_image(resize_image(image, settings.resize) if settings.resize else image, out / names[i])
-        bar.update(len(chunk))
-    bar.close()
+    ) as bar:
+        for start in range(0, len(share), args.batch_size):
+            chunk = share[start : start + args.batch_size]
+            images = generate_images(
+                pipe,
+                [prompts[i].prompt for i in chunk],
+                [seeds[i] for i in chunk],
+                steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                batch_size=len(chunk),
+                height=settings.height,
+                width=settings.width,
+                negative_prompt=settings.negative_prompt,
+            )
+            for i, image in zip(chunk, images, strict=True):
+                _save_image(resize_image(image, settings.resize) if settings.resize else image, out / names[i])
+            bar.update(len(chunk))
     state.wait_for_everyone()
 
     if state.is_main_process:
-        for stale in out.glob(".*.tmp"):  # left by a killed run; every live process has finished
-            stale.unlink()
+        # Partial files left by a killed run (".*.tmp" from older versions); every live process has finished.
+        for stale in [*out.glob(f".*{PARTIAL_SUFFIX}"), *out.glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)
         missing = [n for n in names if not (out / n).is_file()]
         if missing:
             raise GenerateError(f"{len(missing)} images are missing after the run (first: {missing[0]}); run again")
@@ -426,7 +462,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 "device": str(device),
             }
         )
-        _write_json_atomic(out / SETTINGS_FILE, json.dumps(record, indent=2) + "\n")
+        _write_json_atomic(out / SETTINGS_FILE, _json(record, indent=2) + "\n")
         rate = f", {len(todo) / seconds:.2f} images/s" if todo and seconds > 0 else ""
         print(
             f"{len(prompts)} images in {out} ({len(todo)} generated, {len(prompts) - len(todo)} already there; "

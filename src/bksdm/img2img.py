@@ -23,6 +23,8 @@ from PIL import Image
 
 from bksdm.generate import prompt_seed
 from bksdm.loading import TeacherNotFoundError, is_local, load_pipeline, use_scheduler
+from bksdm.sampling import SamplingError, check_batch_size, check_guidance
+from bksdm.sampling import check_strength as _check_strength
 
 __all__ = [
     "Img2ImgError",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class Img2ImgError(ValueError):
+class Img2ImgError(SamplingError):
     """A user error of image-to-image translation: a bad option value, input image or student U-Net."""
 
 
@@ -50,17 +52,12 @@ def check_strength(strength: float, steps: int) -> None:
     left.
 
     Raises:
-        Img2ImgError: ``strength`` outside (0, 1], ``steps`` < 1, or no step left to run.
+        Img2ImgError: ``strength`` not a finite number in (0, 1], ``steps`` < 1, or no step left to run.
     """
-    if steps < 1:
-        raise Img2ImgError(f"--steps must be at least 1, got {steps}")
-    if not 0.0 < strength <= 1.0:
-        raise Img2ImgError(f"--strength must be in (0, 1] (0: keep the image, 1: ignore it), got {strength}")
-    if int(steps * strength) < 1:
-        raise Img2ImgError(
-            f"--strength {strength} with --steps {steps} runs int({steps} x {strength}) = 0 denoising steps; "
-            f"raise --strength to at least {1 / steps:g} or --steps to at least {int(1 / strength) + 1}"
-        )
+    try:
+        _check_strength(strength, steps)
+    except SamplingError as err:
+        raise Img2ImgError(str(err)) from None
 
 
 def load_unet(ref: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -195,12 +192,23 @@ def translate(
 
     Raises:
         Img2ImgError: Bad ``strength``/``steps``/``batch_size``, or as many seeds as images not given.
+        SamplingError: A guidance scale that is not finite, negative or between 0 and 1.
     """
     check_strength(strength, steps)
-    if batch_size < 1:
-        raise Img2ImgError(f"--batch-size must be at least 1, got {batch_size}")
+    check_guidance(guidance_scale, "guidance_scale")
+    try:
+        check_batch_size(batch_size)
+    except SamplingError as err:
+        raise Img2ImgError(str(err)) from None
     if len(images) != len(seeds):
         raise Img2ImgError(f"{len(images)} images but {len(seeds)} seeds")
+    factor = int(getattr(pipe, "vae_scale_factor", 1) or 1)
+    for index, image in enumerate(images):
+        if min(image.size) < factor:
+            raise Img2ImgError(
+                f"image {index} is {image.width}x{image.height} pixels: img2img needs at least {factor} pixels a "
+                f"side (the VAE's factor); resize it"
+            )
     out: list[Image.Image] = []
     for start in range(0, len(images), batch_size):
         chunk = list(zip(images[start : start + batch_size], seeds[start : start + batch_size], strict=True))

@@ -3,12 +3,20 @@
 The command owns the files: it lists the inputs, reads them (skipping and counting unreadable ones), calls
 :func:`bksdm.img2img.translate` batch by batch and writes PNGs plus, for a folder, an ``img2img.json`` record
 of the settings and of every image's seed.
+
+An input is processed at its own size (rounded down to a multiple of the VAE's factor) unless ``--size`` resizes
+it. One smaller than the factor, or so large that translating it alone would need more memory than is free (an
+8000x8000 photo needs about 276 GiB with SD-v1.4), is refused naming the file: an error for a single ``--image``
+file, skipped and counted in a folder. A batch of large images that does not fit runs in smaller pipeline calls,
+which changes no image (each has its own generator). Every output is written under a partial name and renamed
+(:func:`bksdm.artifacts.atomic_file`), so a full disk leaves the earlier outputs whole and no half image.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +26,9 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
+from bksdm.artifacts import WriteFailed, atomic_file, describe_failure
 from bksdm.img2img import Img2ImgError, check_strength, image_seed, img2img_pipeline, translate
+from bksdm.sampling import SamplingError, check_batch_size, check_guidance, check_memory, largest_batch
 
 __all__ = ["IMAGE_SUFFIXES", "Img2ImgRun", "add_img2img", "find_inputs", "read_input", "run_img2img"]
 
@@ -169,16 +179,38 @@ class Img2ImgRun:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
-def _resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def check_input(path: Path, image: Image.Image, pipe, guidance: bool, device: torch.device) -> None:
+    """Refuse an input the pipeline cannot translate: a side below the VAE's factor, or too large for memory.
+
+    Raises:
+        Img2ImgError: The message names the file, its size and the fix.
+    """
+    factor = int(pipe.vae_scale_factor)
+    width, height = image.size
+    if min(width, height) < factor:
+        raise Img2ImgError(
+            f"{path}: {width}x{height} pixels is too small: img2img needs at least {factor} pixels a side (the "
+            f"VAE's factor); use a larger image or --size"
+        )
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise Img2ImgError(f"unknown --device '{name}'; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Img2ImgError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
+        rounded = (height - height % factor, width - width % factor)
+        check_memory(pipe, *rounded, 1, guidance, device, what=f"{path} ({width}x{height} pixels)")
+    except SamplingError as err:
+        raise Img2ImgError(f"{err} (--size WxH resizes every input first)") from None
+
+
+def _save(image: Image.Image, target: Path) -> None:
+    """Write ``target`` whole or not at all; the format follows its suffix (the partial name has none)."""
+    kind = Image.registered_extensions()[target.suffix.lower()]
+    with atomic_file(target) as partial:
+        image.save(partial, format=kind)
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteFailed(err.errno or errno.EIO, describe_failure(err, folder)) from err
 
 
 def _sampling_defaults(model: str) -> dict[str, Any]:
@@ -220,7 +252,7 @@ def run_img2img(args: argparse.Namespace) -> int:
         Img2ImgError: Bad options, no readable input image, or outputs that already exist.
         TeacherNotFoundError: ``--model`` is neither a pipeline folder nor a reachable hub repo.
     """
-    from bksdm.loading import parse_dtype, teacher_or_default
+    from bksdm.loading import parse_dtype, resolve_device, teacher_or_default
 
     model = teacher_or_default(args.model)
     inputs = find_inputs(args.image)
@@ -229,27 +261,37 @@ def run_img2img(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else int(defaults["num_inference_steps"])
     guidance = args.guidance if args.guidance is not None else float(defaults["guidance_scale"])
     check_strength(args.strength, steps)
-    if args.batch_size < 1:
-        raise Img2ImgError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = _resolve_device(args.device)
+    check_guidance(guidance)
+    check_batch_size(args.batch_size)
+    device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
     folder, targets, single_file = _plan_outputs(inputs, Path(args.out), args.overwrite)
     if len(inputs) == 1 and Path(args.image).is_file():
         read_input(inputs[0], size)  # a single named file that cannot be read is an error, not a skip
 
     pipe = img2img_pipeline(model, args.unet, dtype=dtype, device=device, scheduler=args.scheduler)
-    folder.mkdir(parents=True, exist_ok=True)
+    single_input = len(inputs) == 1 and Path(args.image).is_file()
     run = Img2ImgRun()
     for start in range(0, len(inputs), args.batch_size):
         batch: list[tuple[int, Image.Image]] = []
         for index in range(start, min(start + args.batch_size, len(inputs))):
             try:
-                batch.append((index, read_input(inputs[index], size)))
+                image = read_input(inputs[index], size)
+                check_input(inputs[index], image, pipe, guidance > 1, device)
             except Img2ImgError as err:
+                if single_input:  # the one file asked for: an error, not a skip
+                    raise
                 run.skipped.append({"input": str(inputs[index]), "reason": str(err)})
                 print(f"bksdm img2img: skipped {err}", file=sys.stderr)
+                continue
+            batch.append((index, image))
         if not batch:
             continue
+        # Each image fits alone (checked above); a batch of large ones runs in calls as large as memory allows.
+        largest = max(batch, key=lambda item: item[1].width * item[1].height)[1]
+        factor = int(pipe.vae_scale_factor)
+        side = (largest.height - largest.height % factor, largest.width - largest.width % factor)
+        per_call = largest_batch(pipe, *side, len(batch), guidance > 1, device)
         seeds = [image_seed(args.seed, index) for index, _ in batch]
         made = translate(
             pipe,
@@ -259,15 +301,19 @@ def run_img2img(args: argparse.Namespace) -> int:
             strength=args.strength,
             steps=steps,
             guidance_scale=guidance,
-            batch_size=args.batch_size,
+            batch_size=per_call,
             negative_prompt=args.negative_prompt,
         )
+        _make_folder(folder)
         for (index, _), seed, image in zip(batch, seeds, made, strict=True):
-            image.save(targets[index])
+            _save(image, targets[index])
             run.written.append({"input": str(inputs[index]), "output": str(targets[index]), "seed": seed})
 
     if not run.written:
-        raise Img2ImgError(f"--image {args.image}: none of the {len(inputs)} image files could be read")
+        first = run.skipped[0]["reason"] if run.skipped else ""
+        raise Img2ImgError(
+            f"--image {args.image}: none of the {len(inputs)} image files could be read and translated (first: {first})"
+        )
     if not single_file:
         record = {
             "model": model,
@@ -286,12 +332,13 @@ def run_img2img(args: argparse.Namespace) -> int:
             "images": run.written,
             "skipped": run.skipped,
         }
-        (folder / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        with atomic_file(folder / RECORD_FILE) as partial:
+            partial.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     ran = int(steps * args.strength)
     print(
         f"translated {len(run.written)} of {len(inputs)} images to {args.out} "
         f"(strength {args.strength:g}: {ran} of {steps} steps, guidance {guidance:g}); "
-        f"{len(run.skipped)} unreadable skipped"
+        f"{len(run.skipped)} skipped (unreadable, or too small or too large)"
     )
     for skipped in run.skipped:
         print(f"  skipped {skipped['input']}")

@@ -64,19 +64,86 @@ def teacher_or_default(ref: str | os.PathLike | None) -> str:
 
 
 def _hub_hint(ref: str, err: Exception) -> TeacherNotFoundError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    where = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the hub could not be reached or has no such repo"
+    """One line for a hub reference that could not be loaded: why (offline, unreachable, no such repo) and the fix."""
+    causes = []
+    cause: BaseException | None = err
+    while cause is not None and len(causes) < 8:
+        causes.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or _hub_offline()
+    if "RepositoryNotFoundError" in causes and not offline:
+        why = "the hub has no such repo (or it is private or gated: log in with `huggingface-cli login`)"
+    elif offline:
+        why = "offline mode is on (HF_HUB_OFFLINE) and it is not in the Hugging Face cache"
+    else:
+        why = "it is not in the Hugging Face cache and the hub could not be reached (or lacks the files)"
     return TeacherNotFoundError(
-        f"cannot load teacher '{ref}': it is not a local diffusers folder and {where} ({type(err).__name__}: "
-        f"{str(err).splitlines()[0] if str(err) else ''}).\n"
-        f"Fix: pass a local folder with model_index.json, or on a machine with network run "
-        f"`huggingface-cli download {ref}` (it fills the Hugging Face cache that offline mode reads)."
+        f"cannot load '{ref}': no local folder of that name, and {why}; give a local diffusers folder, or run "
+        f"`huggingface-cli download {ref}` on a machine with network (offline mode reads the cache it fills)"
     )
+
+
+def _is_hub_error(err: BaseException) -> bool:
+    """Whether loading a hub id failed for want of the hub: OSError/ValueError (what diffusers raises for a
+    missing repo or file) or any error of the HTTP and hub client libraries."""
+    if isinstance(err, (OSError, ValueError)):
+        return True
+    module = type(err).__module__.split(".")[0]
+    return module in ("huggingface_hub", "httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - diffusers depends on it
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 def is_local(ref: str | os.PathLike) -> bool:
     """Whether ``ref`` names an existing local folder."""
     return Path(ref).is_dir()
+
+
+def looks_like_path(ref: str | os.PathLike) -> bool:
+    """Whether ``ref`` can only be a local path, never a hub repo id (``name`` or ``owner/name``).
+
+    Absolute and ``./``, ``../``, ``~`` paths, paths with more than one ``/`` or a backslash, and anything the
+    hub's own rule refuses as a repo id count as paths: looking them up on the hub can only fail, after a
+    connection attempt, with a message about the hub rather than about the missing folder.
+    """
+    if isinstance(ref, os.PathLike):
+        return True
+    text = str(ref)
+    if not text or text.startswith(("/", ".", "~")) or "\\" in text or text.endswith("/") or text.count("/") > 1:
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_model_ref(ref: str | os.PathLike, what: str = "") -> None:
+    """Fail in one line when ``ref`` is a local path that is not a folder, before anything asks the hub.
+
+    Args:
+        ref: A folder or a hub id.
+        what: The option or key, for the message (``--model``, ``model.student``).
+
+    Raises:
+        TeacherNotFoundError: ``ref`` names a file, or a path that does not exist.
+    """
+    path = Path(ref)
+    if path.is_dir():
+        return
+    label = f"{what} {ref}" if what else str(ref)
+    if path.exists():
+        raise TeacherNotFoundError(f"{label} is a file, not a folder: give a diffusers model folder or a hub id")
+    if looks_like_path(ref):
+        raise TeacherNotFoundError(f"{label}: no such folder; check the path (or give a hub id such as owner/name)")
 
 
 def load_unet_config(ref: str | os.PathLike) -> dict[str, Any]:
@@ -87,6 +154,7 @@ def load_unet_config(ref: str | os.PathLike) -> dict[str, Any]:
     """
     from diffusers import UNet2DConditionModel
 
+    check_model_ref(ref)
     ref = str(ref)
     if is_local(ref):
         folder = Path(ref)
@@ -113,13 +181,14 @@ def load_pipeline(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     """
     from diffusers import DiffusionPipeline
 
+    check_model_ref(ref)
     ref = str(ref)
     if is_local(ref) and not (Path(ref) / "model_index.json").is_file():
         raise TeacherNotFoundError(f"{ref} has no model_index.json: give the folder of a whole diffusers pipeline")
     try:
         pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dtype, **components)
-    except (OSError, ValueError) as err:
-        if is_local(ref):
+    except Exception as err:
+        if is_local(ref) or not _is_hub_error(err):
             raise
         raise _hub_hint(ref, err) from err
     return pipe.to(device)
@@ -164,3 +233,39 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in table:
         raise ValueError(f"unknown dtype '{name}'; use fp32, fp16 or bf16")
     return table[name]
+
+
+class DeviceError(ValueError):
+    """A ``--device`` this machine cannot run on (unknown, or CUDA/MPS without the hardware)."""
+
+
+def resolve_device(name: str | None, option: str = "--device") -> torch.device:
+    """The torch device a ``--device`` value names, checked against this machine; None: CUDA if available.
+
+    Every command that takes ``--device`` resolves it here, so an unknown name (``tpu``), CUDA on a machine
+    without it, or a GPU index past the last one gives the same one-line error rather than a traceback.
+
+    Args:
+        name: ``cpu``, ``cuda``, ``cuda:N``, ``mps``, or None for the default.
+        option: The option's name, for the message.
+
+    Raises:
+        DeviceError: The name is not a device bksdm runs on, or this machine lacks it.
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"{option} {name}: not a device bksdm runs on; use cpu, cuda or cuda:N (mps on Apple)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{option} {name}: CUDA is not available on this machine; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"{option} {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"{option} {name}: MPS (Apple GPUs) is not available on this machine; use --device cpu")
+    return device

@@ -33,7 +33,14 @@ import transformers
 from torch import nn
 
 from bksdm.archs import build_text_encoders, build_unet, build_vae, get_arch
-from bksdm.loading import TeacherNotFoundError, is_local, load_pipeline, load_plan, load_unet_config
+from bksdm.loading import (
+    TeacherNotFoundError,
+    check_model_ref,
+    is_local,
+    load_pipeline,
+    load_plan,
+    load_unet_config,
+)
 from bksdm.plan import resolve
 from bksdm.profiling import (
     LatencyStat,
@@ -164,24 +171,10 @@ def cpu_has_native_bf16() -> bool:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _looks_like_path(ref: str) -> bool:
-    # A hub id is "name" or "owner/name"; anything else that is not an existing folder is a path typo, and
-    # sending it to the hub would only add a confusing network error.
-    return (
-        ref.startswith((".", "/", "~"))
-        or ref.endswith(("/", os.sep))
-        or ref.count("/") > 1
-        or (os.sep != "/" and os.sep in ref)
-        or Path(ref).exists()
-    )
-
-
 def _check_model_ref(ref: str) -> None:
-    if is_local(ref):
-        if not (Path(ref) / "model_index.json").is_file():
-            raise TeacherNotFoundError(f"{ref} has no model_index.json: give the folder of a whole diffusers pipeline")
-    elif _looks_like_path(ref):
-        raise TeacherNotFoundError(f"no such folder: {ref} (give a diffusers pipeline folder or a hub id)")
+    check_model_ref(ref)  # a path that is no folder: one line, and no hub request
+    if is_local(ref) and not (Path(ref) / "model_index.json").is_file():
+        raise TeacherNotFoundError(f"{ref} has no model_index.json: give the folder of a whole diffusers pipeline")
 
 
 def _meta_pipeline_parts(ref: str) -> tuple[dict[str, nn.Module], nn.Module]:

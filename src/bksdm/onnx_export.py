@@ -37,7 +37,6 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -306,6 +305,28 @@ def _repack(tmp_file: Path, final: Path, threshold: int) -> bool:
     return external
 
 
+def _max_abs_difference(got: np.ndarray, reference: np.ndarray) -> float:
+    """The largest absolute difference; infinity when either side holds a NaN or an infinity.
+
+    ``max`` over a NaN depends on the order of its arguments, so a NaN output could otherwise pass the check.
+    """
+    difference = np.abs(got.astype(np.float64) - reference)
+    if not np.isfinite(difference).all():
+        return float("inf")
+    return float(difference.max())
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, so the report stays strict JSON (null)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _parity(spec: _Spec, session, seed: int) -> list[dict[str, Any]]:
     """Run PyTorch and ONNX Runtime on the same random inputs at both shapes; the largest differences."""
     checks = []
@@ -317,7 +338,7 @@ def _parity(spec: _Spec, session, seed: int) -> list[dict[str, Any]]:
         reference = reference if isinstance(reference, tuple) else (reference,)
         got = session.run(list(spec.outputs), {name: t.numpy() for name, t in inputs.items()})
         errors = {
-            name: float(np.abs(g.astype(np.float64) - r.double().numpy()).max())
+            name: _max_abs_difference(g, r.double().numpy())
             for name, g, r in zip(spec.outputs, got, reference, strict=True)
         }
         checks.append(
@@ -370,8 +391,9 @@ def export_onnx(
         TeacherNotFoundError: ``model`` is neither a pipeline folder nor a reachable hub repo.
     """
     from bksdm import __version__
+    from bksdm.artifacts import atomic_dir
     from bksdm.loading import load_pipeline, load_unet_config
-    from bksdm.prune import _replace_dir, check_output_dir
+    from bksdm.prune import check_output_dir
 
     onnx, ort = require_onnx()
     stage = on_stage or logger.info
@@ -387,8 +409,8 @@ def export_onnx(
     opset = DEFAULT_OPSET[exporter] if opset is None else opset
     if not 14 <= opset <= onnx.defs.onnx_opset_version():
         raise ExportError(f"--opset {opset}: use 14 to {onnx.defs.onnx_opset_version()} (onnx {onnx.__version__})")
-    if tolerance <= 0:
-        raise ExportError(f"--tolerance must be positive, got {tolerance}")
+    if not (np.isfinite(tolerance) and tolerance > 0):
+        raise ExportError(f"--tolerance must be a positive finite number, e.g. {DEFAULT_TOLERANCE:g}; got {tolerance}")
     components = parse_components(components)
     out = Path(out)
     check_output_dir(out, overwrite)
@@ -421,9 +443,7 @@ def export_onnx(
         },
         "components": {},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # a full disk or read-only folder: WriteFailed, and ``out`` as it was
         for spec in specs:
             stage(f"exporting {spec.name} ({exporter}, opset {opset})")
             raw = tmp / ".raw" / spec.name
@@ -451,11 +471,7 @@ def export_onnx(
         _write_pipeline_files(pipe, tmp, components)
         report["passed"] = all(c["passed"] for c in report["components"].values())
         report["out"] = str(out)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / REPORT_FILE).write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
     return report
 
 

@@ -70,16 +70,21 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_profile)
 
 
-def _resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
+def _check_memory(parts, resolution: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a --resolution whose timed calls (a guided U-Net step, a VAE decode) would not fit in memory."""
+    from bksdm.sampling import SamplingError, available_memory, generation_bytes
+
+    size = dtype.itemsize
+    need = generation_bytes(
+        parts.unet.config, parts.vae.config, resolution, resolution, 1, guidance=True, unet_dtype_bytes=size,
+        vae_dtype_bytes=size,
+    )  # fmt: skip
+    free, source = available_memory(device)
+    if need > free:
+        raise SamplingError(
+            f"--resolution {resolution} needs about {need / 2**30:,.1f} GiB of memory for its activations, but "
+            f"{free / 2**30:,.1f} GiB is {source}; give a smaller --resolution (or --no-latency to count only)"
+        )
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -93,7 +98,8 @@ def run_profile(args: argparse.Namespace) -> int:
         PlanError: The plan is malformed or does not fit the U-Net.
         TeacherNotFoundError: The model is neither a pipeline folder nor a reachable hub repo.
     """
-    from bksdm.loading import parse_dtype, teacher_or_default
+    from bksdm.artifacts import atomic_file
+    from bksdm.loading import parse_dtype, resolve_device, teacher_or_default
     from bksdm.measure import load_components, profile_components
 
     model = args.model if args.model is not None else args.model_option
@@ -104,7 +110,7 @@ def run_profile(args: argparse.Namespace) -> int:
     if args.resolution is not None and args.resolution <= 0:
         raise ValueError(f"--resolution must be positive, got {args.resolution}")
     latency = not args.no_latency
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype) if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
     if args.onnx is not None:
         _check_onnx_options(args, latency, device, dtype)
@@ -117,6 +123,8 @@ def run_profile(args: argparse.Namespace) -> int:
     parts = load_components(
         model=model, arch=args.arch, plan=args.plan, materialize=latency, device=device, dtype=dtype
     )
+    if latency:
+        _check_memory(parts, args.resolution or parts.resolution, device, dtype)
     result = profile_components(
         parts.unet,
         parts.text_encoders,
@@ -133,11 +141,12 @@ def run_profile(args: argparse.Namespace) -> int:
     result = {"source": parts.source, "plan": parts.plan, **result}
     if args.onnx is not None:
         result["onnx"] = _time_onnx(args, parts.unet.config, result, progress)
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, allow_nan=False)
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        with atomic_file(out) as partial:  # a full disk or read-only folder: WriteFailed, no half file
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(text + "\n")
     print(text if args.json else format_profile(result))
     return 0
 

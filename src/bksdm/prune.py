@@ -1,8 +1,9 @@
 """The prune job: teacher pipeline + plan → a complete student pipeline folder and a report.
 
 Everything that can fail on user input (the plan, the teacher's layout, the output folder) is checked before
-any weights are loaded, and the folder is written under a temporary name and renamed at the end, so a failed
-run never leaves a half-written ``--out``.
+any weights are loaded, and the folder is written under a partial name and renamed at the end
+(:func:`bksdm.artifacts.atomic_dir`), so a failed run (a full disk, a read-only folder, a kill) never leaves a
+half-written ``--out`` and never touches the one that was there.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import yaml
 from diffusers import UNet2DConditionModel
 
 from bksdm import __version__
+from bksdm.artifacts import atomic_dir
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, load_unet_config, teacher_or_default
 from bksdm.plan import ResolvedPlan, plan_to_dict, resolve
 from bksdm.profiling import count_macs, count_params, unet_inputs
@@ -152,6 +152,9 @@ def prune(
 
     Returns:
         The report (also written to ``out/prune_report.json`` and ``.md``).
+
+    Raises:
+        WriteFailed: The folder could not be written (full disk, read-only); ``out`` is as it was before.
     """
     out = Path(out)
     teacher = teacher_or_default(teacher)
@@ -167,9 +170,7 @@ def prune(
     report = build_report(teacher, resolved, pipe.unet, surgery.student, other, resolution, surgery.weights, init)
     report["out"] = str(out)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         pipe.unet = surgery.student
         if save_dtype != torch.float32:
             pipe.to(dtype=save_dtype)
@@ -182,22 +183,7 @@ def prune(
             "preset": plan_to_dict(plan),
         }
         (tmp / PLAN_FILE).write_text(yaml.safe_dump(provenance, sort_keys=False))
-        (tmp / "prune_report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
         (tmp / "prune_report.md").write_text(prune_markdown(report))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote %s", out)
     return report
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Moves ``src`` to ``dst``; an existing ``dst`` is only deleted once ``src`` is in place."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        src.rename(dst)
