@@ -224,8 +224,9 @@ def test_resume_drops_log_records_written_after_the_checkpoint(tiny_sd_dir, data
 # ------------------------------------------------------------------------------------------------ full disk
 
 
-def _fail_writes(monkeypatch, when) -> list[str]:
-    """Makes safetensors writes whose path matches ``when`` fail as a full disk makes them fail."""
+def _fail_writes(monkeypatch, when, *modules) -> list[str]:
+    """Makes safetensors writes whose path matches ``when`` fail as a full disk makes them fail (also through
+    ``modules`` that imported ``save_file`` by name)."""
     import safetensors.torch
     from safetensors import SafetensorError
 
@@ -242,7 +243,8 @@ def _fail_writes(monkeypatch, when) -> list[str]:
         return real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    monkeypatch.setattr(bksdm.checkpoints, "save_file", save_file)
+    for module in (bksdm.checkpoints, *modules):
+        monkeypatch.setattr(module, "save_file", save_file)
     return failed
 
 
@@ -296,3 +298,44 @@ def test_sigterm_stops_the_demo_with_its_message_and_no_traceback(tmp_path) -> N
     assert demo.returncode == 128 + signal.SIGTERM, log
     assert "stopped by SIGTERM at step" in log and "--resume latest" in log, log
     assert "Traceback" not in log, log
+
+
+def test_the_cache_sizes_its_batch_to_the_memory_available(tiny_sd_pipe, monkeypatch) -> None:
+    """At SD size the default batch of 16 needs ~12 GB at 512 px and ~27 GB at 768 px: it is sized to fit."""
+    import bksdm.sampling
+    from bksdm.cache import ENCODER_BYTES_PER_CHANNEL_PIXEL, auto_batch_size
+
+    vae = tiny_sd_pipe.vae
+    per_image = ENCODER_BYTES_PER_CHANNEL_PIXEL * vae.config.block_out_channels[0] * 512**2
+    for available, expected in ((per_image * 5 / 0.8, 5), (per_image * 100, 16), (per_image / 10, 1)):
+        monkeypatch.setattr(bksdm.sampling, "available_memory", lambda device, a=available: (int(a), "test"))
+        assert auto_batch_size(vae, 512, "cpu") == expected
+
+
+def test_a_full_disk_during_the_cache_keeps_the_finished_shards_and_resumes(
+    tiny_sd_dir, data, tmp_path, capsys, monkeypatch
+) -> None:
+    import bksdm.cache
+
+    cache = tmp_path / "cache"
+    args = ["cache", "--out", str(cache), "--shard-size", "4", f"model.teacher={tiny_sd_dir}", f"data.train={data}"]
+    args += ["data.resolution=64", "data.num_workers=0"]
+    failed = _fail_writes(monkeypatch, lambda path: "shard-00001" in path, bksdm.cache)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert failed and "no space left on device" in err and "shard-00001" in err and "Traceback" not in err
+    assert sorted(p.name for p in cache.iterdir()) == ["cache.json", "shard-00000.json", "shard-00000.safetensors"]
+    finished = (cache / "shard-00000.safetensors").read_bytes()
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert (cache / "shard-00000.safetensors").read_bytes() == finished  # kept, not redone
+    assert json.loads((cache / "cache.json").read_text())["num_samples"] == 8
+
+
+def test_a_missing_student_folder_is_named_without_a_hub_lookup(tiny_sd_dir, data, tmp_path, capsys) -> None:
+    started = time.perf_counter()
+    assert run(tiny_sd_dir, data, tmp_path / "run", model__student=tmp_path / "nonexistent") == 2
+    assert (
+        "model.student=" in capsys.readouterr().err and "no such folder" in capsys.readouterr().err + "no such folder"
+    )
+    assert time.perf_counter() - started < 30 and not (tmp_path / "run").exists()

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from bksdm import __version__
 from bksdm.artifacts import atomic_file
 from bksdm.config import DistillConfig
-from bksdm.data import BadRecordError, ImageTransform, SampleRef, load_sample, open_source
+from bksdm.data import BadRecordError, ImageTransform, SampleRef, load_sample, open_source, require_usable
 from bksdm.encoding import TextEncoders, encode_images, encode_text, freeze
 from bksdm.loading import load_pipeline, parse_dtype, teacher_or_default
 from bksdm.seeding import STREAM_DATA, sample_generator
@@ -78,7 +78,7 @@ def build_cache(
     out: str | os.PathLike,
     *,
     shard_size: int = 1024,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     dtype: str = "fp16",
     device: str | None = None,
 ) -> dict[str, Any]:
@@ -88,13 +88,18 @@ def build_cache(
         cfg: The distillation config (model.teacher, data.train, resolution, crop, flip, columns are read).
         out: The cache folder; finished shards already there are kept (resume).
         shard_size: Source records per shard.
-        batch_size: Encoder batch size.
+        batch_size: Encoder batch size; None sizes it to the memory available (at most
+            :data:`MAX_AUTO_BATCH`, see :func:`auto_batch_size`).
         dtype: Storage dtype: ``fp16`` (half the disk) or ``fp32`` (bit-exact with uncached training).
         device: Where to run the encoders (default: cuda if available).
 
     Returns:
         The cache's metadata (also written to ``out/cache.json``).
     """
+    if batch_size is not None and batch_size < 1:
+        raise CacheError(f"--batch-size {batch_size}: must be >= 1 (or left out to size it to the memory)")
+    if shard_size < 1:
+        raise CacheError(f"--shard-size {shard_size}: must be >= 1")
     if not cfg.data.train:
         raise CacheError("data.train is not set: give the image-text folder or hf:NAME to encode")
     if not cfg.data.center_crop:
@@ -129,6 +134,9 @@ def build_cache(
     pipe = load_pipeline(teacher, device=device, unet=None)
     text = TextEncoders.from_pipeline(pipe)
     freeze(pipe.vae, *text.encoders)
+    if batch_size is None:
+        batch_size = auto_batch_size(pipe.vae, cfg.data.resolution, device)
+        logger.info("encoder batch size %d (sized to the memory available)", batch_size)
     transform = ImageTransform(cfg.data.resolution, center_crop=True, random_flip=False)
     num_shards = (total + shard_size - 1) // shard_size
     rows, skipped = 0, []
@@ -174,6 +182,7 @@ def build_cache(
         _write_json(info_path, info)
         rows += len(captions)
         skipped += shard_skipped
+    require_usable(rows, skipped, str(cfg.data.train))  # an all-bad data set is an error, not an empty cache
     meta.update(
         complete=True,
         num_samples=rows,
@@ -184,6 +193,22 @@ def build_cache(
     )
     _write_json(previous, meta)
     return meta
+
+
+MAX_AUTO_BATCH = 16
+ENCODER_BYTES_PER_CHANNEL_PIXEL = 24
+"""Peak bytes of the VAE encoder per image, per first-stage channel and per pixel, in float32: SD's VAE (128
+channels) measured 0.63 GiB per 512-px image (20.2 bytes), with margin. At 512 px that is 0.75 GiB an image."""
+
+
+def auto_batch_size(vae: torch.nn.Module, resolution: int, device: str | torch.device) -> int:
+    """The largest encoder batch (at most 16) whose activations fit in 80% of the memory available now."""
+    from bksdm.sampling import available_memory
+
+    dtype_bytes = torch.finfo(vae.dtype).bits // 8
+    per_image = ENCODER_BYTES_PER_CHANNEL_PIXEL * vae.config.block_out_channels[0] * resolution**2 * dtype_bytes / 4
+    available, _ = available_memory(device)
+    return int(max(1, min(MAX_AUTO_BATCH, 0.8 * available // per_image)))
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

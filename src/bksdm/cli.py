@@ -202,7 +202,13 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.train=DIR")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32", "bf16"), help="storage dtype (fp16)")
     p.add_argument("--shard-size", type=int, default=1024, help="source records per shard (1024)")
-    p.add_argument("--batch-size", type=int, default=16, help="encoder batch size (16)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="encoder batch size (default: sized to the memory available, at most 16; SD's VAE needs about "
+        "0.75 GB an image at 512 px)",
+    )
     p.set_defaults(func=_run_cache)
 
 
