@@ -110,16 +110,23 @@ def test_kd_losses_task_only_needs_no_teacher() -> None:
 # ------------------------------------------------------------------------------------------ kd_step
 
 
-def test_identity_student_has_zero_kd_terms(pipes: dict) -> None:
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_identity_student_has_zero_kd_terms(pipes: dict, onednn: str, monkeypatch) -> None:
+    monkeypatch.setenv("BKSDM_ONEDNN", onednn)
     teacher, student, scheduler, pairs = setup(pipes, "sd-v1", "identity")
     assert len(pairs) == 8
     losses = kd_step(
         student, teacher, scheduler, **batch(dict(teacher.config)), feature_pairs=pairs, weights=LossWeights()
     )
-    assert losses["loss_kd_out"].item() == 0.0
-    assert losses["loss_kd_feat"].item() == 0.0
     assert losses["loss_task"].item() > 0.1
-    assert losses["loss"].item() == losses["loss_task"].item()
+    if onednn == "0":  # the same kernels for both: exactly zero
+        assert losses["loss_kd_out"].item() == 0.0
+        assert losses["loss_kd_feat"].item() == 0.0
+        assert losses["loss"].item() == losses["loss_task"].item()
+    else:  # the frozen teacher's convolutions use packed weights, the student's not: zero to float rounding
+        assert losses["loss_kd_out"].item() < 1e-10
+        assert losses["loss_kd_feat"].item() < 1e-10
+        assert losses["loss"].item() == pytest.approx(losses["loss_task"].item(), rel=1e-9)
 
 
 @pytest.mark.parametrize("preset", ["bk-small", "bk-tiny"])
@@ -333,7 +340,8 @@ def test_v_prediction_teacher_distils_velocity(pipes: dict) -> None:
         pred = teacher(noisy, inputs["timesteps"], encoder_hidden_states=inputs["encoder_hidden_states"]).sample
     velocity = scheduler.get_velocity(inputs["latents"], inputs["noise"], inputs["timesteps"])
     assert torch.allclose(losses["loss_task"], ((pred - velocity) ** 2).mean(), rtol=1e-5, atol=0)
-    assert losses["loss_kd_out"].item() == 0.0
+    # An identical student: zero but for float rounding (the frozen teacher runs on packed oneDNN weights).
+    assert losses["loss_kd_out"].item() < 1e-10
 
 
 def test_fused_adamw_takes_the_same_steps_as_the_for_each_one() -> None:
