@@ -659,7 +659,7 @@ CEILINGS = {
 TINY_CEILINGS = Ceilings(*([3.0] * 13))
 
 
-def steps(arch: str, work: Path, resolution: int, gpu: bool) -> list[Step]:
+def steps(arch: str, work: Path, resolution: int, gpu: bool, distill_overrides: tuple[str, ...] = ()) -> list[Step]:
     c = CEILINGS.get(arch, TINY_CEILINGS)
     sdxl = arch in ("sdxl", "tiny-sdxl")
     teacher, data, weights = work / "teacher", work / "data", work / "weights"
@@ -762,17 +762,20 @@ def steps(arch: str, work: Path, resolution: int, gpu: bool) -> list[Step]:
         f"model.teacher={teacher}", "model.plan=bk-small", f"data.train={data}", f"data.resolution={res}",
         "train.batch_size=1", "train.gradient_accumulation_steps=1", f"train.mixed_precision={mp}",
         "train.use_ema=true", "train.checkpoint_every=2", "train.validate_every=0", "train.log_every=1",
+        *distill_overrides,
     ]  # fmt: skip
-    uncached_dir, cached_dir = work / "distill-uncached", work / "distill-cached"
+    tag = f" [{' '.join(distill_overrides)}]" if distill_overrides else ""
+    uncached_dir, cached_dir = work / f"distill-uncached{_slug(tag)}", work / f"distill-cached{_slug(tag)}"
     distills = [
-        Step("distill 2 steps uncached", ["distill", *common, "train.max_steps=2", f"train.output_dir={uncached_dir}"],
+        Step("distill 2 steps uncached" + tag,
+             ["distill", *common, "train.max_steps=2", f"train.output_dir={uncached_dir}"],
              c.distill, [uncached_dir], [teacher], group="distill", check=lambda: _checkpoint_note(uncached_dir)),
-        Step("distill 2 steps cached",
+        Step("distill 2 steps cached" + tag,
              ["distill", *common, "train.max_steps=2", f"data.cache={work / 'cache'}",
               f"train.output_dir={cached_dir}"],
              c.distill, [cached_dir], [teacher, work / "cache"], group="distill",
              check=lambda: _checkpoint_note(cached_dir)),
-        Step("distill resume latest (+1 step)",
+        Step("distill resume latest (+1 step)" + tag,
              ["distill", "--resume", "latest", *common, "train.max_steps=3", f"data.cache={work / 'cache'}",
               f"train.output_dir={cached_dir}"],
              c.distill, [cached_dir], [cached_dir / "checkpoints"], keep_outputs=True, group="resume",
@@ -873,6 +876,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds to wait for MemAvailable >= ceiling + 2 GiB before skipping")  # fmt: skip
     parser.add_argument("--lean", action="store_true",
                         help="delete outputs no later command needs (small disks)")  # fmt: skip
+    parser.add_argument("--distill-override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra distill overrides; the rows are named with them")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/results/...)")
     parser.add_argument("--update", action="store_true", help="merge rows into an existing --out JSON")
     parser.add_argument("--build", default=None, help=argparse.SUPPRESS)  # subprocess entry: build only
@@ -892,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
     work = work.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     prepare(work)
-    plan = steps(args.arch, work, resolution, gpu)
+    plan = steps(args.arch, work, resolution, gpu, tuple(args.distill_override))
     if args.only:
         wanted = set(args.only) - {"build"}
         unknown = wanted - {s.group for s in plan}
@@ -929,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.update and out.is_file():
         old = json.loads(out.read_text())
         names = {r["name"] for r in rows}
-        order = [s.name for s in steps(args.arch, work, resolution, gpu)]
+        order = [s.name for s in steps(args.arch, work, resolution, gpu, tuple(args.distill_override))]
         merged = [r for r in old.get("rows", []) if r["name"] not in names] + rows
         rows = sorted(merged, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     result["rows"] = rows
