@@ -388,8 +388,10 @@ def run_step(step: Step, logs: Path, wait_limit: float) -> Row:
             state, note = "fail", f"wrong result: {err}"
     if state == "ok" and note.startswith("interaction failed"):
         state = "fail"
-    tail = err_log.read_text(errors="replace").splitlines()
-    tail = [line for line in tail if line.strip()][-15:] if state != "ok" else []
+    lines = [line for line in err_log.read_text(errors="replace").splitlines() if line.strip()]
+    tail = lines[-15:] if state != "ok" else []
+    if state == "fail" and not note:
+        note = _error_line(lines)
     gpu = None
     if monitor.peak_gpu is not None and gpu_before is not None:
         gpu = round((monitor.peak_gpu - gpu_before) / GIB, 2)
@@ -413,6 +415,14 @@ def run_step(step: Step, logs: Path, wait_limit: float) -> Row:
         load_average_after=load_average(),
         finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _error_line(lines: list[str]) -> str:
+    """The last line of stderr that names an error (an exception or `bksdm CMD: error: ...`), else the last line."""
+    for line in reversed(lines):
+        if re.match(r"^\s*([\w.]+(Error|Exception|Exit)\b|bksdm .*error:)", line):
+            return line.strip()
+    return lines[-1].strip() if lines else ""
 
 
 def _slug(name: str) -> str:
@@ -851,7 +861,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             if r["peak_gib"] is None
             else f"{r['peak_gib']:.2f} ({r['peak_tree_pss_gib']:.2f} / {r['peak_process_rss_gib']:.2f})"
         )
-        note = r["note"] or (r["stderr_tail"][-1] if r["stderr_tail"] else "")
+        note = r["note"] or _error_line(r["stderr_tail"])
         lines.append(
             f"| {r['name']} | {r['status']} | {'' if r['exit_status'] is None else r['exit_status']} | "
             f"{num(r['wall_s'])} | {peak} | {r['ceiling_gib']:g} | {num(r['gpu_peak_gib'], 2)} | "
