@@ -276,7 +276,7 @@ class Step:
 @dataclass
 class Row:
     name: str
-    status: str  # ok | fail | over ceiling | skipped | timeout
+    status: str  # ok | fail | over ceiling | stopped (machine low on memory) | skipped | timeout
     exit_status: int | None
     wall_s: float | None
     peak_tree_pss_gib: float | None
@@ -373,7 +373,8 @@ def run_step(step: Step, logs: Path, wait_limit: float) -> Row:
     pss = monitor.peak_pss / GIB
     peak = max(rss, pss)
     if monitor.killed_for:
-        state, note = "over ceiling", monitor.killed_for + (f"; {note}" if note else "")
+        state = "over ceiling" if "ceiling" in monitor.killed_for else "stopped (machine low on memory)"
+        note = monitor.killed_for + (f"; {note}" if note else "")
     elif wall >= step.timeout_s:
         state = "timeout"
     elif code != 0:
@@ -816,6 +817,12 @@ def remove_unneeded(step: Step, later: list[Step]) -> None:
             shutil.rmtree(output, ignore_errors=True)
 
 
+def row_order(name: str, order: list[str]) -> tuple[int, str]:
+    """Sort key of a result row: the step's place in the plan (a ``[overrides]`` suffix ignored), then the name."""
+    base = re.sub(r" \[.*\]$", "", name)
+    return (order.index(base) if base in order else len(order), name)
+
+
 def _count_pngs(folder: Path, expected: int) -> str:
     found = len(list(folder.glob("*.png")))
     if found != expected:
@@ -944,9 +951,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.update and out.is_file():
         old = json.loads(out.read_text())
         names = {r["name"] for r in rows}
-        order = [s.name for s in steps(args.arch, work, resolution, gpu, tuple(args.distill_override))]
         merged = [r for r in old.get("rows", []) if r["name"] not in names] + rows
-        rows = sorted(merged, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+        rows = sorted(
+            merged, key=lambda r: row_order(r["name"], [s.name for s in steps(args.arch, work, resolution, gpu)])
+        )
     result["rows"] = rows
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
