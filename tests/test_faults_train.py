@@ -339,3 +339,11 @@ def test_a_missing_student_folder_is_named_without_a_hub_lookup(tiny_sd_dir, dat
         "model.student=" in capsys.readouterr().err and "no such folder" in capsys.readouterr().err + "no such folder"
     )
     assert time.perf_counter() - started < 30 and not (tmp_path / "run").exists()
+
+
+def test_gradient_checkpointing_trains_on_the_cpu(tiny_sd_dir, data, tmp_path) -> None:
+    """The recipe's default (gradient checkpointing) recomputes the student's forward during backward: the kernels
+    of the recomputation must match the first forward's (a CheckpointError at SD size once)."""
+    out = tmp_path / "run"
+    assert run(tiny_sd_dir, data, out, train__gradient_checkpointing=True, train__max_steps=2) == 0
+    assert (out / "student" / "model_index.json").is_file()

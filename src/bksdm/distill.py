@@ -272,8 +272,9 @@ def _pair(value: Any) -> list[int] | None:
 def _conv2d(args: tuple, kwargs: dict) -> Tensor | None:
     """A float32 CPU conv2d through oneDNN, or None to leave it to PyTorch.
 
-    Frozen (nothing needs a gradient): packed weights, cached. Training: only the 1x1 kernels, which PyTorch
-    sends to its slow path for batch 1 on one thread; the others already go to oneDNN.
+    Frozen (nothing needs a gradient) and the weight larger than one input: packed weights, cached. Training:
+    only the 1x1 kernels, which PyTorch sends to its slow path for batch 1 on one thread; the others already
+    go to oneDNN.
     """
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     bound = dict(zip(names, args, strict=False)) | kwargs
@@ -284,7 +285,10 @@ def _conv2d(args: tuple, kwargs: dict) -> Tensor | None:
         return None
     if not _plain_fp32_cpu(x, weight, bias) or x.dim() != 4 or x.numel() == 0:
         return None
-    if not any(t is not None and t.requires_grad for t in (x, weight, bias)) or not torch.is_grad_enabled():
+    frozen = not any(t is not None and t.requires_grad for t in (x, weight, bias)) or not torch.is_grad_enabled()
+    if frozen and weight.numel() > x[0].numel():
+        # Packing pays where the weight outweighs the activation (U-Net blocks); where the activation is the
+        # larger (the VAE's first blocks), oneDNN's copies of it in and out cost more than the packing saves.
         packed = _packed_conv_weight(weight, (padding, stride, dilation, groups), tuple(x.shape))
         return _CONV(x.contiguous(), packed, bias, padding, stride, dilation, groups, "none", [], "")
     if weight.shape[-2:] == (1, 1) and groups == 1:
@@ -558,7 +562,11 @@ def kd_step(
     dtype = _param_dtype(unwrap(student))
     # The task-only ablation reads no student features either: no hooks at all.
     addresses = [p.student for p in feature_pairs] if weights.needs_teacher else []
-    with cpu_kernels(noisy.device), FeatureTap(student, addresses) as tap:
+    # Gradient checkpointing recomputes the forward during backward, outside this block: the recomputation must
+    # run the kernels the first forward ran (else torch's checkpoint sees other saved tensors and raises).
+    recomputed = getattr(unwrap(student), "is_gradient_checkpointing", False)
+    kernels = contextlib.nullcontext() if recomputed else cpu_kernels(noisy.device)
+    with kernels, FeatureTap(student, addresses) as tap:
         # return_dict=False: a plain tuple passes through every wrapper's output handling unchanged.
         student_pred = student(
             noisy.to(dtype),
