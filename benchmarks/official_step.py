@@ -125,7 +125,7 @@ def _install_probes(result: Path, warmup: int) -> None:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._tick = time.perf_counter()
+            self._tick, self._cpu_tick = time.perf_counter(), time.process_time()
             desc = getattr(self, "desc", None)  # (a disabled bar has no attributes)
             self._steps_bar = getattr(self, "total", None) is not None and desc == "distill"
 
@@ -133,17 +133,20 @@ def _install_probes(result: Path, warmup: int) -> None:
             super().set_description(desc, refresh)
             if desc == "Steps":  # the official script's bar
                 self._steps_bar = True
-                self._tick = time.perf_counter()
+                self._tick, self._cpu_tick = time.perf_counter(), time.process_time()
                 CLOCK.parts = {}
 
         def update(self, n: float | None = 1) -> bool | None:
             out = super().update(n)
             if not getattr(self, "_steps_bar", False):
                 return out
-            now = time.perf_counter()
-            CLOCK.steps.append({"seconds": now - self._tick, "parts": dict(CLOCK.parts)})
+            now, cpu = time.perf_counter(), time.process_time()
+            # CPU seconds of the process (one thread): what the step costs whatever else shares the cores.
+            CLOCK.steps.append(
+                {"seconds": now - self._tick, "cpu_seconds": cpu - self._cpu_tick, "parts": dict(CLOCK.parts)}
+            )
             CLOCK.parts = {}
-            self._tick = now
+            self._tick, self._cpu_tick = now, cpu
             if self.total is not None and self.n >= self.total:
                 _finish(result, warmup)
             return out
@@ -380,7 +383,7 @@ def ensure_cache(args: argparse.Namespace) -> None:
     log(f"caching {args.data} at {args.resolution} px into {cache} (not timed)")
     cmd = [
         sys.executable, "-m", "bksdm.cli", "cache", f"data.train={args.data}", f"model.teacher={args.teacher}",
-        f"data.resolution={args.resolution}", "data.num_workers=0", "--out", str(cache),
+        f"data.resolution={args.resolution}", "data.num_workers=0", "--out", str(cache), "--dtype", "fp32",
     ]  # fmt: skip
     subprocess.run(cmd, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
@@ -397,10 +400,14 @@ def summarize(runs: list[dict[str, Any]], programs: list[str]) -> dict[str, Any]
                     parts.setdefault(name, []).append(seconds)
                 other = step["seconds"] - sum(step["parts"].values())
                 parts.setdefault("other", []).append(other)
+        cpu = [s.get("cpu_seconds") for r in mine for s in r["steps"][r["warmup"] :]]
         table[program] = {
             "s_per_step_median": statistics.median(times),
             "s_per_step_min": min(times),
             "times_s": times,
+            # Process CPU seconds per step (one thread): what a step costs, whatever else shares the cores.
+            "cpu_s_per_step_median": statistics.median(cpu) if None not in cpu else None,
+            "cpu_s_per_step_min": min(cpu) if None not in cpu else None,
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in mine),
             "parts_median_s": {k: statistics.median(v) for k, v in sorted(parts.items())},
         }
@@ -409,6 +416,8 @@ def summarize(runs: list[dict[str, Any]], programs: list[str]) -> dict[str, Any]
         if base:
             row["speedup_median"] = base["s_per_step_median"] / row["s_per_step_median"]
             row["speedup_min"] = base["s_per_step_min"] / row["s_per_step_min"]
+            if base["cpu_s_per_step_median"] and row["cpu_s_per_step_median"]:
+                row["speedup_cpu_median"] = base["cpu_s_per_step_median"] / row["cpu_s_per_step_median"]
     return table
 
 
@@ -418,14 +427,19 @@ def markdown(record: dict[str, Any]) -> str:
         f"official_step: SD-v1.4-sized teacher -> bk-small, {s['resolution']} px, batch 1, fp32, EMA, 1 torch thread; "
         f"{s['steps']} timed steps (+{s['warmup']} warm-up) per run, {s['rounds']} rounds alternating",
         "",
-        "| program | s/step median (min) | speed-up vs official, median (min) | peak RSS |",
-        "|---|---:|---:|---:|",
+        "| program | s/step median (min) | speed-up vs official, median (min) | CPU s/step median (min) "
+        "| speed-up in CPU s | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for program, row in table.items():
         speed = f"{row.get('speedup_median', 1):.2f}x ({row.get('speedup_min', 1):.2f}x)"
+        cpu, cpu_speed = "-", "-"
+        if row.get("cpu_s_per_step_median"):
+            cpu = f"{row['cpu_s_per_step_median']:.2f} ({row['cpu_s_per_step_min']:.2f})"
+            cpu_speed = f"{row['speedup_cpu_median']:.2f}x" if "speedup_cpu_median" in row else "-"
         lines.append(
-            f"| {program} | {row['s_per_step_median']:.2f} ({row['s_per_step_min']:.2f}) | {speed} "
-            f"| {row['peak_rss_bytes'] / 2**30:.2f} GiB |"
+            f"| {program} | {row['s_per_step_median']:.2f} ({row['s_per_step_min']:.2f}) | {speed} | {cpu} "
+            f"| {cpu_speed} | {row['peak_rss_bytes'] / 2**30:.2f} GiB |"
         )
     names = sorted({n for row in table.values() for n in row["parts_median_s"]})
     lines += ["", "| part (median s per step) | " + " | ".join(table) + " |", "|---|" + "---:|" * len(table)]
@@ -445,8 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official", type=Path, help="the adapted official kd_train_text_to_image.py")
     parser.add_argument("--unet-config", type=Path, help="the official src/unet_config folder (bk_small/config.json)")
-    parser.add_argument("--teacher", type=Path, required=True, help="SD-v1.4-sized diffusers folder")
-    parser.add_argument("--data", type=Path, required=True, help="image folder with metadata.csv (file_name,text)")
+    parser.add_argument("--teacher", type=Path, help="SD-v1.4-sized diffusers folder")
+    parser.add_argument("--data", type=Path, help="image folder with metadata.csv (file_name,text)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per run")
@@ -455,10 +469,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("/tmp/official_step"), help="scratch folder")
     parser.add_argument("--label", default="", help="a note stored with the results (e.g. the code version)")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default: results/official_step_<res>px.json)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="summarize the runs of these result JSONs together")
     parser.add_argument("--worker", choices=PROGRAMS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.programs = [p.strip() for p in args.programs.split(",") if p.strip()]
+    if args.merge:
+        return args
+    if not (args.teacher and args.data):
+        parser.error("--teacher and --data are needed")
     if set(args.programs) - set(PROGRAMS) or not args.programs:
         parser.error(f"--programs takes {', '.join(PROGRAMS)}")
     if "official" in args.programs and not (args.official and args.unet_config):
@@ -478,6 +497,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         worker(args)
+        return
+    if args.merge:
+        records = [json.loads(path.read_text()) for path in args.merge]
+        runs, offset = [], 0
+        for rec in records:  # rounds numbered on across the files, in the order given
+            runs += [dict(r, round=r["round"] + offset) for r in rec["runs"]]
+            offset = max(r["round"] for r in runs) + 1
+        record = dict(records[0], runs=runs, label=args.label or records[0]["label"])
+        record["settings"] = dict(record["settings"], rounds=offset)
+        programs = [p for p in PROGRAMS if any(r["program"] == p for r in record["runs"])]
+        record["table"] = summarize(record["runs"], programs)
+        record["merged_from"] = [str(p) for p in args.merge]
+        print(markdown(record))
+        out = args.out or args.merge[0]
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {out}")
         return
     args.work.mkdir(parents=True, exist_ok=True)
     if "cached" in args.programs:

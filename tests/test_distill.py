@@ -423,7 +423,7 @@ def test_cpu_kernels_pack_a_frozen_conv_weight_once_and_again_when_it_changes() 
     from bksdm.distill import _PACKED, cpu_kernels
 
     conv = nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False)
-    x = torch.randn(1, 8, 12, 12, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(0))  # the weight outweighs the input
     with cpu_kernels():
         first = conv(x)
         packed = _PACKED[id(conv.weight)][-1]
@@ -438,6 +438,10 @@ def test_cpu_kernels_pack_a_frozen_conv_weight_once_and_again_when_it_changes() 
     key = id(conv.weight)
     del conv
     assert key not in _PACKED  # dropped with the weight
+    big = nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False)
+    with cpu_kernels():
+        big(torch.randn(1, 8, 32, 32))  # an activation larger than the weight: PyTorch's own convolution
+    assert id(big.weight) not in _PACKED
 
 
 def test_cpu_kernels_leave_half_precision_and_autocast_to_pytorch() -> None:
