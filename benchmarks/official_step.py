@@ -432,7 +432,7 @@ def markdown(record: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for program, row in table.items():
-        speed = f"{row.get('speedup_median', 1):.2f}x ({row.get('speedup_min', 1):.2f}x)"
+        speed = f"{row['speedup_median']:.2f}x ({row['speedup_min']:.2f}x)" if "speedup_median" in row else "-"
         cpu, cpu_speed = "-", "-"
         if row.get("cpu_s_per_step_median"):
             cpu = f"{row['cpu_s_per_step_median']:.2f} ({row['cpu_s_per_step_min']:.2f})"
@@ -480,7 +480,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--teacher and --data are needed")
     if set(args.programs) - set(PROGRAMS) or not args.programs:
         parser.error(f"--programs takes {', '.join(PROGRAMS)}")
-    if "official" in args.programs and not (args.official and args.unet_config):
+    if "official" in args.programs and not args.worker and not (args.official and args.unet_config):
         parser.error("the official program needs --official SCRIPT and --unet-config FOLDER (see the module notes)")
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         parser.error("need --steps >= 1, --warmup >= 1, --rounds >= 1")
