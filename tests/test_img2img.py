@@ -104,7 +104,8 @@ def test_folder_batch_skips_unreadable_and_records_seeds(tiny_sd_dir: Path, inpu
     common = ["--model", str(tiny_sd_dir), "--image", str(inputs), "--prompt", PROMPT, "--strength", "0.6"]
     assert _run(*common, "--steps", str(STEPS), "--out", str(out), "--batch-size", "2", "--seed", "3") == 0
     captured = capsys.readouterr()
-    assert "translated 3 of 4 images" in captured.out and "1 skipped (unreadable, or too small or too large)" in captured.out
+    assert "translated 3 of 4 images" in captured.out
+    assert "1 skipped (unreadable, or too small or too large)" in captured.out
     assert "broken.png" in captured.out and "broken.png" in captured.err
     assert sorted(p.name for p in out.iterdir()) == ["img2img.json", "shape0.png", "shape1.png", "shape2.png"]
     record = json.loads((out / "img2img.json").read_text())
