@@ -120,6 +120,36 @@ def test_a_stray_quote_stops_the_cli_with_the_line(tmp_path: Path, tiny_sd_dir: 
     assert f"error: {tmp_path / 'data' / 'metadata.csv'}, line 5: a double quote opened" in err
 
 
+@pytest.mark.parametrize(
+    ("bad_line", "expected"),
+    [
+        ('{"file_name": "001.png", "text": ', "line 3: not valid JSON (Expecting value at character 34)"),
+        ('["001.png", "caption 1"]', "line 3: a JSON list, not an object"),
+        ("null", "line 3: a JSON null, not an object"),
+        ("[" * 100_000, "line 3: JSON nested too deeply to read"),
+    ],
+)
+def test_a_malformed_jsonl_line_is_an_error_naming_it(tmp_path: Path, bad_line: str, expected: str) -> None:
+    """It was skipped with a warning: the data set shrank silently (the sweep's cache/data-jsonl-bad-line)."""
+    rows = [json.dumps({"file_name": f, "text": c}) for f, c in ROWS[:4]]
+    path = _metadata(tmp_path, [rows[0], "", bad_line, *rows[2:]], name="metadata.jsonl")
+    with pytest.raises(DataError) as info:
+        open_source(tmp_path)
+    assert str(info.value).startswith(f"{path}, {expected}; it needs one JSON object per image and line")
+    assert "fix or delete the line" in str(info.value)
+
+
+def test_a_malformed_jsonl_line_stops_the_cli_with_the_line(tmp_path: Path, tiny_sd_dir: Path, capsys) -> None:
+    _write_images(tmp_path / "data", 2)
+    lines = ['{"file_name": "000.png", "text": "a"}', '{"file_name": ', '{"file_name": "001.png", "text": "b"}', "x"]
+    path = _metadata(tmp_path / "data", lines, name="metadata.jsonl")
+    code, out, err = _run(capsys, "cache", "--out", str(tmp_path / "cache"), f"model.teacher={tiny_sd_dir}",
+                          f"data.train={tmp_path / 'data'}", "data.resolution=32")  # fmt: skip
+    assert code == 2 and "cached" not in out
+    assert f"error: {path}, line 2: not valid JSON" in err and "(and 1 more malformed line(s))" in err
+    assert not list((tmp_path / "cache").rglob("*"))  # nothing cached (cache makes the empty folder first)
+
+
 # -------------------------------------------------------------------------------------------- encodings
 
 
@@ -458,3 +488,98 @@ def test_corrupt_inception_weights_are_a_clear_error(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"hello world, not weights")
         with pytest.raises(ValueError, match=f"{name} cannot be read as a weight file .*give a state dict of tensors"):
             load_inception(tmp_path / name)
+
+
+# ------------------------------------------------------------------------ evaluate: the sweep's last cases
+
+
+def _is_args(inception_file: Path) -> list[str]:
+    return ["--metrics", "is", "--is-splits", "2", "--inception-weights", str(inception_file), "--device", "cpu"]
+
+
+def test_a_symlink_loop_among_the_images_is_skipped_and_counted(tmp_path: Path, inception_file: Path, capsys) -> None:
+    """It was neither read nor counted: ``is_file()`` is False for a loop (the sweep's one-image-symlink-loop)."""
+    _write_images(tmp_path / "gen", 4, seed=1)
+    os.symlink("100.png", tmp_path / "gen" / "100.png")  # points at itself
+    os.symlink("nowhere.png", tmp_path / "gen" / "101.png")  # a dangling link
+    (tmp_path / "gen" / "102.png").mkdir()  # a folder named like an image is no image file: not listed
+    code, stdout, err = _run(capsys, "evaluate", "--images", str(tmp_path / "gen"), *_is_args(inception_file))
+    assert code == 0, err
+    result = json.loads((tmp_path / "gen" / "evaluation.json").read_text())
+    assert result["count"] == 4
+    assert [s.split(": ")[0] for s in result["skipped"]] == [str(tmp_path / "gen" / n) for n in ("100.png", "101.png")]
+    assert "Too many levels of symbolic links" in result["skipped"][0]
+    assert "(2 unreadable, skipped" in stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--device", "tpu"], "--device tpu: not a device bksdm runs on; use cpu, cuda or cuda:N"),
+        (["--resize", "0"], "--resize 0: give the side in pixels to resize to, from 1 to 4096 (the paper's is 256)"),
+        (["--resize", "-256"], "--resize -256: give the side in pixels to resize to, from 1 to 4096"),
+        (["--resize", "100000"], "--resize 100000: give the side in pixels to resize to, from 1 to 4096"),
+        (["--metrics", "fid", "--ref-images", "{gen}", "--ref-resize", "0"], "--ref-resize 0: give the side in"),
+    ],
+)
+def test_bad_device_and_resize_are_refused(tmp_path: Path, inception_file: Path, capsys, flags, expected) -> None:
+    """``--device tpu`` was a traceback; ``--resize 0`` was taken as no resize, silently."""
+    _write_images(tmp_path / "gen", 3, seed=1)
+    flags = [f.format(gen=tmp_path / "gen") for f in flags]
+    code, _, err = _run(capsys, "evaluate", "--images", str(tmp_path / "gen"), *_is_args(inception_file), *flags)
+    assert code == 2 and f"bksdm evaluate: error: {expected}" in err, err
+    assert "Traceback" not in err and not (tmp_path / "gen" / "evaluation.json").exists()
+
+
+def test_fid_stats_refuses_resize_zero(tmp_path: Path, inception_file: Path, capsys) -> None:
+    _write_images(tmp_path / "real", 3)
+    code, _, err = _run(capsys, "fid-stats", str(tmp_path / "real"), "--out", str(tmp_path / "s.npz"), "--resize",
+                        "0", "--inception-weights", str(inception_file), "--device", "cpu")  # fmt: skip
+    assert code == 2 and "error: --resize 0: give the side in pixels" in err and not (tmp_path / "s.npz").exists()
+
+
+@pytest.mark.parametrize("key", ["mu", "sigma", "features"])
+def test_a_reference_holding_nan_is_refused(tmp_path: Path, inception_file: Path, capsys, key: str) -> None:
+    """It gave ``"fid": NaN`` in evaluation.json, which is not JSON (the sweep's ref-npz-nan)."""
+    _write_images(tmp_path / "gen", 3, seed=1)
+    dim = 2048 // 8  # the narrow test Inception's features
+    arrays = {"mu": np.zeros(dim), "sigma": np.eye(dim), "features": np.zeros((4, dim), dtype=np.float32)}
+    arrays[key] = arrays[key].copy()
+    arrays[key].flat[1] = np.nan if key != "sigma" else np.inf
+    np.savez(tmp_path / "ref.npz", **arrays)
+    ref = ["--metrics", "fid", "--ref", str(tmp_path / "ref.npz")]
+    code, _, err = _run(capsys, "evaluate", "--images", str(tmp_path / "gen"), *ref, *_is_args(inception_file)[4:])
+    assert code == 2
+    assert f"error: {tmp_path / 'ref.npz'}: '{key}' holds 1 NaN or infinite value(s)" in err
+    assert "make it again with `bksdm fid-stats" in err and "loading Inception" not in err
+    assert not (tmp_path / "gen" / "evaluation.json").exists()
+
+
+def test_weights_holding_nan_give_an_error_not_a_figure(tmp_path: Path, inception_file: Path, capsys) -> None:
+    """Inception weights holding NaN gave an Inception Score of exactly 1.0 (NaN probabilities count as 0)."""
+    _write_images(tmp_path / "gen", 3, seed=1)
+    state = torch.load(inception_file, weights_only=True)
+    state["fc.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    code, _, err = _run(capsys, "evaluate", "--images", str(tmp_path / "gen"), *_is_args(tmp_path / "nan.pth"))
+    assert code == 2, err
+    assert (
+        f"error: Inception-v3 gave NaN or infinite outputs for the images from {tmp_path / 'gen' / '000.png'} on: "
+        f"its weights ({tmp_path / 'nan.pth'}) hold non-finite values"
+    ) in err
+    assert not (tmp_path / "gen" / "evaluation.json").exists()
+
+
+def test_offline_clip_from_the_hub_fails_at_once(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--offline`` came too late for the hub libraries (they read HF_HUB_OFFLINE at import): ~40 s of retries."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test, as is the flag below
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    _shapes_folder(tmp_path / "gen", 2)
+    started = time.perf_counter()
+    code, _, err = _run(capsys, "evaluate", "--images", str(tmp_path / "gen"), "--metrics", "clip", "--clip-model",
+                        "hf:nobody-here/no-such-clip", "--offline", "--device", "cpu")  # fmt: skip
+    seconds = time.perf_counter() - started
+    assert code == 2 and "cannot load the Hugging Face CLIP model 'nobody-here/no-such-clip'" in err
+    assert seconds < 5, f"{seconds:.1f} s"

@@ -178,12 +178,11 @@ def add_dreambooth_eval(sub: argparse._SubParsersAction) -> None:
 
 def run_dreambooth_eval_command(args: argparse.Namespace) -> int:
     """Handle ``bksdm dreambooth-eval``."""
-    import torch
-
+    from bksdm.loading import resolve_device
     from bksdm.reports import markdown_table
     from bksdm.subject_metrics import SubjectScores
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     real = _read_images(args.instance_dir, "--instance-dir")
     if args.model:
         _generate_for_eval(args, device)
@@ -199,7 +198,11 @@ def run_dreambooth_eval_command(args: argparse.Namespace) -> int:
 
         record = {**dataclasses.asdict(scores), "dino_model": None if args.no_dino else args.dino_model}
         record["clip_model"] = None if args.no_clip else args.clip_model
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        from bksdm.artifacts import atomic_file
+
+        text = json.dumps(record, indent=2, allow_nan=False)
+        with atomic_file(Path(args.out)) as partial:
+            partial.write_text(text + "\n")
     return 0
 
 
@@ -270,6 +273,11 @@ def _generate_for_eval(args: argparse.Namespace, device: str) -> None:
         raise SubjectDataError("--model needs --prompts (the prompts to generate)")
     if args.num_images_per_prompt < 1:
         raise SubjectDataError(f"--num-images-per-prompt must be at least 1, got {args.num_images_per_prompt}")
+    from bksdm.sampling import check_batch_size, check_guidance, check_steps
+
+    check_steps(args.steps)
+    check_guidance(args.guidance_scale, "--guidance-scale")
+    check_batch_size(args.batch_size)
     out = Path(args.images)
     if out.is_dir() and list_images(out, "images"):
         raise SubjectDataError(f"--images {out} already holds images; give an empty or new folder with --model")

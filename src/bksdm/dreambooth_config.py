@@ -9,12 +9,14 @@ in by :meth:`DreamBoothConfig.resolved`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bksdm.checkpoints import STATE_FILE, complete_checkpoints
 from bksdm.data.images import BadRecordError, open_image
 from bksdm.lora import text_encoder_lora_problem
+from bksdm.sampling import SamplingError, check_guidance, check_steps
 from bksdm.subject_data import list_images
 
 __all__ = ["RUN_FILE", "DreamBoothConfig", "DreamBoothError", "check_config"]
@@ -174,9 +176,32 @@ def check_config(cfg: DreamBoothConfig) -> list[Path]:
         "--prior-loss-weight": cfg.prior_loss_weight,
         "--max-grad-norm": cfg.max_grad_norm,
     }
-    problems += [f"{name} must not be negative, got {value}" for name, value in non_negative.items() if value < 0]
-    if cfg.lr is not None and not cfg.lr > 0:
+    # NaN compares false with everything, so each number is checked finite first: a NaN weight trained the
+    # model to NaN weights and wrote them.
+    finite = {"--lr": cfg.lr, "--lora-alpha": cfg.lora_alpha, **non_negative}
+    not_finite = [name for name, value in finite.items() if value is not None and not math.isfinite(value)]
+    problems += [f"{name} must be a finite number, got {finite[name]}" for name in not_finite]
+    problems += [
+        f"{name} must not be negative, got {value}"
+        for name, value in non_negative.items()
+        if name not in not_finite and value < 0
+    ]
+    if cfg.prior_loss_weight == 0 and cfg.prior_preservation:
+        problems.append("--prior-loss-weight 0 turns the class loss off: give a weight above 0 (paper: 1.0)")
+    if cfg.lr is not None and "--lr" not in not_finite and not cfg.lr > 0:
         problems.append(f"--lr must be positive, got {cfg.lr}")
+    if cfg.lora_alpha is not None and "--lora-alpha" not in not_finite and not cfg.lora_alpha > 0:
+        problems.append(f"--lora-alpha must be positive, got {cfg.lora_alpha}")
+    # Class and validation images: the rules of bksdm generate (one set, bksdm.sampling).
+    for check, value, option in (
+        (check_steps, cfg.sample_steps, "--sample-steps"),
+        (check_guidance, cfg.guidance_scale, "--guidance-scale"),
+    ):
+        if value is not None:
+            try:
+                check(value, option)
+            except SamplingError as err:
+                problems.append(str(err))
     if cfg.resolution is not None and (cfg.resolution < 8 or cfg.resolution % 8):
         problems.append(f"--resolution must be a positive multiple of 8, got {cfg.resolution}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):

@@ -41,6 +41,7 @@ __all__ = [
     "EvaluationError",
     "EvaluationOptions",
     "ImageRecord",
+    "check_resize",
     "compute_reference",
     "describe_images",
     "evaluate",
@@ -141,7 +142,13 @@ def _manifest_of(folder: Path, manifest: str | Path | None) -> Path | None:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The image files of ``folder``, sorted; a symlink that is not a folder counts even when it leads nowhere
+    (a loop, a missing target), so that reading it fails and it is named and counted as unreadable."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and _is_image_file(p))
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() or (path.is_symlink() and not path.is_dir())
 
 
 def describe_images(images: str | Path, manifest: str | Path | None, count: int) -> str:
@@ -175,7 +182,7 @@ def find_images(images: str | Path, manifest: str | Path | None = None) -> list[
     manifest = _manifest_of(folder, manifest)
     if manifest is not None:
         records = read_manifest(manifest)
-        missing = [r.file for r in records if not r.file.is_file()]
+        missing = [r.file for r in records if not _is_image_file(r.file)]  # a broken symlink: read and counted
         if missing:
             raise EvaluationError(
                 f"{len(missing)} of the {len(records)} image(s) that the manifest {manifest} lists are missing, e.g. "
@@ -296,6 +303,7 @@ def compute_reference(
     Returns:
         The statistics and the features (N, 2048).
     """
+    check_resize(resize)
     records = find_images(images)
     skipped: list[str] = []
     feats = [
@@ -329,7 +337,7 @@ def load_statistics(path: str | Path) -> tuple[M.FeatureStatistics, np.ndarray |
     """Read an ``.npz`` with ``mu`` and ``sigma`` (pytorch-fid's, clean-fid's or ours) and ``features`` if present.
 
     Raises:
-        EvaluationError: The file is missing or lacks ``mu``/``sigma``.
+        EvaluationError: The file is missing, lacks ``mu``/``sigma``, or holds NaN or infinite values.
     """
     path = Path(path)
     if not path.is_file():
@@ -348,6 +356,15 @@ def load_statistics(path: str | Path) -> tuple[M.FeatureStatistics, np.ndarray |
         if isinstance(err, EvaluationError):
             raise
         raise EvaluationError(f"cannot read {path} as statistics: {err}") from None
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, **({"features": features} if features is not None else {})}
+    for key, array in arrays.items():
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise EvaluationError(
+                f"{path}: '{key}' holds {bad} NaN or infinite value(s) of {np.size(array)}, so every distance "
+                "to it would be NaN: the file is damaged or was computed from broken features; make it again "
+                "with `bksdm fid-stats DIR --out STATS.npz`"
+            )
     return stats, features
 
 
@@ -411,7 +428,29 @@ def _choose_metrics(options: EvaluationOptions, prompts: list[str | None]) -> li
     return chosen
 
 
+MAX_RESIZE = 4096
+"""Largest ``resize`` / ``ref_resize`` (the paper's is 256): a batch of 50 images at 4096 px is 2.5 GB."""
+
+
+def check_resize(value: Any, option: str = "--resize") -> int | None:
+    """A paper-style resize side: None (no resize) or a whole number of pixels from 1 to :data:`MAX_RESIZE`.
+
+    Raises:
+        EvaluationError: 0, negative, not a whole number, or too large.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RESIZE:
+        raise EvaluationError(
+            f"{option} {value}: give the side in pixels to resize to, from 1 to {MAX_RESIZE} (the paper's is "
+            f"256), or leave {option} out to score the images at their own size"
+        )
+    return value
+
+
 def _check(options: EvaluationOptions, chosen: list[str], prompts: list[str | None]) -> None:
+    check_resize(options.resize, "--resize")
+    check_resize(options.ref_resize, "--ref-resize")
     if {"fid", "kid"} & set(chosen) and options.reference is None and options.ref_images is None:
         raise EvaluationError(
             "FID/KID need a reference: --ref STATS.npz (pytorch-fid format; make one with `bksdm fid-stats "
@@ -440,6 +479,19 @@ def _check_count(options: EvaluationOptions, chosen: list[str], count: int, wher
         if count < needs.get(metric, 1):
             name = {"is": "the Inception Score", "shapes": "the shapes metrics"}.get(metric, metric.upper())
             raise EvaluationError(f"{name} needs at least {needs[metric]} images{hints.get(metric, '')}, but {where}")
+
+
+def _finite(outputs: np.ndarray, network: str, weights: str | None, chunk: list[ImageRecord]) -> np.ndarray:
+    """``outputs``, refused when they hold NaN or infinity: a metric would come out NaN, or (the Inception Score
+    ignores NaN probabilities) a plausible-looking 1.0."""
+    outputs = np.asarray(outputs)
+    if not np.isfinite(outputs).all():
+        raise EvaluationError(
+            f"{network} gave NaN or infinite outputs for the images from {chunk[0].file} on: its weights"
+            + (f" ({weights})" if weights else "")
+            + " hold non-finite values (damaged, or saved from a run that diverged); use intact weights"
+        )
+    return outputs
 
 
 def evaluate(
@@ -473,7 +525,9 @@ def evaluate(
     chosen = _choose_metrics(options, prompts)
     _check(options, chosen, prompts)
     _check_count(options, chosen, len(records), describe_images(images, manifest, len(records)))
-    device = torch.device(options.device)
+    from bksdm.loading import resolve_device
+
+    device = resolve_device(options.device)
     networks: dict[str, Any] = {}
     results: dict[str, Any] = {}
 
@@ -543,12 +597,13 @@ def evaluate(
         scored += chunk
         if net is not None:
             f, lg = _inception_batch(net, batch, bool({"fid", "kid"} & set(chosen)), "is" in chosen)
-            feats.append(f)
-            logits.append(lg)
+            feats.append(_finite(f, "Inception-v3", networks.get("inception"), chunk))
+            logits.append(_finite(lg, "Inception-v3", networks.get("inception"), chunk))
         if clip is not None:
-            cosines.append(M.cosine_similarities(clip.embed_images(batch), clip.embed_texts([r.prompt for r in chunk])))
+            cosine = M.cosine_similarities(clip.embed_images(batch), clip.embed_texts([r.prompt for r in chunk]))
+            cosines.append(_finite(cosine, "CLIP", networks.get("clip"), chunk))
         if classifier is not None:
-            shape_feats.append(shapes.features(classifier, batch))
+            shape_feats.append(_finite(shapes.features(classifier, batch), "the shapes classifier", None, chunk))
             predicted.extend(shapes.predict(classifier, batch))
 
     count = len(scored)
@@ -581,6 +636,12 @@ def evaluate(
         results["shapes_prompt_accuracy"] = float(np.mean([p == w for p, w in zip(predicted, wanted, strict=True)]))
         results["shapes_frechet_distance"] = M.frechet_distance(
             M.feature_statistics(np.concatenate(shape_feats)), shapes_reference
+        )
+    broken = {k: v for k, v in results.items() if not np.isfinite(v)}
+    if broken:  # never a NaN figure (nor invalid JSON) written as a result
+        raise EvaluationError(
+            f"{', '.join(f'{k} = {v}' for k, v in broken.items())}: a figure came out NaN or infinite; the images "
+            f"or the networks' weights hold non-finite values ({', '.join(f'{k}: {v}' for k, v in networks.items())})"
         )
     return {
         "images": str(images),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,13 +13,26 @@ __all__ = ["add_evaluate_commands", "run_evaluate", "run_fid_stats", "run_report
 
 
 def _device(name: str | None) -> str:
-    import torch
+    """The ``--device`` checked by the one rule every command shares (``tpu``, or CUDA without a GPU: exit 2)."""
+    from bksdm.loading import resolve_device
 
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return name
+    return str(resolve_device(name))
+
+
+def _go_offline() -> None:
+    """``--offline``: as HF_HUB_OFFLINE=1, for what is loaded from here on.
+
+    The Hugging Face libraries read HF_HUB_OFFLINE when they are imported, which ``bksdm.cli`` has done by the
+    time the option is parsed: without this a hub id that is not in the cache was retried for ~40 s before the
+    error. The environment variable reaches the loaders that read it per call (``local_files_only`` of the
+    CLIP loader, the Inception weights); huggingface_hub's own flag makes its downloads fail at once.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # a hub library is not needed for local weights
+        return
+    constants.HF_HUB_OFFLINE = True
 
 
 def _progress(command: str):
@@ -144,6 +158,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     if args.batch_size < 1:
         raise EvaluationError("--batch-size must be at least 1")
+    if args.offline:
+        _go_offline()
     if args.save_ref and not args.ref_images:
         raise EvaluationError("--save-ref caches a reference computed from --ref-images: give --ref-images DIR")
     options = EvaluationOptions(
@@ -172,9 +188,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise EvaluationError(str(err)) from err
     out = Path(args.out) if args.out else Path(args.images) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2, allow_nan=False)  # evaluate() refuses non-finite figures
     with atomic_file(out) as partial:
-        partial.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2) if args.json else format_results(result))
+        partial.write_text(text + "\n")
+    print(text if args.json else format_results(result))
     if not args.json:
         print(f"\nresults: {out}")
     return 0
@@ -182,11 +199,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_fid_stats(args: argparse.Namespace) -> int:
     """Handle ``bksdm fid-stats``."""
-    from bksdm.evaluate import EvaluationError, compute_reference, save_statistics
+    from bksdm.evaluate import EvaluationError, check_resize, compute_reference, save_statistics
     from bksdm.inception import load_inception
 
     if args.batch_size < 1:
         raise EvaluationError("--batch-size must be at least 1")
+    check_resize(args.resize)
+    if args.offline:
+        _go_offline()
     say = _progress("fid-stats")
     try:
         say("loading Inception-v3")

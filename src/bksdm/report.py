@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image
 
 from bksdm.artifacts import atomic_file
-from bksdm.evaluate import METRIC_LABELS, EvaluationError, ImageRecord, find_images
+from bksdm.evaluate import MANIFEST_NAME, METRIC_LABELS, EvaluationError, ImageRecord, find_images
 from bksdm.reports import human, markdown_table
 
 __all__ = ["ReportError", "ReportOptions", "add_report_arguments", "collect_model", "parse_named", "write_report"]
@@ -103,9 +103,14 @@ def parse_named(items: Sequence[str], option: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------- collecting
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value (a figure that came out {constant} is no figure)")
+
+
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        # Python's json reads NaN and Infinity, which JSON does not have: a report would show them as figures.
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_json)
     except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise ReportError(f"cannot read {what} {path}: {err}") from None
     if not isinstance(data, dict):
@@ -121,6 +126,14 @@ def collect_model(name: str, source: str, evaluation: str | None, pipeline: str 
     if path.is_file():
         evaluation = evaluation or str(path)
     elif path.is_dir():
+        if not (path / MANIFEST_NAME).is_file():
+            # Without it the images have no prompts or seeds: the grid would pair them by file name alone, and
+            # the report's "same prompts and seeds" would be unchecked.
+            raise ReportError(
+                f"--model {name}={source}: {path} has no {MANIFEST_NAME}, the prompt and seed of each image that "
+                f"bksdm generate writes there; give the folder bksdm generate wrote, or only the figures: "
+                f"--model {name}={path / EVALUATION_FILE}"
+            )
         if (path / GENERATION_SETTINGS).is_file():
             settings = _read_json(path / GENERATION_SETTINGS, "generation settings").get("settings")
             entry["generation"] = settings if isinstance(settings, dict) else None
@@ -136,8 +149,15 @@ def collect_model(name: str, source: str, evaluation: str | None, pipeline: str 
         if not Path(evaluation).is_file():
             raise ReportError(f"{name}: evaluation file {evaluation} not found (run bksdm evaluate first)")
         entry["evaluation"] = _read_json(Path(evaluation), "evaluation")
-        if not isinstance(entry["evaluation"].get("metrics"), dict):
+        metrics = entry["evaluation"].get("metrics")
+        if not isinstance(metrics, dict):
             raise ReportError(f"{name}: {evaluation} is not a bksdm evaluate result (no 'metrics')")
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ReportError(
+                    f"{name}: evaluation {evaluation}: metric {key!r} is {value!r}, not a number; run bksdm "
+                    "evaluate again"
+                )
         entry["evaluation_file"] = evaluation
     generation = entry["generation"] or {}
     entry["pipeline"] = pipeline or generation.get("model")
@@ -334,8 +354,10 @@ def write_report(
         unknown = [n for n in named if n not in options.models]
         if unknown:
             raise ReportError(f"{option} {unknown[0]}: no --model of that name (models: {', '.join(options.models)})")
-    if options.columns < 0 or options.steps < 1:
-        raise ReportError("--columns must be >= 0 and --steps >= 1")
+    if isinstance(options.columns, bool) or not isinstance(options.columns, int) or options.columns < 1:
+        raise ReportError(f"--columns {options.columns}: the image grid needs at least 1 prompt (default 8)")
+    if isinstance(options.steps, bool) or not isinstance(options.steps, int) or options.steps < 1:
+        raise ReportError(f"--steps {options.steps}: the latency needs at least 1 denoising step (default 25)")
     entries = [
         collect_model(n, src, options.evaluations.get(n), options.pipelines.get(n)) for n, src in options.models.items()
     ]

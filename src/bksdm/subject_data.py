@@ -63,7 +63,13 @@ def list_images(folder: str | os.PathLike, what: str = "instance") -> list[Path]
     folder = Path(folder)
     if not folder.is_dir():
         raise SubjectDataError(f"--{what}-dir {folder}: no such folder; give a folder of images of the subject")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # A symlink that leads nowhere (a loop, a missing target) is listed too, so that reading it fails and names
+    # it (every image is checked before the model loads) instead of its being left out without a word.
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.is_dir()))
+    )
 
 
 def load_pixels(paths: Sequence[Path], resolution: int) -> torch.Tensor:

@@ -257,8 +257,8 @@ class FolderSource:
 
     The metadata is ``metadata.csv`` (parsed strictly, see :func:`csv_rows`: captions may hold commas, quotes
     and newlines when quoted; a stray quote or a row with a field too many is an error naming the line) or
-    ``metadata.jsonl`` (one JSON object per line; a caption may be a list of captions; a malformed line is
-    skipped with a warning). Both must be UTF-8. Image paths in it are relative to ``root``. Images are not
+    ``metadata.jsonl`` (one JSON object per line; a caption may be a list of captions; a malformed line is an
+    error naming it, as in a CSV). Both must be UTF-8. Image paths in it are relative to ``root``. Images are not
     opened here: a missing or broken file surfaces when the record is loaded, where :class:`DistillDataset`
     skips it.
 
@@ -269,9 +269,9 @@ class FolderSource:
         caption_column: Column holding the caption.
 
     Raises:
-        DataError: If the folder or the metadata file does not exist, the file is empty, not UTF-8 or malformed
-            CSV (naming the line), a column is missing (naming the file, the column and the columns present),
-            the metadata format is unknown, or it holds no records.
+        DataError: If the folder or the metadata file does not exist, the file is empty, not UTF-8, malformed
+            CSV or a JSONL line that is not a JSON object (naming the line), a column is missing (naming the
+            file, the column and the columns present), the metadata format is unknown, or it holds no records.
     """
 
     def __init__(
@@ -287,7 +287,6 @@ class FolderSource:
         self.metadata = self._find_metadata(metadata)
         self.image_column = image_column
         self.caption_column = caption_column
-        self.num_bad_lines = 0
         self._files = _StringTable()
         self._captions = _StringTable()
         if self.metadata.stat().st_size == 0:
@@ -378,26 +377,35 @@ class FolderSource:
                 if not text.strip():
                     continue
                 try:
-                    row = json.loads(text)
-                except ValueError:
-                    row = None
+                    row = json.loads(text.rstrip("\r\n"))
+                except json.JSONDecodeError as err:
+                    row, reason = None, f"not valid JSON ({err.msg} at character {err.pos + 1})"
+                except RecursionError:
+                    row, reason = None, "JSON nested too deeply to read"
+                else:
+                    reason = f"a JSON {type(row).__name__ if row is not None else 'null'}, not an object"
                 if not isinstance(row, dict):
-                    bad_lines.append(line_number)
+                    bad_lines.append((line_number, reason))
                     continue
                 columns.update(row)
                 image = row.get(self.image_column)
                 self._files.append(image if isinstance(image, str) and image else None)
                 self._captions.append(row.get(self.caption_column))
-        if bad_lines:
-            shown = ", ".join(map(str, bad_lines[:20])) + (", ..." if len(bad_lines) > 20 else "")
-            logger.warning("%s: skipped %d malformed JSON line(s): %s", self.metadata, len(bad_lines), shown)
-        self.num_bad_lines = len(bad_lines)
         if not columns and not bad_lines:
             raise DataError(f"{self.metadata} holds only blank lines; {self._layout_hint()}")
         if not columns:
             raise DataError(
                 f"{self.metadata}: none of its {len(bad_lines)} line(s) is a JSON object (first bad line: "
-                f"{bad_lines[0]}); {self._layout_hint()}"
+                f"{bad_lines[0][0]}, {bad_lines[0][1]}); {self._layout_hint()}"
+            )
+        if bad_lines:
+            # Never drop records silently: a data set shortened without a word trains on less than the user
+            # gave, or fails later on a count that names no line (as a stray quote in a CSV would).
+            line_number, reason = bad_lines[0]
+            more = f" (and {len(bad_lines) - 1} more malformed line(s))" if len(bad_lines) > 1 else ""
+            raise DataError(
+                f"{self.metadata}, line {line_number}: {reason}{more}; {self._layout_hint()}, each on one line "
+                f"(a caption's line breaks written as \\n); fix or delete the line"
             )
         missing = [c for c in (self.image_column, self.caption_column) if c not in columns]
         if missing:
