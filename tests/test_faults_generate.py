@@ -86,7 +86,7 @@ def hidden(folder: Path) -> list[str]:
         (["--guidance", "0.5"], "--guidance 0.5: guidance applies only above 1"),
         (["--steps", "0"], "--steps 0: needs at least 1 denoising step"),
         (["--steps", "-3"], "--steps -3: needs at least 1 denoising step"),
-        (["--steps", "5000"], "--steps 5000: the model's scheduler was trained with 1000 timesteps"),
+        (["--steps", "5000"], "--steps 5000: the model's PNDMScheduler (trained on 1000 timesteps) can take at most"),
         (["--batch-size", "0"], "--batch-size 0: give a whole number of images per call, at least 1"),
         (["--resize", "0"], "--resize 0: give a positive size in pixels"),
         (["--device", "tpu"], "--device tpu: not a device bksdm runs on; use cpu, cuda or cuda:N"),
@@ -574,3 +574,20 @@ def test_profile_out_into_a_read_only_folder_is_one_line(tmp_path, capsys) -> No
     line = one_error_line(capsys.readouterr().err, "profile")
     assert f"could not write {parent / 'p.json'}: permission denied" in line
     assert list(parent.iterdir()) == []
+
+
+def test_steps_are_checked_against_what_the_scheduler_can_take(tiny_sd_dir, tiny_sd_pipe, prompts, tmp_path, capsys):
+    """SD's PNDM (1000 training timesteps, steps_offset 1) can take 999 steps: at 1000 its last timestep is 1000,
+    one past its noise table, and every request of `bksdm serve --steps 1000` failed with an IndexError."""
+    from bksdm.sampling import SamplingError, check_scheduler_steps
+    from bksdm.serve import DemoApp, SamplingSettings, ServedModel
+
+    scheduler = tiny_sd_pipe.scheduler
+    assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.steps_offset == 1
+    assert check_scheduler_steps(scheduler, 999) == 999
+    with pytest.raises(SamplingError, match="--steps 1000: the model's PNDMScheduler .* at most 999 steps"):
+        check_scheduler_steps(scheduler, 1000)
+    assert generate(tiny_sd_dir, prompts, tmp_path / "out", "--steps", "1000") == 2
+    assert "at most 999 steps" in capsys.readouterr().err and not (tmp_path / "out" / "manifest.jsonl").exists()
+    with pytest.raises(SamplingError, match="steps 1000: .* at most 999 steps"):
+        DemoApp([ServedModel("teacher", str(tiny_sd_dir), tiny_sd_pipe)], SamplingSettings(steps=1000))

@@ -233,7 +233,7 @@ def test_app_rejects_no_models_and_duplicate_names(app) -> None:
         DemoApp([])
     with pytest.raises(ValueError, match="unique"):
         DemoApp([app.models[0], app.models[0]])
-    with pytest.raises(ValueError, match="steps must be at least 1"):
+    with pytest.raises(ValueError, match="steps 0: needs at least 1 denoising step"):
         SamplingSettings(steps=0)
 
 
@@ -269,7 +269,7 @@ def test_cli_user_errors_exit_2(models_dir, tmp_path, capsys) -> None:
     assert main(["serve", "--teacher", str(teacher), "--student", str(not_a_pipeline), "--port", "0"]) == 2
     assert "has no model_index.json" in capsys.readouterr().err
     assert main(["serve", "--teacher", str(teacher), "--steps", "0", "--port", "0"]) == 2
-    assert "steps must be at least 1" in capsys.readouterr().err
+    assert "steps 0: needs at least 1 denoising step" in capsys.readouterr().err
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

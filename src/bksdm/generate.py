@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bksdm.sampling import check_batch_size, check_guidance, check_side, check_steps
+from bksdm.sampling import check_batch_size, check_guidance, check_scheduler_steps, check_side
 from bksdm.seeding import mix_seed
 
 
@@ -69,7 +69,7 @@ def generate_images(
             :mod:`bksdm.sampling`).
         ValueError: Not as many seeds as prompts.
     """
-    check_steps(steps, "steps")
+    check_scheduler_steps(pipe.scheduler, steps, "steps")
     check_guidance(guidance_scale, "guidance_scale")
     check_batch_size(batch_size, "batch_size")
     factor = getattr(pipe, "vae_scale_factor", None)

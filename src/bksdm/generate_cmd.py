@@ -260,7 +260,7 @@ def _unet_config(ref: str, folder: str, subfolder: str | None) -> dict[str, Any]
 
 
 def _settings_of(args: argparse.Namespace, pipe, model: str, dtype_name: str) -> GenerationSettings:
-    from bksdm.sampling import check_side, check_steps
+    from bksdm.sampling import check_scheduler_steps, check_side
 
     sample_size = pipe.unet.config.sample_size
     native = sample_size * pipe.vae_scale_factor if isinstance(sample_size, int) else None
@@ -270,7 +270,7 @@ def _settings_of(args: argparse.Namespace, pipe, model: str, dtype_name: str) ->
         raise GenerateError("the model has no single native size: pass --height and --width")
     check_side(height, "--height", pipe.vae_scale_factor)
     check_side(width, "--width", pipe.vae_scale_factor)
-    check_steps(args.steps, max_steps=getattr(pipe.scheduler.config, "num_train_timesteps", None))
+    check_scheduler_steps(pipe.scheduler, args.steps)
     return GenerationSettings(
         model=_canonical(model),
         unet=_canonical(args.unet) if args.unet else None,

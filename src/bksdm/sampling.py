@@ -78,6 +78,36 @@ def check_steps(steps: Any, option: str = "--steps", max_steps: int | None = Non
     return steps
 
 
+def check_scheduler_steps(scheduler: Any, steps: int, option: str = "--steps") -> int:
+    """``steps`` checked against what ``scheduler`` can really take: it is asked for that many timesteps.
+
+    A scheduler trained on T timesteps with ``steps_offset`` 1 (PNDM, DDIM as SD configures them) can take at
+    most T - 1 steps: at T its last timestep is T, one past its noise table (an IndexError mid-generation).
+
+    Raises:
+        SamplingError: The scheduler cannot take that many steps (the message gives the most it can).
+    """
+    check_steps(steps, option)
+    total = int(scheduler.config.get("num_train_timesteps", 0) or 0)
+    if total <= 0:
+        return steps
+    fits = steps <= total  # beyond it, schedules repeat timesteps (PNDM: 5000 steps all at t=1)
+    if fits:
+        trial = type(scheduler).from_config(scheduler.config)
+        try:
+            trial.set_timesteps(steps)
+            fits = int(torch.as_tensor(trial.timesteps).max()) < total
+        except (ValueError, IndexError, RuntimeError):
+            fits = False
+    if not fits:
+        most = total - int(scheduler.config.get("steps_offset", 0) or 0)
+        raise SamplingError(
+            f"{option} {steps}: the model's {type(scheduler).__name__} (trained on {total} timesteps) can take "
+            f"at most {most} steps; give {most} or fewer"
+        )
+    return steps
+
+
 def check_guidance(guidance: Any, option: str = "--guidance") -> float:
     """``guidance`` as a finite float that is 0, or 1 and above.
 

@@ -42,6 +42,7 @@ from typing import Any
 from PIL import Image
 
 from bksdm.generate import generate_images
+from bksdm.sampling import check_guidance, check_scheduler_steps, check_side, check_steps
 from bksdm.serve_page import PAGE
 
 __all__ = [
@@ -112,11 +113,12 @@ class SamplingSettings:
     width: int | None = None
     """Image width in pixels (None: the pipeline's native size)."""
 
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1 (got {self.steps})")
-        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):  # NaN passed a plain "< 0"
-            raise ValueError(f"guidance scale must be a finite number, 0 or more (got {self.guidance_scale})")
+    def __post_init__(self) -> None:  # the rules of every sampling command (bksdm.sampling)
+        check_steps(self.steps, "steps")
+        check_guidance(self.guidance_scale, "guidance")
+        for option, side in (("height", self.height), ("width", self.width)):
+            if side is not None:
+                check_side(side, option, 8)
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,8 @@ class DemoApp:
             raise ValueError(f"model names must be unique (got {names})")
         self.models = list(models)
         self.settings = settings or SamplingSettings()
+        for model in self.models:  # refused at start, not at every request
+            check_scheduler_steps(model.pipe.scheduler, self.settings.steps, "steps")
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 

@@ -106,16 +106,10 @@ def default_sampling(teacher: str, steps: int | None = None, guidance: float | N
 
 
 def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
-    from bksdm.loading import parse_dtype
+    from bksdm.loading import parse_dtype, resolve_device
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    resolved = resolve_device(device)
+    device = str(resolved)
     if dtype is None:
         return device, torch.float16 if resolved.type == "cuda" else torch.float32
     return device, parse_dtype(dtype)
