@@ -347,3 +347,11 @@ def test_gradient_checkpointing_trains_on_the_cpu(tiny_sd_dir, data, tmp_path) -
     out = tmp_path / "run"
     assert run(tiny_sd_dir, data, out, train__gradient_checkpointing=True, train__max_steps=2) == 0
     assert (out / "student" / "model_index.json").is_file()
+
+
+def test_cache_of_bad_data_leaves_no_folder(tiny_sd_dir, tmp_path, capsys) -> None:
+    empty = tmp_path / "no-metadata"
+    empty.mkdir()
+    args = ["cache", "--out", str(tmp_path / "cache"), f"model.teacher={tiny_sd_dir}", f"data.train={empty}"]
+    assert main(args) == 2
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "cache").exists()

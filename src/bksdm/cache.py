@@ -107,9 +107,11 @@ def build_cache(
     store = parse_dtype(dtype)
     teacher = teacher_or_default(cfg.model.teacher)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    source = open_source(cfg.data.train, **_columns(cfg))
+    source = open_source(cfg.data.train, **_columns(cfg))  # bad data fails before the folder is made
+    if out.exists() and not out.is_dir():
+        raise CacheError(f"--out {out} is a file; give a folder for the cache")
+    out.mkdir(parents=True, exist_ok=True)
     total = len(source) if cfg.data.max_samples is None else min(len(source), cfg.data.max_samples)
     meta = {
         "format": FORMAT_VERSION,
