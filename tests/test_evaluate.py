@@ -191,7 +191,8 @@ def clip_folder(tmp_path_factory) -> Path:
     return folder / "model"
 
 
-def _shapes_folder(folder: Path, count: int, seed: int) -> list[str]:
+def shapes_folder(folder: Path, count: int, seed: int = 3, listed: int | None = None) -> list[str]:
+    """``count`` shapes-world images with a manifest listing the first ``listed`` of them (all by default)."""
     from bksdm.toy.shapes import pairs
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,14 +201,14 @@ def _shapes_folder(folder: Path, count: int, seed: int) -> list[str]:
         image.save(folder / f"{i:06d}.png")
         prompts.append(scene.caption)
         lines.append(json.dumps({"index": i, "prompt": scene.caption, "seed": i, "file": f"{i:06d}.png"}))
-    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "manifest.jsonl").write_text("\n".join(lines[:listed]) + "\n")
     return prompts
 
 
 def test_clip_score_with_a_saved_hf_clip(tmp_path, clip_folder, capsys):
     from transformers import CLIPModel, CLIPProcessor
 
-    prompts = _shapes_folder(tmp_path / "gen", 6, seed=11)
+    prompts = shapes_folder(tmp_path / "gen", 6, seed=11)
     # Shuffle the manifest's lines: prompts must follow their files, not the line order.
     manifest = (tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()
     (tmp_path / "gen" / "manifest.jsonl").write_text("\n".join(manifest[::-1]) + "\n")
@@ -264,7 +265,7 @@ def test_user_errors_exit_2_with_a_clear_message(tmp_path, inception_file, capsy
     assert code == 2 and "--features" in err
 
     # Prompts present but no CLIP weights: the message says how to get them.
-    _shapes_folder(tmp_path / "shapes", 2, seed=1)
+    shapes_folder(tmp_path / "shapes", 2, seed=1)
     code, _, err = _run(capsys, "evaluate", "--images", str(tmp_path / "shapes"), "--metrics", "clip",
                         "--clip-model", "hf:nobody/no-such-clip")  # fmt: skip
     assert code == 2 and "huggingface-cli download nobody/no-such-clip" in err

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_evaluate import shapes_folder
 from torch.utils.data import DataLoader
 
 from bksdm.cli import main
@@ -308,22 +309,8 @@ def test_hf_data_without_datasets_exits_2(tmp_path: Path, tiny_sd_dir: Path, cap
 # -------------------------------------------------------------------------------- evaluate and report
 
 
-def _shapes_folder(folder: Path, count: int, listed: int | None = None, seed: int = 3) -> list[str]:
-    """``count`` shapes-world images with a manifest listing the first ``listed`` of them."""
-    from bksdm.toy.shapes import pairs
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lines, prompts = [], []
-    for i, (image, scene) in enumerate(pairs(seed, count)):
-        image.save(folder / f"{i:06d}.png")
-        prompts.append(scene.caption)
-        lines.append(json.dumps({"index": i, "prompt": scene.caption, "seed": i, "file": f"{i:06d}.png"}))
-    (folder / "manifest.jsonl").write_text("\n".join(lines[:listed]) + "\n")
-    return prompts
-
-
 def test_a_manifest_listing_fewer_images_than_the_folder(tmp_path: Path, capsys) -> None:
-    _shapes_folder(tmp_path / "gen", 12, listed=1)
+    shapes_folder(tmp_path / "gen", 12, listed=1)
     code, _, err = _run(capsys, "evaluate", "--images", str(tmp_path / "gen"), "--shapes-reference-count", "300")
     assert code == 2
     assert (
@@ -335,7 +322,7 @@ def test_a_manifest_listing_fewer_images_than_the_folder(tmp_path: Path, capsys)
 
 
 def test_a_manifest_listing_missing_images(tmp_path: Path, capsys) -> None:
-    _shapes_folder(tmp_path / "gen", 3)
+    shapes_folder(tmp_path / "gen", 3)
     (tmp_path / "gen" / "000001.png").unlink()
     code, _, err = _run(capsys, "evaluate", "--images", str(tmp_path / "gen"))
     manifest = tmp_path / "gen" / "manifest.jsonl"
@@ -421,8 +408,8 @@ def test_too_few_readable_images_say_so(tmp_path: Path, inception_file: Path, ca
 
 
 def test_report_leaves_an_unreadable_image_out_of_the_grid(tmp_path: Path) -> None:
-    prompts = _shapes_folder(tmp_path / "a", 4)
-    _shapes_folder(tmp_path / "b", 4)
+    prompts = shapes_folder(tmp_path / "a", 4)
+    shapes_folder(tmp_path / "b", 4)
     (tmp_path / "b" / "000002.png").write_text("not an image")
     report = write_report(tmp_path / "out", ReportOptions(models={"a": str(tmp_path / "a"), "b": str(tmp_path / "b")},
                                                            profile=False, columns=4))  # fmt: skip
@@ -576,7 +563,7 @@ def test_offline_clip_from_the_hub_fails_at_once(tmp_path: Path, capsys, monkeyp
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test, as is the flag below
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    _shapes_folder(tmp_path / "gen", 2)
+    shapes_folder(tmp_path / "gen", 2)
     started = time.perf_counter()
     code, _, err = _run(capsys, "evaluate", "--images", str(tmp_path / "gen"), "--metrics", "clip", "--clip-model",
                         "hf:nobody-here/no-such-clip", "--offline", "--device", "cpu")  # fmt: skip
