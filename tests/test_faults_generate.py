@@ -591,3 +591,104 @@ def test_steps_are_checked_against_what_the_scheduler_can_take(tiny_sd_dir, tiny
     assert "at most 999 steps" in capsys.readouterr().err and not (tmp_path / "out" / "manifest.jsonl").exists()
     with pytest.raises(SamplingError, match="steps 1000: .* at most 999 steps"):
         DemoApp([ServedModel("teacher", str(tiny_sd_dir), tiny_sd_pipe)], SamplingSettings(steps=1000))
+
+
+# --- resuming into a folder with broken records or images; symlinks among img2img inputs ---------------------
+
+
+def test_generate_resume_draws_a_truncated_image_again(tiny_sd_dir, prompts, tmp_path, capsys, caplog) -> None:
+    # Was: a truncated 000002.png (an older version killed mid-write) counted as done and was kept.
+    out = tmp_path / "out"
+    assert generate(tiny_sd_dir, prompts, out, "--batch-size", "4") == 0
+    whole = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    (out / "000002.png").write_bytes(whole["000002.png"][:50])  # cut inside the header's chunks
+    (out / "000001.png").write_bytes(whole["000001.png"][: len(whole["000001.png"]) // 2])  # cut inside the pixels
+    capsys.readouterr()
+    assert generate(tiny_sd_dir, prompts, out, "--batch-size", "4") == 0
+    printed = capsys.readouterr().out
+    assert "(2 generated, 2 already there; 000001.png and 1 more did not read and were drawn again;" in printed
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == whole  # the same bytes as the first run
+    warned = [r.getMessage() for r in caplog.records if r.name == "bksdm.generate_cmd"]
+    assert any(m.startswith(f"{out / '000001.png'} does not read (") for m in warned), warned
+    assert any(m.startswith(f"{out / '000002.png'} does not read (") for m in warned), warned
+    runs = json.loads((out / "settings.json").read_text())["runs"]
+    assert [(r["generated"], r["skipped"], r["redrawn_unreadable"]) for r in runs[1:]] == [(2, 2, 2)]
+    # A whole set is left alone: nothing drawn again.
+    assert generate(tiny_sd_dir, prompts, out, "--batch-size", "4") == 0
+    assert "(0 generated, 4 already there; " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "problem"),
+    [
+        ("settings.json", '{"steps": NaN', "not valid JSON: NaN is not a JSON value"),
+        ("settings.json", '{"settings": {"steps": 2 "seed": 0}}', "not valid JSON: Expecting ',' delimiter: line 1"),
+        ("settings.json", "[1, 2]", "not a JSON object"),
+        ("settings.json", '{"settings": 7}', "its 'settings' entry is not a JSON object"),
+        ("manifest.jsonl", '{"index": 0, "prompt": "a red circle"}\n{"index": 1, "pro', "line 2 is not valid JSON"),
+        ("manifest.jsonl", '{"index": "0", "prompt": "a red circle"}\n', "line 1 is not an entry with an index"),
+    ],
+)
+def test_generate_resume_with_a_broken_record_names_the_file(
+    name, text, problem, tiny_sd_dir, prompts, tmp_path, capsys
+) -> None:
+    # Was: "Expecting ',' delimiter: line 1 column 14 (char 13)", naming no file.
+    out = tmp_path / "out"
+    assert generate(tiny_sd_dir, prompts, out) == 0
+    images = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    (out / name).write_text(text)
+    capsys.readouterr()
+    assert generate(tiny_sd_dir, prompts, out) == 2
+    line = one_error_line(capsys.readouterr().err, "generate")
+    assert f"bksdm generate: error: {out / name} is broken ({problem}" in line, line
+    assert line.endswith(
+        f"it records how the images in {out} were made, so bksdm cannot tell whether they match this command: "
+        "restore the file, or delete the folder (or use a new --out) to start over"
+    ), line
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == images and (out / name).read_text() == text
+
+
+def test_img2img_symlinks_that_lead_nowhere_keep_their_index(tiny_sd_dir, tmp_path, capsys) -> None:
+    # Was: a symlink loop in the folder was left out uncounted, and the seeds of the images after it moved.
+    from bksdm.img2img import image_seed
+
+    def inputs(folder: Path, broken) -> Path:
+        folder.mkdir()
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(folder / "a.png")
+        broken(folder / "b.png", "b.png")
+        broken(folder / "c.png", "nowhere.png")
+        Image.new("RGB", (64, 64), (30, 30, 200)).save(folder / "d.png")
+        return folder
+
+    argv = ["img2img", "--model", str(tiny_sd_dir), "--prompt", "a cat", "--steps", "2", "--batch-size", "4"]
+    links = inputs(tmp_path / "links", lambda p, target: os.symlink(target, p))  # b: a loop, c: no target
+    assert main([*argv, "--image", str(links), "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "translated 2 of 4 images" in captured.out and "2 skipped" in captured.out
+    record = json.loads((tmp_path / "out" / "img2img.json").read_text())
+    assert [(Path(e["input"]).name, e["seed"]) for e in record["images"]] == [
+        ("a.png", image_seed(0, 0)),
+        ("d.png", image_seed(0, 3)),
+    ]
+    assert record["skipped"] == [
+        {
+            "input": str(links / "b.png"),
+            "reason": f"{links / 'b.png'}: cannot read the image (a symbolic link that leads nowhere: a loop)",
+        },
+        {
+            "input": str(links / "c.png"),
+            "reason": f"{links / 'c.png'}: cannot read the image (a symbolic link that leads nowhere: its target "
+            "is missing)",
+        },
+    ]
+    assert f"skipped {links / 'b.png'}: cannot read the image" in captured.err
+    # The same outputs as when b and c are plain unreadable files.
+    plain = inputs(tmp_path / "plain", lambda p, target: p.write_bytes(b"not an image"))
+    assert main([*argv, "--image", str(plain), "--out", str(tmp_path / "out2")]) == 0
+    capsys.readouterr()
+    for name in ("a.png", "d.png"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "out2" / name).read_bytes()
+    # A single --image that leads nowhere is an error that says so.
+    assert main([*argv, "--image", str(links / "b.png"), "--out", str(tmp_path / "out3")]) == 2
+    line = one_error_line(capsys.readouterr().err, "img2img")
+    assert f"--image {links / 'b.png'}: a symbolic link that leads nowhere (a loop, or its target is missing)" in line

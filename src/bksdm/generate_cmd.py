@@ -14,7 +14,8 @@ The output folder::
     OUT/000000.png ...   one image per prompt, named by index
 
 Every image is written under a hidden partial name and renamed (:func:`bksdm.artifacts.atomic_file`), so a killed
-run or a full disk leaves only whole images; running the same command again skips them and makes the rest. A
+run or a full disk leaves only whole images; running the same command again skips them and makes the rest (an
+image that is there but does not read, e.g. truncated by an older version, is drawn again and logged). A
 folder made with other settings is refused (mixing them would corrupt an evaluation); a longer prompt file that
 starts with the same prompts extends a folder.
 
@@ -303,7 +304,9 @@ def _check_resume(out: Path, settings: GenerationSettings, prompts: list[PromptR
         if any(out.iterdir()):
             raise GenerateError(f"--out {out} is not empty and holds no {SETTINGS_FILE}; give a new or empty folder")
         return
-    previous = json.loads(settings_file.read_text(encoding="utf-8")).get("settings", {})
+    previous = _read_settings(settings_file).get("settings", {})
+    if not isinstance(previous, dict):
+        raise GenerateError(_broken_record(settings_file, "its 'settings' entry is not a JSON object"))
     current = json.loads(json.dumps(asdict(settings)))
     changed = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in current.items() if previous.get(k) != v]
     if changed:
@@ -313,14 +316,86 @@ def _check_resume(out: Path, settings: GenerationSettings, prompts: list[PromptR
         )
     manifest = out / MANIFEST_FILE
     if manifest.is_file():
-        for line in manifest.read_text(encoding="utf-8").splitlines():
-            entry = json.loads(line)
+        for number, line in enumerate(_read_text(manifest).splitlines(), start=1):
+            entry = _manifest_entry(manifest, number, line)
+            if entry is None:
+                continue
             i = entry["index"]
             if i < len(prompts) and entry["prompt"] != prompts[i].prompt and (out / names[i]).is_file():
                 raise GenerateError(
                     f"--out {out}: image {names[i]} was made for the prompt {entry['prompt']!r}, but prompt {i} of the "
                     f"prompt file is {prompts[i].prompt!r}; use a new --out for another prompt file"
                 )
+
+
+def _broken_record(path: Path, problem: str) -> str:
+    return (
+        f"{path} is broken ({problem}); it records how the images in {path.parent} were made, so bksdm cannot "
+        f"tell whether they match this command: restore the file, or delete the folder (or use a new --out) to "
+        "start over"
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise GenerateError(_broken_record(path, f"not UTF-8 text at byte {err.start}")) from None
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    """``OUT/settings.json`` as written by an earlier run.
+
+    Raises:
+        GenerateError: The file is not UTF-8, not JSON, or not a JSON object (the message names it and the fix).
+    """
+    try:
+        record = json.loads(_read_text(path), parse_constant=_refuse_constant)
+    except ValueError as err:
+        if isinstance(err, GenerateError):
+            raise
+        raise GenerateError(_broken_record(path, f"not valid JSON: {err}")) from None
+    if not isinstance(record, dict):
+        raise GenerateError(_broken_record(path, "not a JSON object"))
+    return record
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _manifest_entry(path: Path, number: int, line: str) -> dict[str, Any] | None:
+    """Line ``number`` of ``OUT/manifest.jsonl``: an entry with an integer index and a prompt (None if blank)."""
+    if not line.strip():
+        return None
+    try:
+        entry = json.loads(line, parse_constant=_refuse_constant)
+    except ValueError as err:
+        raise GenerateError(_broken_record(path, f"line {number} is not valid JSON: {err}")) from None
+    if not isinstance(entry, dict) or type(entry.get("index")) is not int or not isinstance(entry.get("prompt"), str):
+        raise GenerateError(_broken_record(path, f"line {number} is not an entry with an index and a prompt"))
+    return entry
+
+
+def _unreadable_reason(path: Path) -> str | None:
+    """Why the image at ``path`` cannot be kept on resume (None when it is a whole PNG).
+
+    A run of an older version killed mid-write, or a disk that filled before writes were atomic, can leave a
+    truncated image under its final name. PIL's ``verify`` reads every chunk and checks its CRC without decoding
+    the pixels (well under a millisecond for a 512 px image), so it finds any truncation before the last chunk.
+    """
+    from PIL import Image
+
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                return f"a {image.format} file, not a PNG"
+            image.verify()
+    except Exception as err:  # PIL raises assorted types (OSError, SyntaxError, struct.error) for a broken file
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def _write_json_atomic(path: Path, text: str) -> None:
@@ -394,7 +469,16 @@ def run_generate(args: argparse.Namespace) -> int:
     seeds = [prompt_seed(args.seed, i) for i in range(len(prompts))]
     # Every process checks and lists the folder before anyone writes to it, so all see the same state.
     _check_resume(out, settings, prompts, names)
-    todo = [i for i in range(len(prompts)) if not (out / names[i]).is_file()]
+    # An image left whole by an earlier run is kept; one that is there but does not read is drawn again.
+    todo, broken = [], []
+    for i, name in enumerate(names):
+        problem = _unreadable_reason(out / name) if (out / name).exists() else "missing"
+        if problem is not None:
+            todo.append(i)
+            if problem != "missing":
+                broken.append(name)
+                if state.is_main_process:
+                    logger.warning("%s does not read (%s): drawing it again", out / name, problem)
     size = f"--height {settings.height} --width {settings.width}"
     per_call = max(1, min(args.batch_size, len(todo[state.process_index :: state.num_processes])))
     check_memory(pipe, settings.height, settings.width, per_call, settings.guidance_scale > 1, device, what=size)
@@ -404,7 +488,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if state.is_main_process:
         _make_folder(out)
         settings_path = out / SETTINGS_FILE
-        runs = json.loads(settings_path.read_text(encoding="utf-8"))["runs"] if settings_path.is_file() else []
+        runs = _read_settings(settings_path).get("runs", []) if settings_path.is_file() else []
+        runs = runs if isinstance(runs, list) else []
         record = {"settings": asdict(settings), "versions": _versions(diffusers.__version__), "runs": runs}
         _write_json_atomic(settings_path, _json(record, indent=2) + "\n")
         lines = []
@@ -457,6 +542,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 "seconds": round(seconds, 3),
                 "generated": len(todo),
                 "skipped": len(prompts) - len(todo),
+                "redrawn_unreadable": len(broken),
                 "num_processes": state.num_processes,
                 "batch_size": args.batch_size,
                 "device": str(device),
@@ -464,9 +550,13 @@ def run_generate(args: argparse.Namespace) -> int:
         )
         _write_json_atomic(out / SETTINGS_FILE, _json(record, indent=2) + "\n")
         rate = f", {len(todo) / seconds:.2f} images/s" if todo and seconds > 0 else ""
+        redrawn = ""
+        if broken:
+            more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+            redrawn = f"; {broken[0]}{more} did not read and {'were' if more else 'was'} drawn again"
         print(
-            f"{len(prompts)} images in {out} ({len(todo)} generated, {len(prompts) - len(todo)} already there; "
-            f"{seconds:.1f} s on {state.num_processes} process(es){rate})"
+            f"{len(prompts)} images in {out} ({len(todo)} generated, {len(prompts) - len(todo)} already there"
+            f"{redrawn}; {seconds:.1f} s on {state.num_processes} process(es){rate})"
         )
     return 0
 

@@ -109,6 +109,10 @@ def add_img2img(sub: argparse._SubParsersAction) -> None:
 def find_inputs(path: str | Path) -> list[Path]:
     """The input images: the file itself, or a folder's top-level image files sorted by name.
 
+    A symlink in the folder that is not a folder counts even when it leads nowhere (a loop, a missing target):
+    reading it then fails, so it is skipped, named and counted, and keeps its index (the seeds of the images
+    after it do not move).
+
     Raises:
         Img2ImgError: The path does not exist, or the folder holds no image file.
     """
@@ -116,11 +120,20 @@ def find_inputs(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
+        if path.is_symlink():
+            raise Img2ImgError(
+                f"--image {path}: a symbolic link that leads nowhere (a loop, or its target is missing); give "
+                "an image file or a folder"
+            )
         raise Img2ImgError(f"--image {path}: no such file or folder")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in path.iterdir() if _is_input_file(p) and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise Img2ImgError(f"--image {path}: the folder holds no image file ({', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def _is_input_file(path: Path) -> bool:
+    return path.is_file() or (path.is_symlink() and not path.is_dir())
 
 
 def parse_size(spec: str | None) -> tuple[int, int] | None:
@@ -156,6 +169,9 @@ def read_input(path: Path, size: tuple[int, int] | None = None) -> Image.Image:
             image = ImageOps.exif_transpose(image)
         image = to_rgb(image)
     except (BadRecordError, OSError, SyntaxError, ValueError) as err:
+        if getattr(err, "errno", None) == errno.ELOOP or (path.is_symlink() and not path.exists()):
+            why = "a loop" if getattr(err, "errno", None) == errno.ELOOP else "its target is missing"
+            raise Img2ImgError(f"{path}: cannot read the image (a symbolic link that leads nowhere: {why})") from err
         raise Img2ImgError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from err
     if size is not None and image.size != size:
         image = image.resize(size, Image.Resampling.BICUBIC)
