@@ -109,6 +109,10 @@ def test_a_checkpoint_holds_each_tensor_once_and_no_pickle(tiny_sd_dir, data, tm
     assert sum(b for k, (b, _) in optimizer.items() if k.endswith((".exp_avg", ".exp_avg_sq"))) == 2 * param_bytes
     state = json.loads((checkpoint / STATE_FILE).read_text())
     assert state["format"] == 2 and state["recipe"] == "distill" and state["step"] == 2
+    ema = UNet2DConditionModel.from_pretrained(checkpoint / "unet_ema")  # a stock folder, as the student's
+    ema_tensors = safe_open(str(checkpoint / "unet_ema" / "diffusion_pytorch_model.safetensors"), framework="pt")
+    assert all(torch.equal(p, ema_tensors.get_tensor(n)) for n, p in ema.named_parameters())
+    assert not all(torch.equal(p, params[n]) for n, p in ema.named_parameters())  # the average, not the weights
     # The run folder adds the final pipeline only: the raw weights are not copied out of the last checkpoint.
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "logs", "loss_curve.png", "student"]
 
