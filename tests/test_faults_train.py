@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from test_train import make_shapes, overrides
 
 import bksdm.checkpoints
@@ -359,3 +360,34 @@ def test_cache_of_bad_data_leaves_no_folder(tiny_sd_dir, tmp_path, capsys) -> No
     args = ["cache", "--out", str(tmp_path / "cache"), f"model.teacher={tiny_sd_dir}", f"data.train={empty}"]
     assert main(args) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_data_loader_workers_start_from_a_fresh_process(tiny_sd_dir, data, tmp_path, cached) -> None:
+    """Workers are not forks of the trainer (which would keep a copy of every page the trainer writes), and the
+    run with workers takes the same steps as the one without."""
+    extra = {}
+    if cached:
+        assert (
+            main(
+                [
+                    "cache",
+                    "--out",
+                    str(tmp_path / "cache"),
+                    f"model.teacher={tiny_sd_dir}",
+                    f"data.train={data}",
+                    "data.resolution=64",
+                    "data.num_workers=0",
+                    "--dtype",
+                    "fp32",
+                ]
+            )
+            == 0
+        )
+        extra["data__cache"] = tmp_path / "cache"
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        assert run(tiny_sd_dir, data, out, data__num_workers=workers, train__max_steps=2, **extra) == 0
+    a = load_file(str(tmp_path / "w0" / "student" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "w2" / "student" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
