@@ -767,7 +767,7 @@ def steps(arch: str, work: Path, resolution: int, gpu: bool, distill_overrides: 
         "cache 16 images",
         ["cache", "--out", work / "cache", f"model.teacher={teacher}", f"data.train={data}",
          f"data.resolution={res}"],
-        c.cache, [work / "cache"], [teacher], group="cache",
+        cache_ceiling(c.cache, resolution), [work / "cache"], [teacher], group="cache",
     )  # fmt: skip
     common = [
         f"model.teacher={teacher}", "model.plan=bk-small", f"data.train={data}", f"data.resolution={res}",
@@ -967,6 +967,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kept {work}")
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     return 1 if bad else 0
+
+
+def cache_ceiling(at_256: float, resolution: int) -> float:
+    """The cache's ceiling at ``resolution``: its 256-px ceiling, or above 256 px the encoders (0.8 GiB) and the
+    batch the cache sizes to the memory (16 images of 0.75 GiB each at 512 px, ``bksdm.cache.auto_batch_size``)
+    plus the 2 GiB runtime margin: 15 GiB at 512 px."""
+    if resolution <= 256:
+        return at_256
+    return float(int(0.8 + 16 * 0.75 * (resolution / 512) ** 2 + 2 + 0.999))
 
 
 if __name__ == "__main__":
