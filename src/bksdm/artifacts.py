@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["PARTIAL_SUFFIX", "WriteFailed", "atomic_dir", "atomic_file", "is_partial", "replace_dir"]
+__all__ = ["PARTIAL_SUFFIX", "WriteFailed", "atomic_dir", "atomic_file", "is_partial", "replace_dir", "write_text"]
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -85,6 +85,14 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
         if _is_write_error(err) and not isinstance(err, WriteFailed):
             raise WriteFailed(getattr(err, "errno", None) or errno.EIO, describe_failure(err, final)) from err
         raise
+
+
+def write_text(final: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` (UTF-8) to ``final`` through :func:`atomic_file`; returns the path."""
+    final = Path(final)
+    with atomic_file(final) as partial:
+        partial.write_text(text, encoding="utf-8")
+    return final
 
 
 @contextmanager

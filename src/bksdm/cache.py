@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from bksdm import __version__
-from bksdm.artifacts import atomic_file
+from bksdm.artifacts import atomic_file, write_text
 from bksdm.config import DistillConfig
 from bksdm.data import BadRecordError, ImageTransform, SampleRef, load_sample, open_source, require_usable
 from bksdm.encoding import TextEncoders, encode_images, encode_text, freeze
@@ -214,8 +214,7 @@ def auto_batch_size(vae: torch.nn.Module, resolution: int, device: str | torch.d
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with atomic_file(path) as partial:
-        partial.write_text(json.dumps(data, indent=2, allow_nan=False))
+    write_text(path, json.dumps(data, indent=2, allow_nan=False))
 
 
 def _columns(cfg: DistillConfig) -> dict[str, str]:

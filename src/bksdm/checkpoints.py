@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from bksdm.artifacts import atomic_dir, atomic_file
+from bksdm.artifacts import atomic_dir, write_text
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -155,8 +155,7 @@ def trim_metrics(file: Path, step: int) -> None:
     if not file.is_file():
         return
     kept = [line for line in file.read_text().splitlines() if line.strip() and _record_step(line) <= step]
-    with atomic_file(file) as partial:
-        partial.write_text("".join(line + "\n" for line in kept))
+    write_text(file, "".join(line + "\n" for line in kept))
 
 
 def _record_step(line: str) -> int:
@@ -213,7 +212,8 @@ def write_checkpoint(
             with atomic_dir(final) as folder:
                 write_files(folder)
                 tensors, groups = _optimizer_tensors(optimizer)
-                tensors.update(_rng_tensors())
+                rng_tensors, rng = _rng_state()
+                tensors.update(rng_tensors)
                 save_file(tensors, str(folder / TRAINING_STATE_FILE))
                 state = {
                     "format": FORMAT,
@@ -222,7 +222,7 @@ def write_checkpoint(
                     "time": time.time(),
                     "optimizer": groups,
                     "lr_scheduler": lr_scheduler.state_dict(),
-                    "rng": _rng_json(),
+                    "rng": rng,
                     "fingerprints": dict(fingerprints or {}),
                     "extra": dict(extra or {}),
                 }
@@ -255,22 +255,19 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The main process's RNG state: its arrays as tensors (for safetensors), the rest as JSON."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     _, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
-    return tensors
-
-
-def _rng_json() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
-    _, _, pos, has_gauss, cached = np.random.get_state()
-    return {
+    plain = {
         "python": [version, list(internal), gauss],
         "numpy": {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
     }
+    return tensors, plain
 
 
 # ------------------------------------------------------------------------------------------------ reading

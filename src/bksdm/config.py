@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from bksdm.artifacts import write_text
 from bksdm.plan import PRESETS
 
 __all__ = [
@@ -550,7 +551,4 @@ def save_config(cfg: DistillConfig, path: str | os.PathLike) -> Path:
         config_to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True, width=1000
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, text)

@@ -198,11 +198,10 @@ def run_dreambooth_eval_command(args: argparse.Namespace) -> int:
 
         record = {**dataclasses.asdict(scores), "dino_model": None if args.no_dino else args.dino_model}
         record["clip_model"] = None if args.no_clip else args.clip_model
-        from bksdm.artifacts import atomic_file
+        from bksdm.artifacts import write_text
 
         text = json.dumps(record, indent=2, allow_nan=False)
-        with atomic_file(Path(args.out)) as partial:
-            partial.write_text(text + "\n")
+        write_text(Path(args.out), text + "\n")
     return 0
 
 

@@ -152,7 +152,7 @@ def _known_errors():
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Handle ``bksdm evaluate``."""
-    from bksdm.artifacts import atomic_file
+    from bksdm.artifacts import write_text
     from bksdm.evaluate import EvaluationError, EvaluationOptions, evaluate, format_results
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
@@ -189,8 +189,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.images) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2, allow_nan=False)  # evaluate() refuses non-finite figures
-    with atomic_file(out) as partial:
-        partial.write_text(text + "\n")
+    write_text(out, text + "\n")
     print(text if args.json else format_results(result))
     if not args.json:
         print(f"\nresults: {out}")

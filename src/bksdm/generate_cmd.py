@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from bksdm import __version__
-from bksdm.artifacts import PARTIAL_SUFFIX, WriteFailed, atomic_file, describe_failure
+from bksdm.artifacts import PARTIAL_SUFFIX, WriteFailed, atomic_file, describe_failure, write_text
 from bksdm.prompts import PromptFileError, PromptRecord
 
 __all__ = [
@@ -398,11 +398,6 @@ def _unreadable_reason(path: Path) -> str | None:
     return None
 
 
-def _write_json_atomic(path: Path, text: str) -> None:
-    with atomic_file(path) as partial:
-        partial.write_text(text, encoding="utf-8")
-
-
 def _json(record: Any, **kwargs: Any) -> str:
     """Strict JSON: a NaN or infinity is an error here, never a bare ``NaN`` that JSON readers refuse."""
     return json.dumps(record, allow_nan=False, **kwargs)
@@ -491,13 +486,13 @@ def run_generate(args: argparse.Namespace) -> int:
         runs = _read_settings(settings_path).get("runs", []) if settings_path.is_file() else []
         runs = runs if isinstance(runs, list) else []
         record = {"settings": asdict(settings), "versions": _versions(diffusers.__version__), "runs": runs}
-        _write_json_atomic(settings_path, _json(record, indent=2) + "\n")
+        write_text(settings_path, _json(record, indent=2) + "\n")
         lines = []
         for i, (p, name) in enumerate(zip(prompts, names, strict=True)):
             extra = {(f"source_{k}" if k in _RESERVED else k): v for k, v in p.extra.items()}
             entry = {"index": i, "prompt": p.prompt, "seed": seeds[i], "file": name, **extra}
             lines.append(_json(entry, ensure_ascii=False))
-        _write_json_atomic(out / MANIFEST_FILE, "\n".join(lines) + "\n")
+        write_text(out / MANIFEST_FILE, "\n".join(lines) + "\n")
     state.wait_for_everyone()
 
     share = todo[state.process_index :: state.num_processes]
@@ -548,7 +543,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 "device": str(device),
             }
         )
-        _write_json_atomic(out / SETTINGS_FILE, _json(record, indent=2) + "\n")
+        write_text(out / SETTINGS_FILE, _json(record, indent=2) + "\n")
         rate = f", {len(todo) / seconds:.2f} images/s" if todo and seconds > 0 else ""
         redrawn = ""
         if broken:

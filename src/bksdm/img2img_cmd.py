@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from bksdm.artifacts import WriteFailed, atomic_file, describe_failure
+from bksdm.artifacts import WriteFailed, atomic_file, describe_failure, write_text
 from bksdm.img2img import Img2ImgError, check_strength, image_seed, img2img_pipeline, translate
 from bksdm.sampling import SamplingError, check_batch_size, check_guidance, check_memory, largest_batch
 
@@ -348,8 +348,7 @@ def run_img2img(args: argparse.Namespace) -> int:
             "images": run.written,
             "skipped": run.skipped,
         }
-        with atomic_file(folder / RECORD_FILE) as partial:
-            partial.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        write_text(folder / RECORD_FILE, json.dumps(record, indent=2, allow_nan=False) + "\n")
     ran = int(steps * args.strength)
     print(
         f"translated {len(run.written)} of {len(inputs)} images to {args.out} "

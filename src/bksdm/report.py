@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from bksdm.artifacts import atomic_file
+from bksdm.artifacts import atomic_file, write_text
 from bksdm.evaluate import MANIFEST_NAME, METRIC_LABELS, EvaluationError, ImageRecord, find_images
 from bksdm.reports import human, markdown_table
 
@@ -403,7 +403,7 @@ def write_report(
         )
         md.append("")
     md += ["## Sources", "", markdown_table(src_header, src_rows), ""]
-    _write_text(out / "report.md", "\n".join(md))
+    write_text(out / "report.md", "\n".join(md))
 
     body = [
         f"<h1>{html.escape(options.title)}</h1>",
@@ -424,7 +424,7 @@ def write_report(
     )
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(options.title)}</title>"
     page += f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    _write_text(out / "report.html", page)
+    write_text(out / "report.html", page)
 
     report = {
         "title": options.title,
@@ -441,13 +441,8 @@ def write_report(
         "grid": [{"prompt": p, "seed": s} for p, s in columns],
         "files": sorted(p.name for p in out.iterdir() if p.suffix in (".md", ".html", ".png")),
     }
-    _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_file(path) as partial:
-        partial.write_text(text, encoding="utf-8")
 
 
 def _fmt(value: float | None) -> str:
