@@ -317,24 +317,24 @@ def _preload() -> None:
 
     for name in (
         "bksdm.cli",
-        "bksdm.train",
-        "bksdm.cache",
-        "bksdm.generate",
-        "bksdm.generate_cmd",
-        "bksdm.img2img",
-        "bksdm.img2img_cmd",
-        "bksdm.evaluate",
-        "bksdm.evaluate_cmd",
-        "bksdm.report",
-        "bksdm.serve",
-        "bksdm.serve_cmd",
-        "bksdm.dreambooth",
-        "bksdm.dreambooth_cmd",
-        "bksdm.prune",
-        "bksdm.profile_cmd",
-        "bksdm.export_cmd",
-        "bksdm.demo",
-        "bksdm.inception",
+        "bksdm.train.distill",
+        "bksdm.train.cache",
+        "bksdm.eval.generate",
+        "bksdm.cli.generate",
+        "bksdm.use.img2img",
+        "bksdm.cli.img2img",
+        "bksdm.eval.evaluate",
+        "bksdm.cli.evaluate",
+        "bksdm.eval.report",
+        "bksdm.use.serve.app",
+        "bksdm.cli.serve",
+        "bksdm.use.dreambooth.recipe",
+        "bksdm.cli.dreambooth",
+        "bksdm.plan.prune",
+        "bksdm.cli.profile",
+        "bksdm.cli.export",
+        "bksdm.world.demo",
+        "bksdm.eval.inception",
         "accelerate",
         "diffusers",
         "transformers",
@@ -526,8 +526,8 @@ def build_fixtures(fx: Path) -> None:
     import torch
 
     from bksdm.cli import main
-    from bksdm.inception import InceptionV3
-    from bksdm.toy.tiny import save_tiny_pipeline
+    from bksdm.eval.inception import InceptionV3
+    from bksdm.world.tiny import save_tiny_pipeline
 
     fx.mkdir(parents=True, exist_ok=True)
     save_tiny_pipeline(fx / "teacher", "sd-v1", seed=0)
@@ -853,7 +853,7 @@ def distill_cases() -> list[Case]:
             return problem
         if (out / "student").exists():
             return "a student folder exists after a failed run"
-        from bksdm.checkpoints import complete_checkpoints
+        from bksdm.train.checkpoints import complete_checkpoints
 
         names = [p.name for p in complete_checkpoints(out)]
         return None if names == ["checkpoint-0000002"] else f"complete checkpoints {names}, expected the first one"
@@ -871,7 +871,7 @@ def distill_cases() -> list[Case]:
         setup=another_run, words=("another run",), guard=lambda c: [c.case / "run"])  # fmt: skip
 
     def overwrite_check(ctx: Ctx, o: Outcome) -> str | None:
-        from bksdm.checkpoints import complete_checkpoints
+        from bksdm.train.checkpoints import complete_checkpoints
 
         names = [p.name for p in complete_checkpoints(ctx.case / "run")]
         steps = [json.loads(x)["step"] for x in (ctx.case / "run/logs/metrics.jsonl").read_text().splitlines()]

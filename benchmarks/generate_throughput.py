@@ -10,7 +10,7 @@ Modes, all on one pipeline with the same prompts, seeds, scheduler, steps, guida
 
 - ``diffusers loop``: what the official evaluation does, one ``pipe(prompt, generator=...)`` call per image
   (each with its own seeded generator here, so its images are comparable);
-- ``bksdm batch B`` for each ``--batches`` B: :func:`bksdm.generate.generate_images`, the code path of
+- ``bksdm batch B`` for each ``--batches`` B: :func:`bksdm.eval.generate.generate_images`, the code path of
   ``bksdm generate``, which puts B prompts in one pipeline call with one seeded generator per prompt.
 
 Only generation is timed: writing PNGs, loading the model and starting processes are left out of every mode.
@@ -20,7 +20,7 @@ medians measured side by side in one process (compare as ratios, never absolute 
 record also checks the images: bksdm at batch 1 must equal the diffusers loop exactly (same seeds, same calls);
 larger batches may differ by float rounding (convolution kernels are chosen by batch shape).
 
-Default model: the bundled shapes teacher. While its trained weights are not in ``bksdm/toy/assets/teacher``,
+Default model: the bundled shapes teacher. While its trained weights are not in ``bksdm/world/assets/teacher``,
 the script uses ``build_untrained_teacher()`` (the same architecture and size, random weights: the same speed)
 and says so in the table and the JSON.
 """
@@ -41,10 +41,10 @@ import diffusers
 import numpy as np
 import torch
 
-from bksdm.generate import generate_images, prompt_seed
+from bksdm.eval.generate import generate_images, prompt_seed
+from bksdm.eval.profile import device_name
 from bksdm.loading import load_pipeline, parse_dtype
-from bksdm.measure import device_name
-from bksdm.toy.shapes import all_scenes
+from bksdm.world.shapes import all_scenes
 
 LOOP = "diffusers loop"
 SEED = 0
@@ -52,7 +52,7 @@ SEED = 0
 
 def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Any, str, dict]:
     """The pipeline, a description of it, and its sampling defaults (steps, guidance)."""
-    from bksdm.toy.teacher import TEACHER_DIR, build_untrained_teacher, recommended_settings
+    from bksdm.world.teacher import TEACHER_DIR, build_untrained_teacher, recommended_settings
 
     if args.model:
         pipe = load_pipeline(args.model, dtype, str(device))

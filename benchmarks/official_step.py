@@ -330,10 +330,12 @@ def worker(args: argparse.Namespace) -> None:
         sys.argv = _official_argv(args, out)
         runpy.run_path(str(args.official), run_name="__main__")
     else:
-        import bksdm.train
+        import bksdm.train.distill
         from bksdm.cli import main
 
-        bksdm.train.ema_update = _timed("ema_update", bksdm.train.ema_update)  # bksdm's EMAModel.step in place
+        bksdm.train.distill.ema_update = _timed(
+            "ema_update", bksdm.train.distill.ema_update
+        )  # bksdm's EMAModel.step in place
         main(_bksdm_argv(args, args.worker, out))
     raise SystemExit(f"{args.worker}: the program ended before its last step was timed")
 

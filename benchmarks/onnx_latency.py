@@ -6,7 +6,7 @@ Usage (from the repository root, with ``pip install 'bksdm[onnx]'``)::
     python benchmarks/onnx_latency.py --repeats 50 --warmup 5 --threads 1   # the README table, on a quiet machine
 
 For each model -- the teacher and the students ``bksdm prune`` makes of it with ``--plans`` -- the U-Net is
-exported with ``bksdm.onnx_export.export_onnx`` (its parity error against PyTorch is reported beside the
+exported with ``bksdm.use.onnx.export.export_onnx`` (its parity error against PyTorch is reported beside the
 times), then one U-Net step is timed in PyTorch and in ONNX Runtime (``CPUExecutionProvider``, as many intra-op
 threads as torch) on the same inputs as ``bksdm profile`` (zeros, timestep 999, 77 text tokens): at batch 1 and
 at batch 2 (a classifier-free-guidance step). The two runtimes alternate on every repeat (PyTorch, ONNX
@@ -14,9 +14,9 @@ Runtime, ONNX Runtime, PyTorch, ...) so that drift from other load falls on both
 measured in one run.
 
 By default the teacher is the shapes teacher's architecture with random weights
-(``bksdm.toy.teacher.build_untrained_teacher``): latency does not depend on the weights' values, so this is the
+(``bksdm.world.teacher.build_untrained_teacher``): latency does not depend on the weights' values, so this is the
 bundled teacher's latency. ``--teacher DIR`` times any SD-v1/v2 pipeline folder instead (e.g. the bundled
-teacher once its weights are in ``src/bksdm/toy/assets/teacher``).
+teacher once its weights are in ``src/bksdm/world/assets/teacher``).
 
 Prints a markdown table and writes every raw timing and setting as JSON (``--out``).
 """
@@ -38,10 +38,10 @@ from typing import Any
 import torch
 
 from bksdm.loading import load_pipeline
-from bksdm.onnx_export import export_onnx
-from bksdm.onnx_runtime import onnx_session, onnx_unet_feeds, require_onnx
+from bksdm.plan.prune import prune
 from bksdm.profiling import count_params, unet_inputs
-from bksdm.prune import prune
+from bksdm.use.onnx.export import export_onnx
+from bksdm.use.onnx.runtime import onnx_session, onnx_unet_feeds, require_onnx
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.teacher is None:
-            from bksdm.toy.teacher import build_untrained_teacher
+            from bksdm.world.teacher import build_untrained_teacher
 
             teacher_dir, teacher_label = work / "teacher", "shapes teacher (random weights)"
             build_untrained_teacher(seed=0).save_pretrained(teacher_dir)

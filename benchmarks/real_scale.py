@@ -10,9 +10,9 @@ Usage (from the repository root, with bksdm installed; offline)::
 
 What it does:
 
-1. builds the pipeline with random weights from the published configs (``bksdm.archs``), one component at a
+1. builds the pipeline with random weights from the published configs (``bksdm.plan.archs``), one component at a
    time on the target device, and saves it as a stock diffusers folder in safetensors (the tokenizer is
-   ``bksdm.toy.tiny``'s byte-level CLIP tokenizer: real CLIP's vocabulary cannot be fetched offline; it pads
+   ``bksdm.world.tiny``'s byte-level CLIP tokenizer: real CLIP's vocabulary cannot be fetched offline; it pads
    and truncates to 77 tokens like CLIP's); also random weights of the full-width FID Inception-v3 and of a
    CLIP ViT-L/14-sized Hugging Face CLIP for ``evaluate`` (the published weights cannot be downloaded
    offline), a 16-image data folder (``metadata.csv``, as ``data.train`` reads it), a subject folder and a
@@ -511,7 +511,7 @@ def build_main(arch: str, out: Path, weights: Path) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.monotonic()
     if arch in ("tiny", "tiny-sdxl"):
-        from bksdm.toy.tiny import save_tiny_pipeline
+        from bksdm.world.tiny import save_tiny_pipeline
 
         save_tiny_pipeline(out, "sdxl" if arch == "tiny-sdxl" else "sd-v1", seed=0)
     else:
@@ -534,8 +534,8 @@ def build_arch_pipeline(name: str, out: Path, device: str) -> None:
     import transformers
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from bksdm.archs import build_scheduler, build_text_encoders, build_unet, build_vae, get_arch
-    from bksdm.toy.tiny import build_tiny_tokenizer
+    from bksdm.plan.archs import build_scheduler, build_text_encoders, build_unet, build_vae, get_arch
+    from bksdm.world.tiny import build_tiny_tokenizer
 
     spec = get_arch(name)
     out.mkdir(parents=True, exist_ok=True)
@@ -581,8 +581,8 @@ def build_eval_weights(folder: Path, tiny: bool) -> None:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from bksdm.inception import InceptionV3
-    from bksdm.toy.tiny import build_tiny_tokenizer
+    from bksdm.eval.inception import InceptionV3
+    from bksdm.world.tiny import build_tiny_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -971,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cache_ceiling(at_256: float, resolution: int) -> float:
     """The cache's ceiling at ``resolution``: its 256-px ceiling, or above 256 px the encoders (0.8 GiB) and the
-    batch the cache sizes to the memory (16 images of 0.75 GiB each at 512 px, ``bksdm.cache.auto_batch_size``)
+    batch the cache sizes to the memory (16 images of 0.75 GiB each at 512 px, ``bksdm.train.cache.auto_batch_size``)
     plus the 2 GiB runtime margin: 15 GiB at 512 px."""
     if resolution <= 256:
         return at_256

@@ -5,17 +5,17 @@ Usage (from the repository root, with bksdm installed)::
     python benchmarks/train_throughput.py --arch tiny --steps 2            # seconds-long smoke run
     python benchmarks/train_throughput.py --arch sd-v1.4 --plan bk-small --resolution 512 --batch 1 --steps 3
 
-What one "KD step" is, per micro batch, exactly as ``bksdm distill`` does it (``bksdm.train.distill``):
+What one "KD step" is, per micro batch, exactly as ``bksdm distill`` does it (``bksdm.train.distill.distill``):
 
 - ``uncached``: VAE-encode the (B, 3, R, R) images and run the text encoder(s) on 77 token ids
-  (``bksdm.batches.prepare_batch``), then ``draw_noise`` + ``sample_latents`` + ``kd_step`` (teacher forward
+  (``bksdm.train.batches.prepare_batch``), then ``draw_noise`` + ``sample_latents`` + ``kd_step`` (teacher forward
   under no_grad, student forward with feature taps) + backward + gradient clipping + AdamW step;
 - ``cached``: the same without the VAE and the text encoder: the latent mean/std and text states a
   ``bksdm cache`` would hold are tensors in memory.
 
 Both modes leave out data loading (image decoding and transforms for ``uncached``, reading cache files for
 ``cached``) and tokenization: this measures compute only. The models are the architecture's real shapes
-with random weights (``bksdm.archs``); the student comes from ``build_student(teacher, plan)``. Modes are
+with random weights (``bksdm.plan.archs``); the student comes from ``build_student(teacher, plan)``. Modes are
 timed side by side in one process, alternating their order on every repeat so that drift (thermal, other
 load) falls on both; the speed-up is a ratio of medians measured in the same run (DESIGN.md: compare as
 ratios, never absolute timings across machines).
@@ -46,15 +46,15 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from bksdm.archs import ARCHS, build_scheduler, build_text_encoders, build_unet, build_vae, get_arch
-from bksdm.config import OptimConfig
-from bksdm.distill import LossWeights, draw_noise, kd_step
-from bksdm.encoding import encode_images, sample_latents, sdxl_time_ids, vae_dtype
+from bksdm.eval.profile import device_name
 from bksdm.loading import load_plan, parse_dtype
-from bksdm.measure import device_name
+from bksdm.plan.archs import ARCHS, build_scheduler, build_text_encoders, build_unet, build_vae, get_arch
+from bksdm.plan.surgery import build_student
 from bksdm.profiling import TEXT_LENGTH, VAE_SCALE, count_params
-from bksdm.surgery import build_student
-from bksdm.train import make_optimizer
+from bksdm.train.config import OptimConfig
+from bksdm.train.distill import make_optimizer
+from bksdm.train.encoders import encode_images, sample_latents, sdxl_time_ids, vae_dtype
+from bksdm.train.kd import LossWeights, draw_noise, kd_step
 
 MODES = ("cached", "uncached")
 TINY = "tiny"
@@ -84,7 +84,7 @@ class Bench:
 class _Autocast(nn.Module):
     """Runs the student's forward under autocast, as accelerate's mixed precision does (the weights stay fp32).
 
-    The model sits in ``.module`` so that ``bksdm.distill.unwrap`` finds it and the feature taps attach to it.
+    The model sits in ``.module`` so that ``bksdm.train.kd.unwrap`` finds it and the feature taps attach to it.
     """
 
     def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype):
@@ -101,7 +101,7 @@ class _Autocast(nn.Module):
 def _components(arch: str, device: torch.device) -> tuple[nn.Module, nn.Module, list[nn.Module], dict, int]:
     """Teacher U-Net, VAE, text encoders, scheduler config and native resolution, in fp32 on ``device``."""
     if arch == TINY:
-        from bksdm.toy.tiny import LATENT_SIZE, VAE_SCALE_FACTOR, build_tiny_pipeline
+        from bksdm.world.tiny import LATENT_SIZE, VAE_SCALE_FACTOR, build_tiny_pipeline
 
         pipe = build_tiny_pipeline("sd-v1", seed=SEED)
         encoders = [pipe.text_encoder]
@@ -121,7 +121,7 @@ def _components(arch: str, device: torch.device) -> tuple[nn.Module, nn.Module, 
 
 
 def build(args: argparse.Namespace, device: torch.device) -> tuple[Bench, int]:
-    """Builds the models as ``bksdm.train.load_models`` does; returns them and the resolution to use."""
+    """Builds the models as ``bksdm.train.distill.load_models`` does; returns them and the resolution to use."""
     weight_dtype = parse_dtype(args.dtype)
     teacher, vae, encoders, scheduler_config, native = _components(args.arch, device)
     surgery = build_student(teacher, load_plan(args.plan), seed=SEED)
@@ -166,7 +166,7 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Bench, int]:
 
 @torch.no_grad()
 def encode_text_ids(bench: Bench, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The text states as ``bksdm.encoding.encode_text`` computes them, from token ids (B, 77) per encoder."""
+    """The text states as ``bksdm.train.encoders.encode_text`` computes them, from token ids (B, 77) per encoder."""
     if not bench.is_sdxl:
         return bench.text_encoders[0](ids[0])[0].float(), None  # (B, 77, D)
     states, pooled = [], None

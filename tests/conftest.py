@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from diffusers import StableDiffusionPipeline
 
-from bksdm.toy.tiny import build_tiny_pipeline, save_tiny_pipeline
+from bksdm.world.tiny import build_tiny_pipeline, save_tiny_pipeline
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Tests for bksdm.archs (exact real configs) and bksdm.profiling (params, MACs, latency, memory).
+"""Tests for bksdm.plan.archs (exact real configs) and bksdm.profiling (params, MACs, latency, memory).
 
 The real models are built on the meta device: shapes only, no memory, so even SDXL is counted in a second.
 """
@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from bksdm.archs import (
+from bksdm.plan.archs import (
     ARCHS,
     build_scheduler,
     build_text_encoders,

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from bksdm.toy import classifier as clf
-from bksdm.toy.shapes import ATTRIBUTES, IMAGE_SIZE, pairs, to_array
+from bksdm.world import classifier as clf
+from bksdm.world.shapes import ATTRIBUTES, IMAGE_SIZE, pairs, to_array
 
 N_HELD_OUT = 500
 
@@ -38,7 +38,7 @@ def test_seeds_are_disjoint() -> None:
 def test_shipped_weights_are_tiny_and_documented(model: clf.ShapesClassifier) -> None:
     assert (clf.ASSETS / "model.safetensors").stat().st_size < 1_000_000
     config = json.loads((clf.ASSETS / "config.json").read_text())
-    assert config["training"]["command"].startswith("python -m bksdm.toy.train_classifier")
+    assert config["training"]["command"].startswith("python -m bksdm.world.train_classifier")
     assert config["training"]["train_seed"] == clf.TRAIN_SEED
     assert config["training"]["accuracy"]["all"] >= 0.98
     assert not model.training

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import bksdm.config as config_module
-from bksdm.config import (
+import bksdm.train.config as config_module
+from bksdm.train.config import (
     ConfigError,
     DistillConfig,
     ModelConfig,

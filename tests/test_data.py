@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from bksdm.data import (
+from bksdm.seeding import STREAM_DATA, mix_seed, sample_generator
+from bksdm.train.data import (
     MAX_CONSECUTIVE_BAD,
     BadRecordError,
     DataError,
@@ -32,7 +33,6 @@ from bksdm.data import (
     open_image,
     open_source,
 )
-from bksdm.seeding import STREAM_DATA, mix_seed, sample_generator
 
 R = 32  # output resolution of the tests
 QUOTED = 'a "quoted" caption, with commas,\nand a newline'

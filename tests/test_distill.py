@@ -11,10 +11,10 @@ import torch.distributed as dist
 from diffusers import DDPMScheduler
 from torch import nn
 
-from bksdm.distill import FeatureTap, LossWeights, diffusion_target, draw_noise, kd_losses, kd_step, unwrap
-from bksdm.plan import PRESETS, resolve
-from bksdm.surgery import build_student
-from bksdm.toy.tiny import build_tiny_pipeline
+from bksdm.plan.spec import PRESETS, resolve
+from bksdm.plan.surgery import build_student
+from bksdm.train.kd import FeatureTap, LossWeights, diffusion_target, draw_noise, kd_losses, kd_step, unwrap
+from bksdm.world.tiny import build_tiny_pipeline
 
 BATCH = 2
 
@@ -345,8 +345,8 @@ def test_v_prediction_teacher_distils_velocity(pipes: dict) -> None:
 
 
 def test_fused_adamw_takes_the_same_steps_as_the_for_each_one() -> None:
-    from bksdm.config import OptimConfig
-    from bksdm.train import make_optimizer
+    from bksdm.train.config import OptimConfig
+    from bksdm.train.distill import make_optimizer
 
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4))
@@ -378,7 +378,7 @@ def test_fused_adamw_takes_the_same_steps_as_the_for_each_one() -> None:
 def test_vae_runs_in_fp32_only_where_fp16_would_overflow(force_upcast, weight, expected) -> None:
     from types import SimpleNamespace
 
-    from bksdm.encoding import vae_dtype
+    from bksdm.train.encoders import vae_dtype
 
     vae = SimpleNamespace(config={"force_upcast": force_upcast})
     assert vae_dtype(vae, weight) == expected
@@ -396,7 +396,7 @@ def _onednn_calls(fn) -> tuple[object, list[str]]:
 
 
 def test_cpu_kernels_linear_forward_and_backward_equal_the_default_ones(monkeypatch) -> None:
-    from bksdm.distill import cpu_kernels
+    from bksdm.train.kd import cpu_kernels
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 37, 48, generator=gen)
@@ -420,7 +420,7 @@ def test_cpu_kernels_linear_forward_and_backward_equal_the_default_ones(monkeypa
 
 
 def test_cpu_kernels_pack_a_frozen_conv_weight_once_and_again_when_it_changes() -> None:
-    from bksdm.distill import _PACKED, cpu_kernels
+    from bksdm.train.kd import _PACKED, cpu_kernels
 
     conv = nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False)
     x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(0))  # the weight outweighs the input
@@ -445,7 +445,7 @@ def test_cpu_kernels_pack_a_frozen_conv_weight_once_and_again_when_it_changes() 
 
 
 def test_cpu_kernels_leave_half_precision_and_autocast_to_pytorch() -> None:
-    from bksdm.distill import cpu_kernels
+    from bksdm.train.kd import cpu_kernels
 
     layer = nn.Linear(16, 8)
     x = torch.randn(4, 16)
@@ -483,7 +483,7 @@ def test_kd_step_on_onednn_kernels_equals_the_default_kernels(pipes: dict, layou
 def test_ema_update_equals_diffusers_ema_step() -> None:
     from diffusers.training_utils import EMAModel
 
-    from bksdm.distill import ema_update
+    from bksdm.train.kd import ema_update
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))

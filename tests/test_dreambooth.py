@@ -18,13 +18,13 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from bksdm.cli import main
-from bksdm.dreambooth import dreambooth_loss
-from bksdm.encoding import TextEncoders, encode_text
-from bksdm.generate import generate_images, prompt_seed
-from bksdm.lora import LORA_FILE, UNET_LORA_TARGETS, text_encoder_lora_problem
-from bksdm.subject_data import ensure_class_images, pick
-from bksdm.toy import shapes
-from bksdm.toy.teacher import TEACHER_DIR, build_untrained_teacher
+from bksdm.eval.generate import generate_images, prompt_seed
+from bksdm.train.encoders import TextEncoders, encode_text
+from bksdm.use.dreambooth.data import ensure_class_images, pick
+from bksdm.use.dreambooth.recipe import dreambooth_loss
+from bksdm.use.lora import LORA_FILE, UNET_LORA_TARGETS, text_encoder_lora_problem
+from bksdm.world import shapes
+from bksdm.world.teacher import TEACHER_DIR, build_untrained_teacher
 
 INSTANCE_PROMPT = "a big red sks circle at the top left"
 """The subject bound to the rare token "sks" (the tiny tokenizer spells it as three single-letter tokens)."""
@@ -383,7 +383,7 @@ PRIOR = [CLASS_PROMPT] * 6 + WORLD[:22] + [""] * 4
 
 
 def _sampling() -> dict:
-    from bksdm.toy.teacher import recommended_settings
+    from bksdm.world.teacher import recommended_settings
 
     settings = recommended_settings()
     return {"steps": settings["num_inference_steps"], "guidance_scale": settings["guidance_scale"]}
@@ -393,7 +393,7 @@ def _sampling() -> dict:
 def before(tmp_path_factory) -> dict:
     """What both Must-show runs share: a class-image folder (the first run fills it, the second reuses the same
     images) and the teacher's own prompt accuracy on ``ORDINARY``."""
-    from bksdm.toy.classifier import load_classifier, prompt_accuracy
+    from bksdm.world.classifier import load_classifier, prompt_accuracy
 
     seeds = [prompt_seed(1, i) for i in range(len(ORDINARY))]
     images = generate_images(load(TEACHER_DIR), ORDINARY, seeds, **_sampling())
@@ -405,7 +405,7 @@ def before(tmp_path_factory) -> dict:
 
 def must_show(tmp_path: Path, before: dict, *mode: str) -> dict:
     """DreamBooth on the bundled teacher: a red ring (the world only draws filled circles) bound to "sks"."""
-    from bksdm.toy.classifier import load_classifier, predict, prompt_accuracy
+    from bksdm.world.classifier import load_classifier, predict, prompt_accuracy
 
     subject = subject_images(tmp_path / "subject", count=5)
     out = tmp_path / "out"
@@ -478,7 +478,7 @@ def metric_models(tmp_path_factory) -> tuple[Path, Path]:
         ViTModel,
     )
 
-    from bksdm.toy.tiny import build_tiny_tokenizer
+    from bksdm.world.tiny import build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("metric-models")
     torch.manual_seed(0)
@@ -504,8 +504,8 @@ def world_images(count: int, seed: int) -> list[Image.Image]:
 def test_scores_are_the_mean_cosines_of_the_models_embeddings(metric_models) -> None:
     from transformers import CLIPModel, CLIPProcessor, ViTImageProcessor, ViTModel
 
-    from bksdm.clip_models import load_clip
-    from bksdm.subject_metrics import clip_spec, load_dino, subject_scores
+    from bksdm.eval.clip_models import load_clip
+    from bksdm.use.dreambooth.metrics import clip_spec, load_dino, subject_scores
 
     dino_dir, clip_dir = metric_models
     generated, real = world_images(3, seed=1), world_images(2, seed=2)

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bksdm.cli import main
-from bksdm.evaluate import load_statistics, paper_resize, read_manifest, save_statistics
-from bksdm.inception import InceptionV3, torch_fidelity_input
-from bksdm.metrics import FeatureStatistics
+from bksdm.eval.evaluate import load_statistics, paper_resize, read_manifest, save_statistics
+from bksdm.eval.inception import InceptionV3, torch_fidelity_input
+from bksdm.eval.metrics import FeatureStatistics
 
 
 def _random_images(folder: Path, count: int, seed: int, size: int = 32) -> list[Path]:
@@ -171,7 +171,7 @@ def clip_folder(tmp_path_factory) -> Path:
     """A tiny Hugging Face CLIPModel + CLIPProcessor saved with save_pretrained, as a real one is downloaded."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from bksdm.toy.tiny import build_tiny_tokenizer
+    from bksdm.world.tiny import build_tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("clip")
     tokenizer = build_tiny_tokenizer(folder / "tokenizer")
@@ -193,7 +193,7 @@ def clip_folder(tmp_path_factory) -> Path:
 
 def shapes_folder(folder: Path, count: int, seed: int = 3, listed: int | None = None) -> list[str]:
     """``count`` shapes-world images with a manifest listing the first ``listed`` of them (all by default)."""
-    from bksdm.toy.shapes import pairs
+    from bksdm.world.shapes import pairs
 
     folder.mkdir(parents=True, exist_ok=True)
     lines, prompts = [], []
@@ -300,9 +300,9 @@ def test_paper_resize_is_a_bicubic_squash_saved_as_jpeg(tmp_path):
 def test_shapes_world_generate_evaluate_report(tmp_path, capsys):
     """The untrained teacher (SD-v1 layout, random weights) through bksdm generate -> evaluate -> report, beside
     renderings of the same prompts; the figures equal the shapes classifier's own functions."""
-    from bksdm.toy import classifier as shapes_classifier
-    from bksdm.toy.shapes import parse_caption, render
-    from bksdm.toy.teacher import build_untrained_teacher
+    from bksdm.world import classifier as shapes_classifier
+    from bksdm.world.shapes import parse_caption, render
+    from bksdm.world.teacher import build_untrained_teacher
 
     teacher = tmp_path / "teacher"
     build_untrained_teacher(seed=0).save_pretrained(teacher)

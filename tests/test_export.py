@@ -1,4 +1,4 @@
-"""``bksdm export onnx`` (bksdm.onnx_export, bksdm.export_cmd) and ``bksdm profile --onnx`` (bksdm.onnx_runtime).
+"""``bksdm export onnx`` (bksdm.use.onnx.export, bksdm.cli.export), ``bksdm profile --onnx`` (use.onnx.runtime).
 
 Exports are made once per module (tracing costs seconds) and only read by the tests. The shapes-teacher tests
 run on the teacher's exact architecture with random weights until the trained weights land; ONNX parity and
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from bksdm.cli import main
-from bksdm.onnx_export import ExportError, export_onnx, parse_components
-from bksdm.onnx_runtime import onnx_session
-from bksdm.toy.teacher import TEACHER_DIR, build_untrained_teacher
+from bksdm.use.onnx.export import ExportError, export_onnx, parse_components
+from bksdm.use.onnx.runtime import onnx_session
+from bksdm.world.teacher import TEACHER_DIR, build_untrained_teacher
 
 TOLERANCE = 1e-3
 

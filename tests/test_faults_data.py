@@ -25,7 +25,10 @@ from test_evaluate import shapes_folder
 from torch.utils.data import DataLoader
 
 from bksdm.cli import main
-from bksdm.data import (
+from bksdm.eval.evaluate import EvaluationError, evaluate, read_manifest
+from bksdm.eval.inception import InceptionV3, load_inception
+from bksdm.eval.report import ReportError, ReportOptions, write_report
+from bksdm.train.data import (
     DataError,
     DistillDataset,
     FolderSource,
@@ -37,9 +40,6 @@ from bksdm.data import (
     open_source,
     require_usable,
 )
-from bksdm.evaluate import EvaluationError, evaluate, read_manifest
-from bksdm.inception import InceptionV3, load_inception
-from bksdm.report import ReportError, ReportOptions, write_report
 
 ROWS = [(f"{i:03d}.png", f"caption {i}") for i in range(16)]
 
@@ -283,7 +283,7 @@ def test_hf_data_fails_fast_on_this_machine_whatever_its_network() -> None:
 def test_hf_data_with_hf_hub_offline(tmp_path: Path) -> None:
     pytest.importorskip("datasets")
     code = (
-        "import time; from bksdm.data import DataError, open_source\n"
+        "import time; from bksdm.train.data import DataError, open_source\n"
         "t = time.perf_counter()\n"
         "try:\n    open_source('hf:someone/some-captions')\n"
         "except DataError as e:\n    print(f'{time.perf_counter() - t:.1f}', e)\n"
@@ -423,7 +423,7 @@ def test_report_leaves_an_unreadable_image_out_of_the_grid(tmp_path: Path) -> No
 
 
 def test_evaluate_python_api_counts_skipped(tmp_path: Path, inception_file: Path) -> None:
-    from bksdm.evaluate import EvaluationOptions
+    from bksdm.eval.evaluate import EvaluationOptions
 
     _write_images(tmp_path, 4, seed=5)
     (tmp_path / "004.png").write_bytes(b"")  # zero bytes

@@ -27,8 +27,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bksdm.archs import get_arch
 from bksdm.cli import main
+from bksdm.plan.archs import get_arch
 from bksdm.sampling import (
     SamplingError,
     check_guidance,
@@ -129,7 +129,7 @@ def test_guidance_zero_and_one_are_no_guidance_and_settings_json_is_strict(
 
 
 def test_library_refuses_what_the_command_refuses(tiny_sd_pipe) -> None:
-    from bksdm.generate import generate_images
+    from bksdm.eval.generate import generate_images
 
     for kwargs, message in [
         ({"guidance_scale": float("nan")}, "guidance_scale nan"),
@@ -580,7 +580,7 @@ def test_steps_are_checked_against_what_the_scheduler_can_take(tiny_sd_dir, tiny
     """SD's PNDM (1000 training timesteps, steps_offset 1) can take 999 steps: at 1000 its last timestep is 1000,
     one past its noise table, and every request of `bksdm serve --steps 1000` failed with an IndexError."""
     from bksdm.sampling import SamplingError, check_scheduler_steps
-    from bksdm.serve import DemoApp, SamplingSettings, ServedModel
+    from bksdm.use.serve.app import DemoApp, SamplingSettings, ServedModel
 
     scheduler = tiny_sd_pipe.scheduler
     assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.steps_offset == 1
@@ -608,7 +608,7 @@ def test_generate_resume_draws_a_truncated_image_again(tiny_sd_dir, prompts, tmp
     printed = capsys.readouterr().out
     assert "(2 generated, 2 already there; 000001.png and 1 more did not read and were drawn again;" in printed
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == whole  # the same bytes as the first run
-    warned = [r.getMessage() for r in caplog.records if r.name == "bksdm.generate_cmd"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "bksdm.cli.generate"]
     assert any(m.startswith(f"{out / '000001.png'} does not read (") for m in warned), warned
     assert any(m.startswith(f"{out / '000002.png'} does not read (") for m in warned), warned
     runs = json.loads((out / "settings.json").read_text())["runs"]
@@ -650,7 +650,7 @@ def test_generate_resume_with_a_broken_record_names_the_file(
 
 def test_img2img_symlinks_that_lead_nowhere_keep_their_index(tiny_sd_dir, tmp_path, capsys) -> None:
     # Was: a symlink loop in the folder was left out uncounted, and the seeds of the images after it moved.
-    from bksdm.img2img import image_seed
+    from bksdm.use.img2img import image_seed
 
     def inputs(folder: Path, broken) -> Path:
         folder.mkdir()

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from bksdm.cli import main
-from bksdm.dreambooth_config import DreamBoothConfig, DreamBoothError, check_config
-from bksdm.report import ReportError, ReportOptions, write_report
+from bksdm.eval.report import ReportError, ReportOptions, write_report
+from bksdm.use.dreambooth.config import DreamBoothConfig, DreamBoothError, check_config
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:

@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train import make_shapes, overrides
 
-import bksdm.checkpoints
-from bksdm.checkpoints import STATE_FILE, complete_checkpoints
+import bksdm.train.checkpoints
 from bksdm.cli import main
-from bksdm.encoding import TextEncoders, encode_images, encode_text
+from bksdm.train.checkpoints import STATE_FILE, complete_checkpoints
+from bksdm.train.encoders import TextEncoders, encode_images, encode_text
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def _fail_writes(monkeypatch, when, *modules) -> list[str]:
         return real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
-    for module in (bksdm.checkpoints, *modules):
+    for module in (bksdm.train.checkpoints, *modules):
         monkeypatch.setattr(module, "save_file", save_file)
     return failed
 
@@ -308,7 +308,7 @@ def test_sigterm_stops_the_demo_with_its_message_and_no_traceback(tmp_path) -> N
 def test_the_cache_sizes_its_batch_to_the_memory_available(tiny_sd_pipe, monkeypatch) -> None:
     """At SD size the default batch of 16 needs ~12 GB at 512 px and ~27 GB at 768 px: it is sized to fit."""
     import bksdm.sampling
-    from bksdm.cache import ENCODER_BYTES_PER_CHANNEL_PIXEL, auto_batch_size
+    from bksdm.train.cache import ENCODER_BYTES_PER_CHANNEL_PIXEL, auto_batch_size
 
     vae = tiny_sd_pipe.vae
     per_image = ENCODER_BYTES_PER_CHANNEL_PIXEL * vae.config.block_out_channels[0] * 512**2
@@ -320,12 +320,12 @@ def test_the_cache_sizes_its_batch_to_the_memory_available(tiny_sd_pipe, monkeyp
 def test_a_full_disk_during_the_cache_keeps_the_finished_shards_and_resumes(
     tiny_sd_dir, data, tmp_path, capsys, monkeypatch
 ) -> None:
-    import bksdm.cache
+    import bksdm.train.cache
 
     cache = tmp_path / "cache"
     args = ["cache", "--out", str(cache), "--shard-size", "4", f"model.teacher={tiny_sd_dir}", f"data.train={data}"]
     args += ["data.resolution=64", "data.num_workers=0"]
-    failed = _fail_writes(monkeypatch, lambda path: "shard-00001" in path, bksdm.cache)
+    failed = _fail_writes(monkeypatch, lambda path: "shard-00001" in path, bksdm.train.cache)
     assert main(args) == 1
     err = capsys.readouterr().err
     assert failed and "no space left on device" in err and "shard-00001" in err and "Traceback" not in err

@@ -19,10 +19,10 @@ from PIL import Image
 
 from bksdm import __version__
 from bksdm.cli import main
-from bksdm.coco import load_coco_captions, select_captions
-from bksdm.generate import generate_images, prompt_seed, resize_image
-from bksdm.prompts import PromptFileError, PromptRecord, read_prompts
-from bksdm.toy.tiny import save_tiny_pipeline
+from bksdm.eval.coco import load_coco_captions, select_captions
+from bksdm.eval.generate import generate_images, prompt_seed, resize_image
+from bksdm.eval.prompts import PromptFileError, PromptRecord, read_prompts
+from bksdm.world.tiny import save_tiny_pipeline
 
 PROMPTS = [
     "a red circle at the top left",
@@ -114,9 +114,9 @@ def test_the_batch_size_does_not_reach_the_metrics() -> None:
     """The rounding that batching changes is far below what an evaluation reads. On the bundled teacher at its
     settings, 24 scenes (every shape, colour, size and position) at batch 8 vs batch 1: the classifier reads the
     same four attributes in every image, and the shapes Fréchet distance agrees to 0.1%."""
-    from bksdm.toy.classifier import load_classifier, predict, reference_statistics, shapes_frechet_distance
-    from bksdm.toy.shapes import all_scenes
-    from bksdm.toy.teacher import load_teacher, recommended_settings
+    from bksdm.world.classifier import load_classifier, predict, reference_statistics, shapes_frechet_distance
+    from bksdm.world.shapes import all_scenes
+    from bksdm.world.teacher import load_teacher, recommended_settings
 
     pipe = load_teacher()
     pipe.set_progress_bar_config(disable=True)

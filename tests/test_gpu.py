@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_dreambooth import assert_must_show, before, must_show  # noqa: F401 (``before`` is a fixture)
 
-from bksdm.generate import generate_images, prompt_seed
+from bksdm.eval.generate import generate_images, prompt_seed
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,7 +22,7 @@ pytestmark = [
 def test_mixed_precision_distillation_reaches_the_teacher(precision, tmp_path) -> None:
     """The demo's recipe (bk-tiny, 400 steps of 32) in ``precision``: on the CPU in fp32 the student reads 0.958
     prompt accuracy against the teacher's 1.000; mixed precision must not cost more than a few points."""
-    from bksdm.demo import DemoSettings, run_demo
+    from bksdm.world.demo import DemoSettings, run_demo
 
     summary = run_demo(tmp_path / "demo", DemoSettings(extra=[f"train.mixed_precision={precision}"]))
     student = summary["models"]["bk-tiny (KD)"]
@@ -42,7 +42,7 @@ def test_dreambooth_in_fp16(mode, tmp_path, before) -> None:  # noqa: F811
 
 def test_generation_on_the_gpu_does_not_depend_on_the_batch() -> None:
     """Per-prompt generators make the noise independent of the batch; what is left is the kernels' rounding."""
-    from bksdm.toy.teacher import load_teacher, recommended_settings
+    from bksdm.world.teacher import load_teacher, recommended_settings
 
     pipe = load_teacher().to("cuda")
     pipe.set_progress_bar_config(disable=True)

@@ -1,4 +1,4 @@
-"""``bksdm img2img`` (bksdm.img2img, bksdm.img2img_cmd): SDEdit with the stock img2img pipeline.
+"""``bksdm img2img`` (bksdm.use.img2img, bksdm.cli.img2img): SDEdit with the stock img2img pipeline.
 
 The mechanics (sizes, per-image seeds, batching, student U-Nets, bad inputs) are tested on the tiny SD-v1
 pipeline. What img2img is *for* -- the prompt's attributes at high strength, the input's at low strength -- needs
@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from bksdm.cli import main
-from bksdm.img2img import Img2ImgError, check_strength, image_seed, img2img_pipeline, translate
-from bksdm.toy.shapes import COLORS, SHAPES, Scene, sample
-from bksdm.toy.teacher import TEACHER_DIR
+from bksdm.use.img2img import Img2ImgError, check_strength, image_seed, img2img_pipeline, translate
+from bksdm.world.shapes import COLORS, SHAPES, Scene, sample
+from bksdm.world.teacher import TEACHER_DIR
 
 STEPS = 4
 PROMPT = "a big blue square at the top left"
@@ -247,9 +247,9 @@ def _translate_scenes(
     Steps and guidance default to the teacher's recommended settings (25 PNDM steps, guidance 3). Also returns,
     per image, the timesteps the U-Net was called at (one call per timestep: guidance batches both prompts).
     """
-    from bksdm.toy.classifier import load_classifier, predict
-    from bksdm.toy.shapes import render
-    from bksdm.toy.teacher import recommended_settings
+    from bksdm.world.classifier import load_classifier, predict
+    from bksdm.world.shapes import render
+    from bksdm.world.teacher import recommended_settings
 
     settings = recommended_settings()
     steps = settings["num_inference_steps"] if steps is None else steps

@@ -1,4 +1,4 @@
-"""Metric arithmetic (bksdm.metrics) against direct formulas, and the FID Inception network (bksdm.inception)."""
+"""Metric arithmetic (bksdm.eval.metrics) against direct formulas, and the FID Inception network (eval.inception)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from bksdm import metrics as M
-from bksdm.inception import (
+from bksdm.eval import metrics as M
+from bksdm.eval.inception import (
     FID_WEIGHTS_URL,
     WEIGHT_FILES,
     InceptionV3,

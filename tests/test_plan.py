@@ -6,11 +6,11 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from bksdm.archs import get_arch
 from bksdm.loading import load_plan
-from bksdm.plan import PRESETS, Plan, PlanError, plan_from_dict, plan_to_dict, resolve, select
-from bksdm.prune import unet_macs
-from bksdm.surgery import shapes_of, weight_map
+from bksdm.plan.archs import get_arch
+from bksdm.plan.prune import unet_macs
+from bksdm.plan.spec import PRESETS, Plan, PlanError, plan_from_dict, plan_to_dict, resolve, select
+from bksdm.plan.surgery import shapes_of, weight_map
 
 # REFERENCE.md, "Sizes": U-Net parameters (exact) and conv+linear MACs per step at 512 px (published).
 PUBLISHED = {

@@ -1,4 +1,4 @@
-"""Tests for ``bksdm profile`` (bksdm.profile_cmd, bksdm.measure) and prune.vae_decoder_params.
+"""Tests for ``bksdm profile`` (bksdm.cli.profile, bksdm.eval.profile) and prune.vae_decoder_params.
 
 Architecture presets are profiled without latency only: that path builds them on the meta device, so the real
 SD-v1.4 and SDXL counts cost a second. Timing is tested on the tiny saved pipelines.
@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from bksdm.archs import build_vae
 from bksdm.cli import main
-from bksdm.prune import vae_decoder_params
+from bksdm.plan.archs import build_vae
+from bksdm.plan.prune import vae_decoder_params
 
 SD14_UNET = 859_520_964
 SD14_TEXT = 123_060_480

@@ -28,10 +28,11 @@ from PIL import Image
 
 import bksdm.loading
 from bksdm.cli import main
-from bksdm.generate import generate_images
+from bksdm.cli.serve import default_sampling
+from bksdm.eval.generate import generate_images
 from bksdm.loading import teacher_or_default
-from bksdm.prune import prune
-from bksdm.serve import (
+from bksdm.plan.prune import prune
+from bksdm.use.serve.app import (
     MAX_PROMPT_CHARS,
     MAX_SEED,
     DemoApp,
@@ -41,9 +42,8 @@ from bksdm.serve import (
     load_models,
     make_server,
 )
-from bksdm.serve_cmd import default_sampling
-from bksdm.toy.teacher import SETTINGS_FILE, TEACHER_DIR, recommended_settings
-from bksdm.toy.tiny import save_tiny_pipeline
+from bksdm.world.teacher import SETTINGS_FILE, TEACHER_DIR, recommended_settings
+from bksdm.world.tiny import save_tiny_pipeline
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bksdm.plan import PRESETS, plan_from_dict, resolve
+from bksdm.plan.spec import PRESETS, plan_from_dict, resolve
+from bksdm.plan.surgery import SurgeryError, build_student
 from bksdm.profiling import unet_inputs
-from bksdm.surgery import SurgeryError, build_student
-from bksdm.toy.tiny import build_tiny_pipeline
+from bksdm.world.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

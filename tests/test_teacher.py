@@ -15,11 +15,11 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from bksdm.archs import get_arch
-from bksdm.plan import PRESETS, resolve
-from bksdm.surgery import shapes_of, weight_map
-from bksdm.toy import shapes
-from bksdm.toy.teacher import (
+from bksdm.plan.archs import get_arch
+from bksdm.plan.spec import PRESETS, resolve
+from bksdm.plan.surgery import shapes_of, weight_map
+from bksdm.world import shapes
+from bksdm.world.teacher import (
     SETTINGS_FILE,
     TEACHER_DIR,
     build_untrained_teacher,
@@ -27,7 +27,7 @@ from bksdm.toy.teacher import (
     recommended_settings,
     teacher_configs,
 )
-from bksdm.toy.train_teacher import EVAL_SEED, held_out_images
+from bksdm.world.train_teacher import EVAL_SEED, held_out_images
 
 TEST_SEED = 20_000
 """Noise seeds of this test's pairs: disjoint from the pairs the shipped guidance scale was chosen on."""
@@ -88,8 +88,8 @@ def test_other_samplers_made_from_its_config_do_not_clip_latents(teacher: Stable
     diffusers warns about configs that lack the key). DDIM then draws what it is asked."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from bksdm.generate import generate_images
-    from bksdm.toy.classifier import load_classifier, prompt_accuracy
+    from bksdm.eval.generate import generate_images
+    from bksdm.world.classifier import load_classifier, prompt_accuracy
 
     ddim = DDIMScheduler.from_config(teacher.scheduler.config)
     assert ddim.config.clip_sample is False and ddim.config.prediction_type == "v_prediction"
@@ -158,14 +158,14 @@ def test_settings_record_provenance_and_accuracy() -> None:
     settings = recommended_settings()
     assert settings["num_inference_steps"] == 25
     assert settings["guidance_scale"] == record["sampling"]["guidance_scale"]
-    assert record["training"]["command"].startswith("python -m bksdm.toy.train_teacher")
+    assert record["training"]["command"].startswith("python -m bksdm.world.train_teacher")
     assert record["training"]["wall_time_s"] > 0 and record["training"]["machine"]
     accuracy = record["evaluation"]["prompt_accuracy_by_guidance_scale"][str(settings["guidance_scale"])]
     assert accuracy >= 0.8
 
 
 def test_teacher_draws_what_it_is_asked(teacher: StableDiffusionPipeline) -> None:
-    classifier = pytest.importorskip("bksdm.toy.classifier")
+    classifier = pytest.importorskip("bksdm.world.classifier")
     settings = recommended_settings()
     # 24 of the 96 scenes, spread by a fixed draw (every shape, colour, size and position occurs), with noise
     # seeds the guidance scale was not chosen on.

@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
-from bksdm.toy.tiny import (
+from bksdm.world.tiny import (
     LATENT_SIZE,
     LAYOUTS,
     VAE_SCALE_FACTOR,

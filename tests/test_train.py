@@ -20,11 +20,11 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from bksdm.cli import main
-from bksdm.config import load_config
-from bksdm.distill import LossWeights, draw_noise, kd_step
-from bksdm.plan import PRESETS, resolve
-from bksdm.surgery import build_student
-from bksdm.train import find_checkpoint
+from bksdm.plan.spec import PRESETS, resolve
+from bksdm.plan.surgery import build_student
+from bksdm.train.config import load_config
+from bksdm.train.distill import find_checkpoint
+from bksdm.train.kd import LossWeights, draw_noise, kd_step
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 
@@ -78,7 +78,7 @@ def overrides(teacher: Path, data: Path, out: Path, **extra) -> list[str]:
 
 def held_out_loss(unet, teacher, pipe, data: Path, plan: str = "bk-tiny") -> float:
     """KD loss on 8 fixed images with fixed noise: the same yardstick before and after training."""
-    from bksdm.encoding import TextEncoders, encode_images, encode_text, sample_latents
+    from bksdm.train.encoders import TextEncoders, encode_images, encode_text, sample_latents
 
     images, captions = [], []
     with (data / "metadata.csv").open() as f:
@@ -254,8 +254,8 @@ def test_two_processes_take_the_same_step_as_one(tiny_sd_dir, shapes_dir, tmp_pa
 
 
 def test_cache_gives_the_same_batches_and_loss(tiny_sd_dir, shapes_dir, tmp_path, capsys) -> None:
-    from bksdm.batches import make_loader, prepare_batch
-    from bksdm.train import load_models
+    from bksdm.train.batches import make_loader, prepare_batch
+    from bksdm.train.distill import load_models
 
     cache = tmp_path / "cache"
     args = [
@@ -355,7 +355,7 @@ def test_partial_checkpoints_are_never_resumed(tmp_path) -> None:
 
 @pytest.mark.parametrize("layout", ["sd-v2-v", "sdxl"])
 def test_v_prediction_and_sdxl_teachers_train(layout, shapes_dir, tmp_path) -> None:
-    from bksdm.toy.tiny import save_tiny_pipeline
+    from bksdm.world.tiny import save_tiny_pipeline
 
     teacher = save_tiny_pipeline(tmp_path / "teacher", layout)
     out = tmp_path / "run"
@@ -428,7 +428,7 @@ def test_recipes_in_one_process_may_use_different_mixed_precisions(tmp_path) -> 
     a bf16 run followed by an fp16 one failed with "AcceleratorState has already been initialized". bf16
     autocast also exists on the CPU, so the switch is checked here.
     """
-    from bksdm.recipes import make_accelerator
+    from bksdm.train.runtime import make_accelerator
 
     first, mixed = make_accelerator(tmp_path / "a", "no")
     assert (first.mixed_precision, mixed) == ("no", "no")

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from bksdm.cli import main
-from bksdm.generate import generate_images
+from bksdm.eval.generate import generate_images
 from bksdm.loading import BUNDLED_TEACHER
-from bksdm.toy.shapes import all_scenes, export
+from bksdm.world.shapes import all_scenes, export
 
 
 def agreement(teacher_images, student_images, classifier) -> float:
     """Share of prompt/seed pairs where the classifier reads the same four attributes in both images."""
-    from bksdm.toy.classifier import predict
+    from bksdm.world.classifier import predict
 
     return sum(
         a == b for a, b in zip(predict(classifier, teacher_images), predict(classifier, student_images), strict=True)
@@ -24,8 +24,8 @@ def agreement(teacher_images, student_images, classifier) -> float:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from bksdm.toy.classifier import load_classifier
-    from bksdm.toy.teacher import load_teacher, recommended_settings
+    from bksdm.world.classifier import load_classifier
+    from bksdm.world.teacher import load_teacher, recommended_settings
 
     teacher = load_teacher()
     teacher.set_progress_bar_config(disable=True)
@@ -49,7 +49,7 @@ def world(tmp_path_factory):
 def test_short_distillation_raises_agreement_with_the_teacher(world, tmp_path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from bksdm.surgery import build_student
+    from bksdm.plan.surgery import build_student
 
     def student_agreement(unet) -> int:
         pipe = StableDiffusionPipeline(**{**world["teacher"].components, "unet": unet})
@@ -87,7 +87,7 @@ def test_short_distillation_raises_agreement_with_the_teacher(world, tmp_path) -
 
 
 def _plan(name: str):
-    from bksdm.plan import PRESETS
+    from bksdm.plan.spec import PRESETS
 
     return PRESETS[name]
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import yaml
 
-from bksdm.plan import PRESETS, Plan, PlanError, plan_from_dict
+from bksdm.plan.spec import PRESETS, Plan, PlanError, plan_from_dict
 
-BUNDLED_TEACHER = Path(__file__).parent / "toy" / "assets" / "teacher"
+BUNDLED_TEACHER = Path(__file__).parent / "world" / "assets" / "teacher"
 """The shapes-world teacher shipped with bksdm: the default of every command that takes a teacher."""
 
 PLAN_FILE = "bksdm_plan.yaml"
@@ -58,7 +58,7 @@ def teacher_or_default(ref: str | os.PathLike | None) -> str:
     if not (BUNDLED_TEACHER / "model_index.json").is_file():
         raise TeacherNotFoundError(
             f"no teacher given and the bundled shapes teacher is missing from {BUNDLED_TEACHER}; "
-            "reinstall bksdm, or retrain it with `python -m bksdm.toy.train_teacher --out` that folder"
+            "reinstall bksdm, or retrain it with `python -m bksdm.world.train_teacher --out` that folder"
         )
     return str(BUNDLED_TEACHER)
 

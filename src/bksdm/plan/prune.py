@@ -1,0 +1,189 @@
+"""The prune job: teacher pipeline + plan → a complete student pipeline folder and a report.
+
+Everything that can fail on user input (the plan, the teacher's layout, the output folder) is checked before
+any weights are loaded, and the folder is written under a partial name and renamed at the end
+(:func:`bksdm.artifacts.atomic_dir`), so a failed run (a full disk, a read-only folder, a kill) never leaves a
+half-written ``--out`` and never touches the one that was there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from diffusers import UNet2DConditionModel
+
+from bksdm import __version__
+from bksdm.artifacts import atomic_dir
+from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, load_unet_config, teacher_or_default
+from bksdm.plan.render import block_rows, prune_markdown
+from bksdm.plan.spec import ResolvedPlan, plan_to_dict, resolve
+from bksdm.plan.surgery import block_params, build_student, describe_config_changes, shapes_of
+from bksdm.profiling import count_macs, count_params, unet_inputs
+
+logger = logging.getLogger(__name__)
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and is not empty, and overwriting was not asked for."""
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Fails early when ``out`` would be clobbered or cannot be created."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
+
+
+def unet_macs(config: dict[str, Any], resolution: int, group_depth: int = 6):
+    """MACs of one U-Net step at batch 1, counted on a weightless (meta) model built from ``config``."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return count_macs(unet, group_depth=group_depth, **unet_inputs(config, resolution, device="meta"))
+
+
+def group_macs(per_module: dict[str, int], addresses: list[str]) -> dict[str, int]:
+    """Sums per-module MACs into the given block addresses (each module counts towards its longest prefix)."""
+    totals = dict.fromkeys(addresses, 0)
+    for module, macs in per_module.items():
+        best = None
+        for address in addresses:
+            if (module == address or module.startswith(address + ".")) and (best is None or len(address) > len(best)):
+                best = address
+        if best is not None:
+            totals[best] += macs
+    return totals
+
+
+def vae_decoder_params(vae: torch.nn.Module) -> int:
+    """Parameters of an AutoencoderKL's decoder as the BK-SDM paper counts them: ``vae.decoder`` only.
+
+    The published 49,490,179 (and so the paper's "whole model" totals) is ``vae.decoder`` alone; the 4->4
+    ``post_quant_conv`` that ``vae.decode`` also runs adds 20 parameters and is left out to match.
+
+    Args:
+        vae: The pipeline's VAE (any module with a ``decoder``, on any device including ``meta``).
+
+    Returns:
+        The number of scalar parameters of ``vae.decoder``.
+    """
+    return count_params(vae.decoder)
+
+
+def build_report(
+    teacher_ref: str,
+    resolved: ResolvedPlan,
+    teacher_unet: torch.nn.Module,
+    student_unet: torch.nn.Module,
+    other_params: int,
+    resolution: int,
+    weights,
+    init: str,
+) -> dict[str, Any]:
+    """The prune report's content: totals, per-block fates with params and MACs, config changes, KD pairs."""
+    student_config = resolved.student_config()
+    teacher_macs = unet_macs(dict(teacher_unet.config), resolution)
+    student_macs = unet_macs(student_config, resolution)
+    fates = [address for address, _ in resolved.block_fates()]
+    params = block_params(resolved, shapes_of(teacher_unet))
+    rows = block_rows(resolved, params, group_macs(teacher_macs.per_module, fates))
+    t_params, s_params = count_params(teacher_unet), count_params(student_unet)
+    return {
+        "bksdm_version": __version__,
+        "teacher": teacher_ref,
+        "plan": plan_to_dict(resolved.plan),
+        "resolved_plan": plan_to_dict(resolved.explicit()),
+        "resolution": resolution,
+        "unet": {
+            "teacher": {
+                "params": t_params,
+                "macs": teacher_macs.conv_linear,
+                "macs_with_attention": teacher_macs.total,
+            },
+            "student": {
+                "params": s_params,
+                "macs": student_macs.conv_linear,
+                "macs_with_attention": student_macs.total,
+            },
+        },
+        "whole": {"teacher": t_params + other_params, "student": s_params + other_params},
+        "blocks": rows,
+        "config_changes": {k: list(v) for k, v in describe_config_changes(teacher_unet.config, student_config).items()},
+        "feature_pairs": [vars(p) for p in resolved.feature_pairs()],
+        "weights": {
+            "init": init,
+            "copied": len(weights.sources) if init == "teacher" else 0,
+            "random_init": [m[0] for m in weights.mismatched] if init == "teacher" else ["all"],
+            "unused_teacher_tensors": len(weights.unused),
+        },
+    }
+
+
+def prune(
+    teacher: str | None,
+    plan_spec: str,
+    out: str | os.PathLike,
+    *,
+    init: str = "teacher",
+    allow_partial_init: bool = False,
+    overwrite: bool = False,
+    save_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Prunes ``teacher`` with ``plan_spec`` and writes a complete diffusers pipeline to ``out``.
+
+    Args:
+        teacher: Hub id or local folder of a diffusers SD / SDXL pipeline; None: the bundled shapes teacher.
+        plan_spec: Preset name or plan YAML path.
+        out: Output folder; written atomically.
+        init: ``"teacher"`` (copy kept weights) or ``"random"`` (ablation).
+        allow_partial_init: Let tensors whose shapes differ start from random weights (see WeightMap.check).
+        overwrite: Replace a non-empty ``out``.
+        save_dtype: Dtype of the saved weights.
+        seed: Seed of the student's random initialisation.
+
+    Returns:
+        The report (also written to ``out/prune_report.json`` and ``.md``).
+
+    Raises:
+        WriteFailed: The folder could not be written (full disk, read-only); ``out`` is as it was before.
+    """
+    out = Path(out)
+    teacher = teacher_or_default(teacher)
+    plan = load_plan(plan_spec)
+    check_output_dir(out, overwrite)
+    resolved = resolve(plan, load_unet_config(teacher))  # fails here, before any weights are read
+    logger.info("plan %s resolves against %s; loading the teacher", plan.name, teacher)
+    pipe = load_pipeline(teacher)
+    surgery = build_student(pipe.unet, resolved, init=init, allow_mismatched=allow_partial_init, seed=seed)
+    other = sum(count_params(getattr(pipe, name)) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None)
+    other += vae_decoder_params(pipe.vae)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    report = build_report(teacher, resolved, pipe.unet, surgery.student, other, resolution, surgery.weights, init)
+    report["out"] = str(out)
+
+    with atomic_dir(out) as tmp:
+        pipe.unet = surgery.student
+        if save_dtype != torch.float32:
+            pipe.to(dtype=save_dtype)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        provenance = {
+            "bksdm_version": __version__,
+            "teacher": teacher,
+            "init": init,
+            "plan": plan_to_dict(resolved.explicit()),
+            "preset": plan_to_dict(plan),
+        }
+        (tmp / PLAN_FILE).write_text(yaml.safe_dump(provenance, sort_keys=False))
+        (tmp / "prune_report.json").write_text(json.dumps(report, indent=2, allow_nan=False))
+        (tmp / "prune_report.md").write_text(prune_markdown(report))
+    logger.info("wrote %s", out)
+    return report

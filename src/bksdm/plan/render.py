@@ -1,0 +1,175 @@
+"""Text renderings of plans and prune results, for terminals and markdown reports. Pure: returns strings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bksdm.plan.spec import ResolvedPlan
+
+
+def human(n: float, unit: str = "") -> str:
+    """``859520964`` → ``"859.5M"``; ``338.7e9`` → ``"338.7G"``."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{suffix}{unit}"
+    return f"{n:g}{unit}"
+
+
+def block_rows(
+    resolved: ResolvedPlan,
+    params: Mapping[str, int] | None = None,
+    macs: Mapping[str, int] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per teacher block: address, student address (None = removed), params and MACs if given."""
+    rows = []
+    for teacher, student in resolved.block_fates():
+        row: dict[str, Any] = {"teacher": teacher, "student": student}
+        if params is not None:
+            row["params"] = params.get(teacher, 0)
+        if macs is not None:
+            row["macs"] = macs.get(teacher, 0)
+        rows.append(row)
+    return rows
+
+
+def format_plan(resolved: ResolvedPlan, rows: Sequence[Mapping[str, Any]] | None = None, teacher: str = "") -> str:
+    """A terminal view of a resolved plan: per stage, each block kept (and where it goes) or removed."""
+    rows = rows if rows is not None else block_rows(resolved)
+    plan = resolved.plan
+    lines = [f"plan {plan.name}" + (f": {plan.description}" if plan.description else "")]
+    if teacher:
+        lines.append(f"teacher {teacher}")
+    width = max(len(r["teacher"]) for r in rows) + 2
+    has_numbers = "params" in rows[0]
+    stage = None
+    for row in rows:
+        parts = row["teacher"].split(".")
+        current = ".".join(parts[:2]) if parts[0] != "mid_block" else "mid_block"
+        if current != stage:
+            stage = current
+            lines.append("")
+        mark = f"kept    → {row['student']}" if row["student"] else "removed"
+        numbers = ""
+        if has_numbers:
+            numbers = f"{human(row['params']):>8} params"
+            if "macs" in row:
+                numbers += f"  {human(row['macs']):>8} MACs"
+        lines.append(f"  {row['teacher']:<{width}}{mark:<40}{numbers}")
+    config = resolved.student_config()
+    kept_removed = _count(rows)
+    lines += [
+        "",
+        f"{kept_removed[0]} blocks kept, {kept_removed[1]} removed; student: {len(config['down_block_types'])} "
+        f"stages, layers_per_block={config['layers_per_block']}, mid_block_type={config['mid_block_type']}",
+    ]
+    if has_numbers:
+        removed = sum(r["params"] for r in rows if r["student"] is None)
+        lines.append(f"removed parameters: {removed:,}")
+    lines.append(
+        "feature-KD pairs (teacher ↔ student): "
+        + ", ".join(
+            f"{p.teacher} ↔ {p.student}" if p.teacher != p.student else p.teacher for p in resolved.feature_pairs()
+        )
+    )
+    return "\n".join(lines)
+
+
+def _count(rows: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+    kept = sum(1 for r in rows if r["student"])
+    return kept, len(rows) - kept
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def prune_markdown(report: Mapping[str, Any]) -> str:
+    """The human-readable prune report (``prune_report.md``) from the JSON report's content."""
+    t, s = report["unet"]["teacher"], report["unet"]["student"]
+
+    def ratio(a: int, b: int) -> str:
+        return f"{100 * (1 - b / a):.1f}% smaller" if a else ""
+
+    totals = markdown_table(
+        ["", "teacher", "student", "change"],
+        [
+            ["U-Net parameters", f"{t['params']:,}", f"{s['params']:,}", ratio(t["params"], s["params"])],
+            [
+                f"U-Net MACs / step @{report['resolution']}px (conv+linear)",
+                human(t["macs"]),
+                human(s["macs"]),
+                ratio(t["macs"], s["macs"]),
+            ],
+            [
+                "U-Net MACs / step incl. attention products",
+                human(t["macs_with_attention"]),
+                human(s["macs_with_attention"]),
+                ratio(t["macs_with_attention"], s["macs_with_attention"]),
+            ],
+            [
+                "whole model parameters (U-Net + text encoders + VAE decoder)",
+                f"{report['whole']['teacher']:,}",
+                f"{report['whole']['student']:,}",
+                ratio(report["whole"]["teacher"], report["whole"]["student"]),
+            ],
+        ],
+    )
+    blocks = markdown_table(
+        ["teacher block", "in the student", "params", "MACs"],
+        [
+            [
+                f"`{r['teacher']}`",
+                f"`{r['student']}`" if r["student"] else "**removed**",
+                f"{r['params']:,}",
+                human(r["macs"]),
+            ]
+            for r in report["blocks"]
+        ],
+    )
+    changes = markdown_table(
+        ["config key", "teacher", "student"],
+        [[f"`{k}`", f"`{v[0]}`", f"`{v[1]}`"] for k, v in report["config_changes"].items()],
+    )
+    pairs = markdown_table(
+        ["teacher module", "student module", "channels", "scale"],
+        [
+            [f"`{p['teacher']}`", f"`{p['student']}`", p["channels"], f"1/{p['downscale']}"]
+            for p in report["feature_pairs"]
+        ],
+    )
+    w = report["weights"]
+    random_note = (
+        f" {len(w['random_init'])} student tensors start from random weights (shape differs): "
+        + ", ".join(f"`{k}`" for k in w["random_init"])
+        + "."
+        if w["random_init"]
+        else ""
+    )
+    return (
+        "\n\n".join(
+            [
+                f"# bksdm prune: {report['plan']['name']}",
+                f"Teacher `{report['teacher']}`, plan `{report['plan']['name']}`"
+                + (f" ({report['plan'].get('description')})" if report["plan"].get("description") else "")
+                + ".",
+                "## Totals",
+                totals,
+                "## Blocks",
+                blocks,
+                f"Weights: {w['copied']} student tensors copied from the teacher ({w['init']} init); "
+                f"{w['unused_teacher_tensors']} teacher tensors belong to removed blocks.{random_note}",
+                "## Config changes",
+                changes,
+                "## Feature-distillation pairs",
+                pairs,
+                "## Use it",
+                "```python\nfrom diffusers import DiffusionPipeline\n"
+                f'pipe = DiffusionPipeline.from_pretrained("{report.get("out", ".")}")\n```',
+            ]
+        )
+        + "\n"
+    )

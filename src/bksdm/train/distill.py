@@ -1,0 +1,399 @@
+"""The distillation recipe (BK-SDM, Sec. 3.2): setup, one flat loop, checkpoints and logs.
+
+All side effects of training live here: loading, accelerate, files, logging. The objective itself is
+:func:`bksdm.train.kd.kd_step`. The loop reads top to bottom; each optimizer step is ``accumulation`` micro
+steps, and micro step ``m`` always trains on the same samples with the same noise (``bksdm.seeding``), whatever
+the number of processes, so a resumed or re-sharded run takes the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from bksdm.artifacts import atomic_dir
+from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
+from bksdm.plan.spec import resolve
+from bksdm.plan.surgery import build_student
+from bksdm.signals import handling
+from bksdm.train.checkpoints import (
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    CheckpointError,
+    claim_output,
+    find_checkpoint,
+    load_module,
+    read_checkpoint,
+    read_weights,
+    remove_entries,
+    restore_training_state,
+    trim_metrics,
+    write_checkpoint,
+)
+from bksdm.train.config import DistillConfig, OptimConfig, config_to_dict, save_config
+from bksdm.train.encoders import TextEncoders, sample_latents, vae_dtype
+from bksdm.train.kd import LossWeights, draw_noise, ema_update, kd_step
+from bksdm.train.runtime import make_accelerator, peak_memory_mb
+
+logger = get_logger(__name__)
+
+__all__ = ["CHECKPOINT_PREFIX", "STATE_FILE", "TrainingSetupError", "TrainingStopped", "distill", "find_checkpoint"]
+
+WEIGHTS = "diffusion_pytorch_model"  # diffusers' weight file stem
+RUN_ENTRIES = ("config.yaml", "student", "loss_curve.png", "validation")  # a distill run's own entries in its folder
+
+
+class TrainingSetupError(ValueError):
+    """The recipe cannot start (missing teacher or data, an unusable combination of options)."""
+
+
+@dataclass
+class Models:
+    """Everything the loop needs from the teacher pipeline and the student."""
+
+    pipe: Any  # the teacher pipeline (its tokenizer/encoders/VAE are shared with the saved student)
+    teacher: UNet2DConditionModel
+    student: UNet2DConditionModel
+    text: TextEncoders
+    scheduler: DDPMScheduler
+    feature_pairs: tuple
+    plan_source: str
+
+
+def make_optimizer(params, o: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The student's AdamW as configured: bitsandbytes' 8-bit one, or PyTorch's (fused unless turned off)."""
+    kwargs = {"lr": lr, "betas": (o.adam_beta1, o.adam_beta2), "weight_decay": o.weight_decay, "eps": o.adam_epsilon}
+    if o.use_8bit_adam:
+        import bitsandbytes as bnb  # optional: pip install bitsandbytes
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=o.fused_adam, **kwargs)
+
+
+def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dtype) -> Models:
+    """Loads the teacher pipeline, builds (or loads) the student, and freezes every teacher part."""
+    pipe = load_pipeline(teacher_or_default(cfg.model.teacher))  # no teacher given: the bundled shapes teacher
+    teacher = pipe.unet
+    if cfg.model.student:
+        folder = Path(cfg.model.student)
+        unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
+        student = UNet2DConditionModel.from_pretrained(unet_dir)
+        plan = load_plan(folder if (folder / PLAN_FILE).is_file() else cfg.model.plan)
+        plan_source = str(folder)
+    else:
+        plan = load_plan(cfg.model.plan)
+        surgery = build_student(
+            teacher, plan, init=cfg.model.init, allow_mismatched=cfg.model.allow_partial_init, seed=cfg.train.seed
+        )
+        student, plan_source = surgery.student, cfg.model.plan
+    pairs = resolve(plan, dict(teacher.config)).feature_pairs()
+    for module in [teacher, pipe.vae, *TextEncoders.from_pipeline(pipe).encoders]:
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device=device, dtype=weight_dtype)
+    pipe.vae.to(vae_dtype(pipe.vae, weight_dtype))  # fp32 where fp16 would overflow
+    student.to(device)
+    student.train()
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return Models(pipe, teacher, student, TextEncoders.from_pipeline(pipe), scheduler, pairs, plan_source)
+
+
+class TrainingStopped(Exception):
+    """The run was asked to stop (SIGTERM: a scheduler's preemption, ``kill``), wrote a checkpoint of the step it
+    had reached and stopped; ``--resume latest`` continues it exactly."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(
+            f"stopped by SIGTERM at step {step}; checkpoint {checkpoint} written: run the same command with "
+            "--resume latest to continue"
+        )
+        self.step, self.checkpoint = step, checkpoint
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether ``flag`` is set in any process (a collective: every process calls it at the same step)."""
+    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum").item())
+
+
+def save_checkpoint(
+    accelerator: Accelerator, cfg: DistillConfig, models: Models, ema, step: int, out: Path, optimizer, lr_scheduler
+) -> Path:
+    """A resumable checkpoint (:mod:`bksdm.train.checkpoints`): the student in ``unet/``, the EMA weights in
+    ``unet_ema/`` (both stock diffusers folders), the optimizer and schedule, the resolved config."""
+    student = accelerator.unwrap_model(models.student)
+
+    def write_files(folder: Path) -> None:
+        student.save_pretrained(folder / "unet")
+        if ema is not None:
+            save_ema_weights(ema, student, folder / "unet_ema")
+        save_config(cfg, folder / "config.yaml")
+
+    return write_checkpoint(
+        accelerator,
+        out,
+        step,
+        cfg.train.keep_checkpoints,
+        recipe="distill",
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        write_files=write_files,
+        fingerprints={"ema": ema is not None},
+        extra={"ema": _ema_scalars(ema)} if ema is not None else None,
+    )
+
+
+def resume_from(accelerator: Accelerator, checkpoint: Path, models: Models, ema, optimizer, lr_scheduler) -> int:
+    """Loads a checkpoint written by :func:`save_checkpoint` into this run; returns its step.
+
+    Raises:
+        CheckpointError: not a distill checkpoint of this format, or made for another student (plan) or EMA setting.
+    """
+    state = read_checkpoint(checkpoint, "distill", {"ema": ema is not None})
+    student = accelerator.unwrap_model(models.student)
+    load_module(student, read_weights(checkpoint / "unet", WEIGHTS), "student U-Net")
+    if ema is not None:
+        stored = read_weights(checkpoint / "unet_ema", WEIGHTS)
+        names = [name for name, _ in student.named_parameters()]
+        if set(names) - set(stored):
+            raise CheckpointError(f"checkpoint {checkpoint}: unet_ema/ does not hold every student parameter")
+        shadow = [stored[name].to(p.device, p.dtype) for name, p in zip(names, ema.shadow_params, strict=True)]
+        ema.load_state_dict({**state["extra"]["ema"], "shadow_params": shadow})
+    restore_training_state(checkpoint, state, optimizer, lr_scheduler)
+    return int(state["step"])
+
+
+def save_ema_weights(ema, student: torch.nn.Module, folder: Path) -> None:
+    """The EMA weights as a stock diffusers folder of the student's class, written straight from the EMA's tensors.
+
+    (``EMAModel.save_pretrained`` first builds a second student to copy them into: 1.8 GB more at the end of every
+    checkpoint at SD size, which took a 256-px distill run past 18 GB.) The U-Net has no buffers: its parameters
+    are its whole state dict. The EMA's counters go to ``trainer_state.json``.
+    """
+    names = [name for name, _ in student.named_parameters()]
+    tensors = {name: p.detach().contiguous() for name, p in zip(names, ema.shadow_params, strict=True)}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / f"{WEIGHTS}.safetensors"), metadata={"format": "pt"})
+    student.save_config(folder)
+
+
+def _ema_scalars(ema) -> dict[str, Any]:
+    return {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+
+
+def save_student(accelerator: Accelerator, models: Models, ema, out: Path) -> Path:
+    """The final output: a complete pipeline (teacher's encoders/VAE/scheduler + student U-Net, EMA if on).
+
+    With EMA the pipeline holds the EMA weights; the raw weights of the last step stay in the last checkpoint's
+    ``unet/``. Written atomically: a crash or a full disk leaves the checkpoints and no half pipeline.
+    """
+    student = accelerator.unwrap_model(models.student)
+    if ema is not None:
+        ema.copy_to(student.parameters())
+    pipe = models.pipe
+    pipe.unet = student
+    pipe.to(torch.float32)
+    target = out / "student"
+    with atomic_dir(target) as partial:
+        pipe.save_pretrained(partial, safe_serialization=True)
+        plan_file = Path(models.plan_source) / PLAN_FILE
+        if plan_file.is_file():
+            shutil.copy(plan_file, partial / PLAN_FILE)
+    return target
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Runs the recipe and returns the folder of the final student pipeline."""
+    from bksdm.train.batches import batch_stream
+    from bksdm.train.validation import Validator, plot_losses
+
+    out = Path(cfg.train.output_dir)
+    if cfg.model.student and not Path(cfg.model.student).is_dir():
+        raise TrainingSetupError(
+            f"model.student={cfg.model.student}: no such folder; give a folder written by `bksdm prune` (or its unet/)"
+        )
+    checkpoint = find_checkpoint(out, cfg.train.resume)  # before any work: a bad path fails now
+    stale = claim_output(out, resume=cfg.train.resume, overwrite=cfg.train.overwrite, markers=RUN_ENTRIES)
+    accelerator, mixed = make_accelerator(
+        out, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps, cfg.train.trackers
+    )
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise TrainingSetupError(
+            f"{accelerator.distributed_type.value} shards the training state, which bksdm's checkpoints do not gather; "
+            "run distill with DDP (accelerate launch --multi_gpu)"
+        )
+    if accelerator.is_main_process:
+        remove_entries(stale)  # train.overwrite=true: the earlier run's checkpoints and logs
+    accelerator.wait_for_everyone()
+    set_seed(cfg.train.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+    if cfg.train.teacher_dtype != "auto":
+        weight_dtype = parse_dtype(cfg.train.teacher_dtype)
+    models = load_models(cfg, accelerator.device, weight_dtype)
+    if cfg.train.gradient_checkpointing:
+        models.student.enable_gradient_checkpointing()
+    if cfg.train.attention == "default":  # the classic attention processor, e.g. to compare against SDPA
+        from diffusers.models.attention_processor import AttnProcessor
+
+        models.student.set_attn_processor(AttnProcessor())
+    if cfg.train.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    o = cfg.optim
+    world = accelerator.num_processes
+    lr = o.lr * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world if o.scale_lr else o.lr
+    optimizer = make_optimizer(models.student.parameters(), o, lr)
+    lr_scheduler = get_scheduler(
+        o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=cfg.train.max_steps
+    )
+    ema = None
+    if cfg.train.use_ema:
+        ema = EMAModel(
+            models.student.parameters(),
+            decay=cfg.train.ema_decay,
+            model_cls=UNet2DConditionModel,
+            model_config=models.student.config,
+        )
+        ema.to(accelerator.device)
+    # The lr schedule is stepped by hand once per optimizer step (accelerate would step it once per process).
+    models.student, optimizer = accelerator.prepare(models.student, optimizer)
+
+    step = 0
+    if checkpoint is not None:
+        step = resume_from(accelerator, checkpoint, models, ema, optimizer, lr_scheduler)
+        logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        trim_metrics(out / "logs" / "metrics.jsonl", step)  # records after the checkpoint are written again
+        save_config(cfg, out / "config.yaml")
+        accelerator.init_trackers("bksdm-distill", config=_flat(config_to_dict(cfg)))
+    weights = LossWeights(cfg.loss.lambda_task, cfg.loss.lambda_out, cfg.loss.lambda_feat)
+    accum = cfg.train.gradient_accumulation_steps
+    validator = Validator(cfg, models, out) if accelerator.is_main_process and cfg.train.validate_every else None
+    batches = batch_stream(cfg, models, accelerator, start_micro_step=step * accum)
+    metrics_file = (out / "logs" / "metrics.jsonl") if accelerator.is_main_process else None
+    if metrics_file:
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="distill", disable=not accelerator.is_main_process)
+    window: dict[str, float] = {}
+    window_steps, samples, skipped, tick = 0, 0, 0, time.perf_counter()
+
+    # SIGTERM (preemption, kill) stops the run at the end of the optimizer step in progress, with a checkpoint.
+    stop_requested: list[int] = []
+    with handling([signal.SIGTERM], lambda signum, frame: stop_requested.append(signum)):
+        while step < cfg.train.max_steps:
+            batch = next(batches)  # one micro batch of this process: latents' distribution, text states, positions
+            with accelerator.accumulate(models.student):
+                timesteps, noise, eps = draw_noise(
+                    cfg.train.seed,
+                    batch["micro_step"],
+                    batch["positions"],
+                    tuple(batch["mean"].shape[1:]),
+                    models.scheduler.config.num_train_timesteps,
+                    accelerator.device,
+                )
+                latents = sample_latents(batch["mean"], batch["std"], eps, models.pipe.vae.config.scaling_factor)
+                losses = kd_step(
+                    models.student,
+                    models.teacher,
+                    models.scheduler,
+                    latents,
+                    batch["text"],
+                    timesteps,
+                    noise,
+                    models.feature_pairs,
+                    weights,
+                    batch.get("added_cond_kwargs"),
+                )
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and o.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(models.student.parameters(), o.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, value in losses.items():
+                window[key] = window.get(key, 0.0) + accelerator.reduce(value.detach(), "mean").item() / accum
+            samples += batch["mean"].shape[0] * accelerator.num_processes
+            skipped += int(accelerator.reduce(torch.tensor(batch["skipped"], device=accelerator.device), "sum"))
+            if not accelerator.sync_gradients:
+                continue
+            # ---- one optimizer step is complete ----
+            lr_scheduler.step()
+            step += 1
+            window_steps += 1
+            if ema is not None:
+                ema_update(ema, accelerator.unwrap_model(models.student).parameters())  # EMAModel.step, in place
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - tick
+                record = {
+                    "step": step,
+                    **{k: v / window_steps for k, v in window.items()},
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "samples_per_s": samples / elapsed,
+                    "peak_memory_mb": peak_memory_mb(accelerator.device),
+                    "skipped_samples": skipped,
+                }
+                accelerator.log(record, step=step)
+                if metrics_file:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix_str(_status(record))
+                    logger.info(_status(record), main_process_only=True)
+                window, window_steps, samples, tick = {}, 0, 0, time.perf_counter()
+            every = cfg.train.checkpoint_every
+            saved = None
+            if (every and step % every == 0) or step == cfg.train.max_steps:
+                saved = save_checkpoint(accelerator, cfg, models, ema, step, out, optimizer, lr_scheduler)
+            if validator and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
+                validator.run(accelerator.unwrap_model(models.student), step)
+            if step < cfg.train.max_steps and _any_process(accelerator, bool(stop_requested)):
+                saved = saved or save_checkpoint(accelerator, cfg, models, ema, step, out, optimizer, lr_scheduler)
+                bar.close()
+                accelerator.end_training()
+                raise TrainingStopped(step, saved)
+
+    bar.close()
+    accelerator.wait_for_everyone()
+    target = out / "student"
+    if accelerator.is_main_process:
+        target = save_student(accelerator, models, ema, out)
+        if metrics_file and metrics_file.is_file():
+            plot_losses(metrics_file, out / "loss_curve.png")
+        logger.info(f"student pipeline written to {target}", main_process_only=True)
+    accelerator.end_training()
+    return target
+
+
+def _status(record: dict[str, Any]) -> str:
+    terms = " ".join(
+        f"{k}={record[k]:.4f}" for k in ("loss", "loss_task", "loss_kd_out", "loss_kd_feat") if k in record
+    )
+    return (
+        f"step {record['step']} {terms} lr={record['lr']:.2e} {record['samples_per_s']:.1f} samples/s "
+        f"peak {record['peak_memory_mb']:.0f} MB"
+    )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Flattens the config for trackers (they take scalars)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

@@ -1,0 +1,232 @@
+"""Image-to-image translation (SDEdit) with the stock diffusers img2img pipeline, on any SD model or student.
+
+SDEdit (Meng et al., 2022) noises an input image's latent to an intermediate step and denoises it under a new
+prompt: ``strength`` picks the step (0: the image back, 1: pure noise, i.e. text-to-image). The BK-SDM paper
+shows its compact U-Nets doing this with the stock pipeline (REFERENCE.md, "Downstream"), so this module adds
+no sampler of its own: it builds ``StableDiffusionImg2ImgPipeline`` (``StableDiffusionXLImg2ImgPipeline`` for
+SDXL) from the components of a text-to-image pipeline, with a student U-Net swapped in when asked, and calls it
+with one seeded generator per image.
+
+Each image's randomness (its VAE latent sample and its noise) comes from its own generator seeded by ``(base
+seed, image index)``, so a result does not depend on the batch size or on the other images of a batch. Pure:
+files and printing belong to :mod:`bksdm.cli.img2img`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from bksdm.eval.generate import prompt_seed
+from bksdm.loading import TeacherNotFoundError, is_local, load_pipeline, use_scheduler
+from bksdm.sampling import SamplingError, check_batch_size, check_guidance
+from bksdm.sampling import check_strength as _check_strength
+
+__all__ = [
+    "Img2ImgError",
+    "check_strength",
+    "image_seed",
+    "img2img_pipeline",
+    "load_unet",
+    "translate",
+]
+
+
+class Img2ImgError(SamplingError):
+    """A user error of image-to-image translation: a bad option value, input image or student U-Net."""
+
+
+def image_seed(base_seed: int, index: int) -> int:
+    """The seed of input image ``index`` (stable across runs, batch sizes and the other images)."""
+    return prompt_seed(base_seed, index)
+
+
+def check_strength(strength: float, steps: int) -> None:
+    """Fail early, with a fix, on a strength and step count the img2img pipeline cannot run.
+
+    The pipeline runs the last ``int(steps * strength)`` of ``steps`` denoising steps, so at least one must be
+    left.
+
+    Raises:
+        Img2ImgError: ``strength`` not a finite number in (0, 1], ``steps`` < 1, or no step left to run.
+    """
+    try:
+        _check_strength(strength, steps)
+    except SamplingError as err:
+        raise Img2ImgError(str(err)) from None
+
+
+def load_unet(ref: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load a U-Net from a student pipeline folder (its ``unet/``), a U-Net folder, or a hub pipeline id.
+
+    Args:
+        ref: A folder written by ``bksdm prune`` / ``bksdm distill`` (or any diffusers pipeline folder), a
+            folder holding a U-Net's ``config.json`` and weights, or a hub id of a pipeline.
+        dtype: Dtype of the weights.
+
+    Returns:
+        The ``UNet2DConditionModel`` in eval mode.
+
+    Raises:
+        Img2ImgError: A local folder holds no U-Net.
+        TeacherNotFoundError: A hub id cannot be reached.
+    """
+    from diffusers import UNet2DConditionModel
+
+    ref = str(ref)
+    if is_local(ref):
+        folder = Path(ref)
+        if (folder / "unet" / "config.json").is_file():
+            return UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).eval()
+        if (folder / "config.json").is_file():
+            return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype).eval()
+        raise Img2ImgError(
+            f"--unet {ref} holds neither unet/config.json (a pipeline folder, e.g. from bksdm prune or distill) "
+            "nor config.json (a U-Net folder)"
+        )
+    if ref.startswith((".", "/", "~")) or ref.endswith("/") or ref.count("/") > 1:  # a path, not a hub id
+        raise Img2ImgError(f"--unet {ref}: no such folder (give a student pipeline folder or a U-Net folder)")
+    try:
+        return UNet2DConditionModel.from_pretrained(ref, subfolder="unet", torch_dtype=dtype).eval()
+    except OSError as err:
+        raise TeacherNotFoundError(f"cannot load the U-Net of '{ref}' from the hub: {err}") from err
+
+
+def _check_unet_fits(pipe, unet) -> None:
+    """The student U-Net must read the pipeline's latents and text states and predict the same target."""
+    mine, theirs = unet.config, pipe.unet.config
+    problems = [
+        f"{key} is {getattr(mine, key)} in the U-Net but {getattr(theirs, key)} in the pipeline's"
+        for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type")
+        if getattr(mine, key, None) != getattr(theirs, key, None)
+    ]
+    if problems:
+        raise Img2ImgError(
+            "--unet does not fit --model: " + "; ".join(problems) + ". Give the teacher the student was pruned from"
+        )
+
+
+def img2img_pipeline(
+    model: str | os.PathLike,
+    unet: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    scheduler: str | None = None,
+):
+    """Build the stock img2img pipeline from a text-to-image pipeline's components.
+
+    Args:
+        model: A diffusers pipeline folder or hub id (SD-v1/v2, SDXL), e.g. the bundled teacher or a student
+            folder written by ``bksdm prune`` / ``bksdm distill``.
+        unet: Optionally a student U-Net (see :func:`load_unet`) that replaces the pipeline's.
+        dtype: Dtype of every component.
+        device: Where to run.
+        scheduler: A diffusers scheduler class name (e.g. ``EulerDiscreteScheduler``) made from the model's
+            scheduler config; None keeps the model's own.
+
+    Returns:
+        A ``StableDiffusionImg2ImgPipeline`` (or the SDXL one) sharing the loaded components, progress bar off.
+
+    Raises:
+        TeacherNotFoundError: ``model`` is neither a pipeline folder nor a reachable hub repo.
+        Img2ImgError: ``unet`` holds no U-Net, or one that does not fit the pipeline, or ``scheduler`` is no
+            diffusers scheduler.
+    """
+    from diffusers import AutoPipelineForImage2Image
+
+    base = load_pipeline(model, dtype=dtype, device="cpu")
+    if unet is not None:
+        student = load_unet(unet, dtype=dtype)
+        _check_unet_fits(base, student)
+        base.unet = student
+    try:
+        pipe = AutoPipelineForImage2Image.from_pipe(base)
+    except ValueError as err:
+        raise Img2ImgError(f"{model} ({type(base).__name__}) has no image-to-image counterpart: {err}") from err
+    try:
+        use_scheduler(pipe, scheduler)
+    except ValueError as err:
+        raise Img2ImgError(str(err)) from None
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def translate(
+    pipe,
+    images: Sequence[Image.Image],
+    prompt: str,
+    seeds: Sequence[int],
+    *,
+    strength: float,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    batch_size: int = 4,
+    negative_prompt: str | None = None,
+) -> list[Image.Image]:
+    """Translate each image towards ``prompt``, each with its own seeded generator, in batches.
+
+    Images of different sizes are fine: a batch is split into runs of equal size (a pipeline call needs one
+    size), which changes nothing since every image has its own generator.
+
+    Args:
+        pipe: An img2img pipeline (see :func:`img2img_pipeline`).
+        images: RGB input images; each output has the input's size rounded down to a multiple of the VAE's
+            scale factor.
+        prompt: What the images should show.
+        seeds: One seed per image.
+        strength: How far to noise the input (0, 1]: low keeps it, high follows the prompt.
+        steps: Denoising steps of the full schedule; ``int(steps * strength)`` of them run.
+        guidance_scale: Classifier-free guidance scale (1 turns guidance off).
+        batch_size: Images per pipeline call; results do not depend on it.
+        negative_prompt: Optional negative prompt.
+
+    Returns:
+        The translated images, in input order.
+
+    Raises:
+        Img2ImgError: Bad ``strength``/``steps``/``batch_size``, or as many seeds as images not given.
+        SamplingError: A guidance scale that is not finite, negative or between 0 and 1.
+    """
+    check_strength(strength, steps)
+    check_guidance(guidance_scale, "guidance_scale")
+    try:
+        check_batch_size(batch_size)
+    except SamplingError as err:
+        raise Img2ImgError(str(err)) from None
+    if len(images) != len(seeds):
+        raise Img2ImgError(f"{len(images)} images but {len(seeds)} seeds")
+    factor = int(getattr(pipe, "vae_scale_factor", 1) or 1)
+    for index, image in enumerate(images):
+        if min(image.size) < factor:
+            raise Img2ImgError(
+                f"image {index} is {image.width}x{image.height} pixels: img2img needs at least {factor} pixels a "
+                f"side (the VAE's factor); resize it"
+            )
+    out: list[Image.Image] = []
+    for start in range(0, len(images), batch_size):
+        chunk = list(zip(images[start : start + batch_size], seeds[start : start + batch_size], strict=True))
+        results: list[Image.Image | None] = [None] * len(chunk)
+        for size in dict.fromkeys(image.size for image, _ in chunk):  # sizes in order of first appearance
+            members = [i for i, (image, _) in enumerate(chunk) if image.size == size]
+            # Latent samples and noise are drawn on the CPU from per-image generators: the same on any device.
+            generators = [torch.Generator("cpu").manual_seed(int(chunk[i][1])) for i in members]
+            made = pipe(
+                prompt=[prompt] * len(members),
+                image=[chunk[i][0] for i in members],
+                strength=strength,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                negative_prompt=[negative_prompt] * len(members) if negative_prompt else None,
+                generator=generators,
+            ).images
+            for i, image in zip(members, made, strict=True):
+                results[i] = image
+        out.extend(image for image in results if image is not None)
+    return out

@@ -1,0 +1,1 @@
+"""``bksdm serve``: the local demo page (app, HTTP server, page)."""

@@ -1,0 +1,520 @@
+"""Train the embedded shapes teacher from scratch on a CPU and save it as a diffusers pipeline folder.
+
+Usage (the command that made the shipped teacher is recorded in ``assets/teacher/bksdm_toy.json``)::
+
+    python -m bksdm.world.train_teacher --out src/bksdm/world/assets/teacher
+
+Three stages, as Stable Diffusion itself was built, but all on shapes-world pairs generated on the fly:
+
+1. the VAE (MSE reconstruction + a small KL term), then frozen; its ``scaling_factor`` scales its latents on
+   real shapes to standard deviation LATENT_SCALE (SD's 0.18215 scaled them to 1; see LATENT_SCALE for why less);
+2. the text encoder and the U-Net *jointly* from scratch (there is no pretrained CLIP for this world), with SD's
+   noise schedule and SD-2's v-prediction objective, 10% of captions dropped to "" for classifier-free guidance,
+   a share of extra timesteps from the noisiest fifth, and an EMA of the weights.
+
+   Why v-prediction: with SD-1's epsilon objective the U-Net learnt shape, colour and size but never the
+   position words (position accuracy at chance, 0.25-0.28, after 1,000-2,500 steps, in every weighting we tried).
+   Position is decided in the first, noisiest sampling steps, where an epsilon network's x0 estimate is its
+   output times 1/sqrt(alpha_bar) (12x at t=961): the loss barely sees the layout there. A v network outputs
+   about -x0 there, so the layout is learnt at full weight: position accuracy was 0.79 after 500 steps.
+3. evaluation on held-out (prompt, seed) pairs: every scene of :func:`shapes.all_scenes` once, noise seed
+   10000 + i, 25 PNDM steps, several guidance scales, judged by the attribute classifier; the best scale is
+   shipped as the recommended one.
+
+Training data are world seeds 1 (VAE) and 2 (U-Net); evaluation uses fresh noise seeds, so no evaluated sample
+was seen in training (the 96 captions themselves are the whole world and are all seen, as with any prompt set
+drawn from a training distribution). Checkpoints go to ``--work-dir`` every ``--checkpoint-every`` steps and a
+rerun with the same arguments resumes from them. ``--eval-only`` re-evaluates an existing folder and updates its
+``bksdm_toy.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
+from PIL import Image
+from tqdm.auto import tqdm
+
+from bksdm.world import shapes
+from bksdm.world.teacher import SETTINGS_FILE, build_untrained_teacher, load_teacher, training_scheduler
+
+logger = logging.getLogger("bksdm.world.train_teacher")
+
+VAE_WORLD_SEED = 1
+"""World seed of the VAE's training images."""
+UNET_WORLD_SEED = 2
+"""World seed of the text encoder's and U-Net's training pairs."""
+EVAL_SEED = 10_000
+"""Held-out evaluation: scene i of :func:`shapes.all_scenes` is generated with noise seed ``EVAL_SEED + i``."""
+GUIDANCE_SCALES = (2.0, 3.0, 5.0, 7.5)
+"""Guidance scales compared by the final evaluation."""
+CAPTION_DROPOUT = 0.1
+"""Share of training captions replaced by "" so the same model also predicts unconditionally (CFG)."""
+MIN_SNR_GAMMA = 5.0
+"""Cap of the x0-space loss weight of the epsilon objective (``--prediction-type epsilon`` only)."""
+LATENT_SCALE = 0.35
+"""Standard deviation of the scaled latents (``scaling_factor`` = LATENT_SCALE / std of the raw latents).
+
+SD scales its latents to unit variance. Here that leaks the answer: a shapes latent is one small, high-contrast
+blob on a flat background, and at unit variance SD's schedule never hides it, so the U-Net learns to read the
+shape's position off the noise instead of the prompt (measured: an unconditional model trained that way finds the
+right quadrant in 66% of x_t at t=961, the first PNDM step, and 55% at t=999; chance is 25%). Sampling from pure
+noise then puts shapes wherever the noise suggests: position accuracy stayed at chance after 2000 steps. Scaling
+the data down is Chen (2023)'s input scaling, equivalent to shifting SD's log-SNR curve by 2 ln(0.35) = -2.1; the
+noise schedule itself stays SD's. At 0.35 the same measurement gives 31% at t=961: the prompt has to decide."""
+SNR_FLOOR = 0.2
+"""Floor of the x0-space loss weight of the epsilon objective (``--prediction-type epsilon`` only)."""
+HIGH_T_SHARE = 0.3
+HIGH_T_FROM = 800
+"""30% of every batch has timesteps in [800, 1000), where the layout is decided; the rest is uniform."""
+
+
+class Clock:
+    """Wall and CPU seconds a run has spent, carried across resumes (checkpoints store :meth:`spent`)."""
+
+    def __init__(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self.before = {"wall": 0.0, "cpu": 0.0}
+        """What earlier processes of this run had spent when the checkpoint resumed from was written."""
+
+    def spent(self) -> dict[str, float]:
+        return {
+            "wall": self.before["wall"] + time.perf_counter() - self._wall,
+            "cpu": self.before["cpu"] + time.process_time() - self._cpu,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def world_batch(world_seed: int, start: int, count: int) -> tuple[torch.Tensor, list[int]]:
+    """Pairs ``start .. start+count-1`` of a world seed: images (N, 3, 64, 64) in [-1, 1] and scene indices."""
+    scene_index = {scene: i for i, scene in enumerate(shapes.all_scenes())}
+    images, labels = [], []
+    for index in range(start, start + count):
+        image, scene = shapes.sample(world_seed, index)
+        images.append(image)
+        labels.append(scene_index[scene])
+    return torch.from_numpy(shapes.to_array(images)), labels
+
+
+def caption_ids(pipe: StableDiffusionPipeline) -> torch.Tensor:
+    """Token ids (97, 77) of every caption of :func:`shapes.all_scenes` and, last, of "" (the unconditional one),
+    padded exactly as ``StableDiffusionPipeline.encode_prompt`` pads them."""
+    captions = [scene.caption for scene in shapes.all_scenes()] + [""]
+    tokenizer = pipe.tokenizer
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+
+
+def train_vae(vae: AutoencoderKL, steps: int, batch: int, lr: float, kl_weight: float, seed: int) -> None:
+    """Stage 1: reconstruction training of the VAE on fresh world pairs (never the same image twice)."""
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10), steps)
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="vae", mininterval=5)
+    for step in bar:
+        images, _ = world_batch(VAE_WORLD_SEED, step * batch, batch)  # (B, 3, 64, 64)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        loss_rec = F.mse_loss(recon, images)
+        loss_kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent value
+        loss = loss_rec + kl_weight * loss_kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(rec=f"{loss_rec.item():.5f}", kl=f"{loss_kl.item():.3f}", refresh=False)
+        if step % 200 == 0 or step == steps - 1:
+            logger.info("vae step %d/%d: mse %.5f, kl/value %.3f", step + 1, steps, loss_rec.item(), loss_kl.item())
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_world(vae: AutoencoderKL, count: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Posterior mean and std (N, 4, 16, 16) of ``count`` U-Net training images, unscaled, and their scene ids."""
+    means, stds, labels = [], [], []
+    for start in tqdm(range(0, count, chunk), desc="encode", mininterval=5):
+        images, batch_labels = world_batch(UNET_WORLD_SEED, start, min(chunk, count - start))
+        posterior = vae.encode(images).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+        labels += batch_labels
+    return torch.cat(means), torch.cat(stds), labels
+
+
+# ------------------------------------------------------------------------------------- text + U-Net
+
+
+def sample_timesteps(count: int, high_share: float, high_from: int, generator: torch.Generator) -> torch.Tensor:
+    """Training timesteps (count,): uniform over SD's 1000, but a share ``high_share`` from [high_from, 1000).
+
+    The noisiest steps are where x_t no longer shows where the shape is, so the only steps where the prompt's
+    position words can be learned; uniform sampling draws them too rarely (see HIGH_T_SHARE).
+    """
+    uniform = torch.randint(1000, (count,), generator=generator)
+    high = torch.randint(high_from, 1000, (count,), generator=generator)
+    return torch.where(torch.rand(count, generator=generator) < high_share, high, uniform)
+
+
+def train_denoiser(
+    pipe: StableDiffusionPipeline,
+    data: tuple[torch.Tensor, torch.Tensor, list[int]],
+    args: argparse.Namespace,
+    work_dir: Path,
+    clock: Clock,
+) -> None:
+    """Stage 2: the text encoder and the U-Net trained jointly on cached latents; leaves the EMA weights in ``pipe``.
+
+    Resumes from ``work_dir/denoiser.pt`` when present (written every ``args.checkpoint_every`` steps).
+    """
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    scale = pipe.vae.config.scaling_factor
+    means, stds, labels = data
+    labels_t = torch.tensor(labels)
+    ids = caption_ids(pipe)  # (97, 77); row 96 is ""
+    noise_scheduler = training_scheduler(pipe.scheduler.config.prediction_type)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.unet_steps)
+    # EMA warm-up (decay 1 - (1 + step)^-3/4, capped): the average forgets the random init quickly, which matters
+    # in a run of a few thousand steps.
+    ema = EMAModel(params, decay=0.9995, use_ema_warmup=True, power=3 / 4)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = 0
+    state_file = work_dir / "denoiser.pt"
+    if state_file.is_file():
+        state = torch.load(state_file, weights_only=True)  # tensors and plain values only: runs no code
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        start = state["step"]
+        clock.before = state.get("spent", clock.before)
+        logger.info("resumed text encoder + U-Net training at step %d", start)
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps, mininterval=5)
+    running, began = None, time.perf_counter()
+    for step in bar:
+        pick = torch.randint(len(labels), (args.batch,), generator=generator)
+        eps = torch.randn(means[pick].shape, generator=generator)
+        latents = (means[pick] + stds[pick] * eps) * scale  # (B, 4, 16, 16), std LATENT_SCALE
+        captions = labels_t[pick].clone()
+        captions[torch.rand(args.batch, generator=generator) < CAPTION_DROPOUT] = len(ids) - 1
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = sample_timesteps(args.batch, args.high_t_share, args.high_t_from, generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = text_encoder(ids[captions])[0]  # (B, 77, TEXT_WIDTH)
+        pred = unet(noisy, timesteps, encoder_hidden_states).sample
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            # Plain v-MSE: at the noisiest steps v is about -x0, so the layout the prompt asks for is learned
+            # with full weight there, where an epsilon network must be exact to 1/sqrt(alpha_bar) (12x at t=961)
+            # for its x0 to be right (Salimans & Ho 2022; SD-2's objective).
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            loss = F.mse_loss(pred, target)
+        else:
+            loss = _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, args)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.step(params)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+        done = step + 1
+        if done % 100 == 0 or done == args.unet_steps:
+            rate = (done - start) / (time.perf_counter() - began)
+            logger.info("unet step %d/%d: loss %.4f (smoothed), %.2f steps/s", done, args.unet_steps, running, rate)
+        if done % args.checkpoint_every == 0 and done < args.unet_steps:
+            _save_state(state_file, unet, text_encoder, optimizer, schedule, ema, generator, done, clock.spent())
+            if args.eval_every and done % args.eval_every == 0:
+                _quick_eval(pipe, ema, params, args, done)
+    ema.copy_to(params)
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+
+
+def _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, args: argparse.Namespace) -> torch.Tensor:
+    """Epsilon loss weighted by clamp(SNR, floor, gamma) / SNR, i.e. the x0 error weighted by clamp(SNR, floor,
+    gamma), with SNR that of the data: SD's alpha_bar / (1 - alpha_bar) times the latent variance. The cap is
+    min-SNR-gamma (Hang et al. 2023); the floor (cf. Salimans & Ho 2022's truncated SNR weighting) keeps the
+    noisiest steps, where the layout (position) is decided from the prompt, from weighing almost nothing."""
+    snr = compute_snr(noise_scheduler, timesteps) * args.latent_scale**2
+    weight = torch.clamp(snr, min=args.snr_floor, max=MIN_SNR_GAMMA) / snr
+    return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+
+
+def _save_state(path: Path, unet, text_encoder, optimizer, schedule, ema, generator, step: int, spent) -> None:
+    state = {
+        "unet": unet.state_dict(),
+        "text_encoder": text_encoder.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "ema": ema.state_dict(),
+        "generator": generator.get_state(),
+        "step": step,
+        "spent": spent,
+    }
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # atomic: an interruption never leaves half a checkpoint
+
+
+def _quick_eval(pipe: StableDiffusionPipeline, ema: EMAModel, params: list, args: argparse.Namespace, step: int):
+    """Mid-training check on 24 held-out pairs with the EMA weights; training weights are restored after."""
+    ema.store(params)
+    ema.copy_to(params)
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    picks = np.random.default_rng(0).choice(len(shapes.all_scenes()), size=24, replace=False)
+    scenes = [shapes.all_scenes()[i] for i in picks]
+    images = held_out_images(pipe, scenes, [EVAL_SEED + int(i) for i in picks], 5.0)
+    accuracy = prompt_accuracy(images, scenes)
+    logger.info("step %d: quick eval (24 scenes, guidance 5): prompt accuracy %s", step, accuracy)
+    try:
+        from bksdm.world import classifier
+
+        per_attribute = classifier.attribute_accuracy(classifier.load_classifier(), images, scenes)
+        logger.info("step %d: per attribute %s", step, {k: round(v, 3) for k, v in per_attribute.items()})
+    except FileNotFoundError:
+        pass
+    if args.grid_dir:
+        save_grid(images, Path(args.grid_dir) / f"step{step:06d}.png")
+    ema.restore(params)
+    pipe.unet.train()
+    pipe.text_encoder.train()
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def held_out_images(
+    pipe: StableDiffusionPipeline,
+    scenes: Sequence[shapes.Scene],
+    seeds: Sequence[int],
+    guidance_scale: float,
+    num_inference_steps: int = 25,
+    batch_size: int = 32,
+) -> list[Image.Image]:
+    """One image per (scene caption, noise seed), each seeded on its own so results do not depend on batching."""
+    images: list[Image.Image] = []
+    for start in range(0, len(scenes), batch_size):
+        chunk = range(start, min(start + batch_size, len(scenes)))
+        images += pipe(
+            [scenes[i].caption for i in chunk],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=[torch.Generator().manual_seed(seeds[i]) for i in chunk],
+            output_type="pil",
+        ).images
+    return images
+
+
+def prompt_accuracy(images: Sequence[Image.Image], scenes: Sequence[shapes.Scene]) -> float | None:
+    """Share of images whose every attribute the classifier reads back as prompted; None without a classifier."""
+    try:
+        from bksdm.world import classifier
+
+        model = classifier.load_classifier()
+    except (ImportError, FileNotFoundError) as err:
+        logger.warning("no attribute classifier (%s): prompt accuracy not measured", err)
+        return None
+    return float(classifier.prompt_accuracy(model, list(images), [scene.caption for scene in scenes]))
+
+
+def evaluate(pipe: StableDiffusionPipeline, guidance_scales: Sequence[float], grid_dir: str | None) -> dict[str, Any]:
+    """Prompt accuracy of every guidance scale on the 96 held-out pairs (scene i, noise seed EVAL_SEED + i)."""
+    scenes = shapes.all_scenes()
+    seeds = [EVAL_SEED + i for i in range(len(scenes))]
+    results: dict[str, Any] = {}
+    for guidance in guidance_scales:
+        began = time.perf_counter()
+        images = held_out_images(pipe, scenes, seeds, guidance)
+        results[str(guidance)] = prompt_accuracy(images, scenes)
+        logger.info(
+            "guidance %.1f: prompt accuracy %s (%.0f s)", guidance, results[str(guidance)], time.perf_counter() - began
+        )
+        if grid_dir:
+            save_grid(images, Path(grid_dir) / f"eval_guidance{guidance:g}.png")
+    return results
+
+
+def save_grid(images: Sequence[Image.Image], path: Path, columns: int = 8) -> None:
+    """Save images as one grid PNG (row-major), for looking at by eye."""
+    side = images[0].width
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * side, rows * side), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * side, (i // columns) * side))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def machine() -> str:
+    """A one-line description of this machine's CPU, for the provenance record."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+
+
+def write_settings(out: Path, accuracies: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Write ``bksdm_toy.json``: sampling settings (the best measured guidance scale) plus provenance."""
+    file = out / SETTINGS_FILE
+    settings = json.loads(file.read_text()) if file.is_file() else {}
+    measured = {g: a for g, a in accuracies.items() if a is not None}
+    sampling = settings.get("sampling", {"num_inference_steps": 25, "guidance_scale": 5.0})
+    if measured:  # the best scale; ties go to the lower one (less oversaturation)
+        best = max(sorted(measured, key=float), key=lambda g: measured[g])
+        sampling["guidance_scale"] = float(best)
+    settings["sampling"] = {**sampling, "scheduler": "PNDMScheduler (SD-v1.4's), as saved", "height": 64, "width": 64}
+    settings["evaluation"] = {
+        "pairs": f"every scene of bksdm.world.shapes.all_scenes() once, scene i with noise seed {EVAL_SEED} + i",
+        "num_inference_steps": 25,
+        "metric": "prompt accuracy: share of images whose four attributes bksdm.world.classifier reads as prompted",
+        "prompt_accuracy_by_guidance_scale": accuracies,
+    }
+    settings.update(record)
+    file.write_text(json.dumps(settings, indent=2) + "\n")
+    return settings
+
+
+def parameter_counts(pipe: StableDiffusionPipeline) -> dict[str, int]:
+    return {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "text_encoder", "vae")}
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bksdm.world.train_teacher", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--out", required=True, help="pipeline folder to write (shipped: src/bksdm/world/assets/teacher)"
+    )
+    parser.add_argument(
+        "--work-dir", default="runs/toy-teacher", help="checkpoints of this run, for resuming (default %(default)s)"
+    )
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the KL term per latent value")
+    parser.add_argument("--train-images", type=int, default=20_000, help="U-Net training images (latents cached)")
+    parser.add_argument("--unet-steps", type=int, default=2500)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument(
+        "--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon"], help="U-Net objective"
+    )
+    parser.add_argument("--latent-scale", type=float, default=LATENT_SCALE, help="std of the scaled latents")
+    parser.add_argument("--snr-floor", type=float, default=SNR_FLOOR, help="floor of the x0-space loss weight")
+    parser.add_argument("--high-t-share", type=float, default=HIGH_T_SHARE, help="share of timesteps from the top")
+    parser.add_argument("--high-t-from", type=int, default=HIGH_T_FROM, help="lowest timestep of that top range")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of training noise")
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=0, help="quick held-out check every N steps (0: never)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=list(GUIDANCE_SCALES))
+    parser.add_argument("--grid-dir", default=None, help="also save sample grids here")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate --out and update its bksdm_toy.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.eval_only:
+        pipe = load_teacher(path=out)
+        accuracies = evaluate(pipe, args.guidance, args.grid_dir)
+        write_settings(out, accuracies, {})
+        return
+
+    clock = Clock()
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    pipe = build_untrained_teacher(args.seed, prediction_type=args.prediction_type)
+    vae_file = work_dir / "vae.pt"
+    if vae_file.is_file():
+        state = torch.load(vae_file, weights_only=True)
+        pipe.vae.load_state_dict(state["vae"])
+        latent_std = float(state["latent_std"])
+        clock.before = state.get("spent", clock.before)
+        pipe.vae.eval().requires_grad_(False)
+        logger.info("loaded the trained VAE from %s", vae_file)
+        means, stds, labels = encode_world(pipe.vae, args.train_images)
+    else:
+        train_vae(pipe.vae, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, args.seed)
+        means, stds, labels = encode_world(pipe.vae, args.train_images)
+        generator = torch.Generator().manual_seed(args.seed)
+        latent_std = float((means + stds * torch.randn(means.shape, generator=generator)).std())
+        torch.save({"vae": pipe.vae.state_dict(), "latent_std": latent_std, "spent": clock.spent()}, vae_file)
+        if args.grid_dir:  # top row: real images; bottom row: their reconstructions
+            with torch.no_grad():
+                images, _ = world_batch(UNET_WORLD_SEED, 0, 8)
+                recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mean).sample
+            both = torch.cat([images, recon]).clamp(-1, 1)
+            save_grid(pipe.image_processor.postprocess(both, output_type="pil"), Path(args.grid_dir) / "vae.png")
+    # SD scales its latents to unit variance (0.18215 = 1/std); we scale them to std LATENT_SCALE (see there).
+    pipe.vae.register_to_config(scaling_factor=round(args.latent_scale / latent_std, 5))
+    logger.info("VAE ready: scaling_factor %.5f after %.0f s", pipe.vae.config.scaling_factor, clock.spent()["wall"])
+
+    train_denoiser(pipe, (means, stds, labels), args, work_dir, clock)
+    trained = clock.spent()
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    accuracies = evaluate(pipe, args.guidance, args.grid_dir)
+    record = {
+        "training": {
+            "command": "python -m bksdm.world.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "wall_time_s": round(trained["wall"]),
+            "cpu_time_s": round(trained["cpu"]),  # below wall time x threads when the machine was shared
+            "wall_time_including_evaluation_s": round(clock.spent()["wall"]),
+            "machine": machine(),
+            "data": f"shapes world seeds {VAE_WORLD_SEED} (VAE) and {UNET_WORLD_SEED} ({args.train_images} images)",
+        },
+        "parameters": parameter_counts(pipe),
+    }
+    settings = write_settings(out, accuracies, record)
+    logger.info("saved the teacher to %s: %s", out, json.dumps(settings["sampling"]))
+
+
+if __name__ == "__main__":
+    main()
