@@ -11,7 +11,8 @@ import torch.distributed as dist
 from diffusers import DDPMScheduler
 from torch import nn
 
-from bksdm.plan.spec import PRESETS, resolve
+from bksdm.plan.resolved import resolve
+from bksdm.plan.spec import PRESETS
 from bksdm.plan.surgery import build_student
 from bksdm.train.kd import FeatureTap, LossWeights, diffusion_target, draw_noise, kd_losses, kd_step, unwrap
 from bksdm.world.tiny import build_tiny_pipeline

@@ -9,7 +9,8 @@ from diffusers import UNet2DConditionModel
 from bksdm.loading import load_plan
 from bksdm.plan.archs import get_arch
 from bksdm.plan.prune import unet_macs
-from bksdm.plan.spec import PRESETS, Plan, PlanError, plan_from_dict, plan_to_dict, resolve, select
+from bksdm.plan.resolved import resolve
+from bksdm.plan.spec import PRESETS, Plan, PlanError, plan_from_dict, plan_to_dict, select
 from bksdm.plan.surgery import shapes_of, weight_map
 
 # REFERENCE.md, "Sizes": U-Net parameters (exact) and conv+linear MACs per step at 512 px (published).

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bksdm.plan.spec import PRESETS, plan_from_dict, resolve
+from bksdm.plan.resolved import resolve
+from bksdm.plan.spec import PRESETS, plan_from_dict
 from bksdm.plan.surgery import SurgeryError, build_student
 from bksdm.profiling import unet_inputs
 from bksdm.world.tiny import build_tiny_pipeline

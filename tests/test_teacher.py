@@ -16,7 +16,8 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from bksdm.plan.archs import get_arch
-from bksdm.plan.spec import PRESETS, resolve
+from bksdm.plan.resolved import resolve
+from bksdm.plan.spec import PRESETS
 from bksdm.plan.surgery import shapes_of, weight_map
 from bksdm.world import shapes
 from bksdm.world.teacher import (

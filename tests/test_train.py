@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from bksdm.cli import main
-from bksdm.plan.spec import PRESETS, resolve
+from bksdm.plan.resolved import resolve
+from bksdm.plan.spec import PRESETS
 from bksdm.plan.surgery import build_student
 from bksdm.train.config import load_config
 from bksdm.train.distill import find_checkpoint

@@ -23,7 +23,7 @@ from bksdm.plan.surgery import SurgeryError
 from bksdm.plan.unet_layout import LayoutError
 from bksdm.train.cache import CacheError
 from bksdm.train.checkpoints import CheckpointError, OutputInUseError
-from bksdm.train.config import ConfigError
+from bksdm.train.settings import ConfigError
 from bksdm.train.distill import TrainingSetupError
 
 USER_ERRORS = (
@@ -114,7 +114,8 @@ def _run_plan_show(args: argparse.Namespace) -> int:
     from bksdm.plan.archs import get_arch
     from bksdm.plan.prune import group_macs, unet_macs
     from bksdm.plan.render import block_rows, format_plan
-    from bksdm.plan.spec import plan_to_dict, resolve
+    from bksdm.plan.resolved import resolve
+    from bksdm.plan.spec import plan_to_dict
     from bksdm.plan.surgery import block_params
 
     plan = load_plan(args.plan)

@@ -22,7 +22,8 @@ from bksdm import __version__
 from bksdm.artifacts import atomic_dir
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, load_unet_config, teacher_or_default
 from bksdm.plan.render import block_rows, prune_markdown
-from bksdm.plan.spec import ResolvedPlan, plan_to_dict, resolve
+from bksdm.plan.resolved import ResolvedPlan, resolve
+from bksdm.plan.spec import plan_to_dict
 from bksdm.plan.surgery import block_params, build_student, describe_config_changes, shapes_of
 from bksdm.profiling import count_macs, count_params, unet_inputs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bksdm.plan.spec import ResolvedPlan
+from bksdm.plan.resolved import ResolvedPlan
 
 
 def human(n: float, unit: str = "") -> str:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from bksdm.plan.spec import Plan, ResolvedPlan, resolve
+from bksdm.plan.resolved import ResolvedPlan, resolve
+from bksdm.plan.spec import Plan
 
 Shape = tuple[int, ...]
 

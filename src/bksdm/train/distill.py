@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from bksdm.artifacts import atomic_dir
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
-from bksdm.plan.spec import resolve
+from bksdm.plan.resolved import resolve
 from bksdm.plan.surgery import build_student
 from bksdm.signals import handling
 from bksdm.train.checkpoints import (

@@ -7,7 +7,7 @@ The objective (BK-SDM, Kim et al., ECCV 2024, Eq. 1-3) is
 all mean-squared errors: the student's prediction against the true target (noise, or velocity for
 v-prediction teachers), against the teacher's prediction on the same noisy latent, timestep and text, and the
 student's intermediate features against the teacher's, summed over the matched locations of
-:meth:`bksdm.plan.spec.ResolvedPlan.feature_pairs`.
+:meth:`bksdm.plan.resolved.ResolvedPlan.feature_pairs`.
 
 Features are read with forward hooks (:class:`FeatureTap`) attached to the *unwrapped* model for the length of
 one forward only, so the model itself is never modified and the same code runs on one process or under
@@ -39,7 +39,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from bksdm.plan.spec import FeaturePair
+from bksdm.plan.resolved import FeaturePair
 from bksdm.seeding import STREAM_NOISE, sample_generator
 
 __all__ = [
