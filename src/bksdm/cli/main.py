@@ -23,7 +23,7 @@ from bksdm.plan.surgery import SurgeryError
 from bksdm.plan.unet_layout import LayoutError
 from bksdm.train.cache import CacheError
 from bksdm.train.checkpoints import CheckpointError, OutputInUseError
-from bksdm.train.settings import ConfigError
+from bksdm.train.config import ConfigError
 from bksdm.train.distill import TrainingSetupError
 
 USER_ERRORS = (
