@@ -13,7 +13,6 @@ import yaml
 
 import bksdm.train.config as config_module
 from bksdm.train.config import (
-    ConfigError,
     DistillConfig,
     ModelConfig,
     TrainConfig,
@@ -23,6 +22,7 @@ from bksdm.train.config import (
     save_config,
     validate_config,
 )
+from bksdm.train.settings import ConfigError
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "distill").glob("*.yaml"))
 
@@ -314,3 +314,60 @@ def test_shipped_recipe_loads_with_the_papers_values(path: Path) -> None:
     assert f"accelerate launch -m bksdm.cli distill --config {rel}" in header
     assert f"bksdm distill --config {rel}" in header
     assert "yours to provide" in header and f"data/laion_aes/{folder}" in header
+
+
+def test_settings_serve_another_schema_with_aliases_and_typed_values(tmp_path) -> None:
+    """The machinery under the distill config (bksdm.train.settings) takes any tree of sections: another recipe's
+    schema, its legacy names (as overrides, flags and flat YAML keys) and values already typed by a parser."""
+    from dataclasses import dataclass, field
+
+    from bksdm.train.settings import Schema, load_settings, save_settings
+
+    @dataclass
+    class Optim:
+        lr: float = 1e-4
+        weight_decay: float = 1e-2
+
+    @dataclass
+    class Run:
+        steps: int = 10
+        prompts: list[str] = field(default_factory=lambda: ["a"])
+        sizes: list[int] = field(default_factory=list)
+        mode: str = "lora"
+
+    @dataclass
+    class Recipe:
+        optim: Optim = field(default_factory=Optim)
+        run: Run = field(default_factory=Run)
+
+    def cross(s: Recipe, problems: list[str]) -> None:
+        if s.run.mode == "full" and s.optim.lr > 1e-3:
+            problems.append("optim.lr: too high for full fine-tuning")
+
+    schema = Schema(
+        root=Recipe,
+        choices={"run.mode": ("lora", "full")},
+        ranges={"run.steps": (lambda v: v >= 1, "must be >= 1")},
+        cross_checks=cross,
+        aliases={"adam_weight_decay": "optim.weight_decay", "max_train_steps": "run.steps"},
+    )
+    path = write(tmp_path, "adam_weight_decay: 1e-3\nrun:\n  mode: full\n")
+    got = load_settings(
+        schema, path, ["max_train_steps=7", "optim.lr=5e-5"], values={"--adam-weight-decay": 0.5, "run.sizes": (1, 2)}
+    )
+    assert got == Recipe(Optim(lr=5e-5, weight_decay=0.5), Run(steps=7, sizes=[1, 2], mode="full"))
+    save_settings(schema, got, tmp_path / "saved.yaml")
+    assert load_settings(schema, tmp_path / "saved.yaml") == got
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(schema, None, ["run.mode=ful", "max_train_steps=0", "optim.lr=1e-2", "run.size=[1]"])
+    assert problems_of(excinfo) == [
+        "run.size: unknown key; did you mean 'sizes'?",
+        "run.mode (override): 'ful' is not one of lora, full; did you mean 'full'?",
+        "run.steps (override): must be >= 1, got 0",
+    ]
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(schema, None, ["run.mode=full", "optim.lr=1e-2", "run.sizes=[1.5]"])
+    assert problems_of(excinfo) == [
+        "run.sizes (override): expected a list of whole numbers, got [1.5]",
+        "optim.lr: too high for full fine-tuning",
+    ]

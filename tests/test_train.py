@@ -23,8 +23,8 @@ from bksdm.cli import main
 from bksdm.plan.resolved import resolve
 from bksdm.plan.spec import PRESETS
 from bksdm.plan.surgery import build_student
+from bksdm.train.checkpoints import find_checkpoint
 from bksdm.train.config import load_config
-from bksdm.train.distill import find_checkpoint
 from bksdm.train.kd import LossWeights, draw_noise, kd_step
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}

@@ -23,8 +23,8 @@ from bksdm.plan.surgery import SurgeryError
 from bksdm.plan.unet_layout import LayoutError
 from bksdm.train.cache import CacheError
 from bksdm.train.checkpoints import CheckpointError, OutputInUseError
-from bksdm.train.config import ConfigError
 from bksdm.train.distill import TrainingSetupError
+from bksdm.train.settings import ConfigError
 
 USER_ERRORS = (
     PlanError,
@@ -175,7 +175,8 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 
 def _run_distill(args: argparse.Namespace) -> int:
     from bksdm.train.config import load_config
-    from bksdm.train.distill import TrainingStopped, distill
+    from bksdm.train.distill import distill
+    from bksdm.train.runtime import TrainingStopped
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     overrides += ["train.overwrite=true"] if args.overwrite else []
@@ -252,7 +253,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     settings = DemoSettings(plan=args.plan, ablations=args.ablations, extra=list(args.overrides))
     if args.steps is not None:
         settings.steps = args.steps
-    from bksdm.train.distill import TrainingStopped
+    from bksdm.train.runtime import TrainingStopped
 
     logging.getLogger("bksdm").setLevel(logging.INFO)
     try:

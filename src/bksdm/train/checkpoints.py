@@ -53,6 +53,8 @@ __all__ = [
     "read_weights",
     "remove_entries",
     "restore_training_state",
+    "rotate_checkpoints",
+    "trim_metrics",
     "write_checkpoint",
 ]
 
@@ -141,6 +143,17 @@ def claim_output(out: Path, *, resume: str | None, overwrite: bool, markers: tup
     )
 
 
+def rotate_checkpoints(out: Path, keep: int) -> list[Path]:
+    """Deletes all but the newest ``keep`` (at least 1) complete checkpoints in ``out``; returns those deleted.
+
+    Incomplete folders (no state file: a write in progress or cut short) are left alone.
+    """
+    old = complete_checkpoints(out)[: -max(keep, 1)]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
+
+
 def remove_entries(paths: list[Path]) -> None:
     """Deletes what :func:`claim_output` returned (main process only)."""
     for path in paths:
@@ -227,8 +240,7 @@ def write_checkpoint(
                     "extra": dict(extra or {}),
                 }
                 (folder / STATE_FILE).write_text(json.dumps(state, indent=1, allow_nan=False))
-            for old in complete_checkpoints(out)[: -max(keep, 1)]:
-                shutil.rmtree(old, ignore_errors=True)
+            rotate_checkpoints(out, keep)
         except BaseException as err:  # every process must learn of it, or the others wait forever
             failure = err
     failed = accelerator.reduce(torch.tensor(int(failure is not None), device=accelerator.device), "sum")

@@ -5,36 +5,36 @@ A recipe file (``configs/distill/*.yaml``) has up to five sections, ``model``, `
 and the defaults are the BK-SDM paper's recipe (Kim et al., ECCV 2024, Sec. 4; REFERENCE.md step 5).
 :func:`load_config` reads a file, applies dotted ``key=value`` overrides and validates everything at once:
 unknown sections and keys (with a "did you mean"), wrong types, choices, ranges and a few cross-field rules all
-land in one :class:`ConfigError` that names each dotted key. :func:`save_config` writes the resolved config in
-a form :func:`load_config` reads back to an equal object; the recipe saves it next to every checkpoint.
-
-Numbers: PyYAML follows YAML 1.1, which reads ``5e-5`` and ``1e-2`` (no decimal point) as *strings*; where a
-float is expected, such numeric strings are converted. Ints are accepted where a float is expected; booleans
-are never numbers, and floats are never accepted where a whole number is expected.
+land in one :class:`~bksdm.train.settings.ConfigError` that names each dotted key. :func:`save_config` writes
+the resolved config in a form :func:`load_config` reads back to an equal object; the recipe saves it next to every
+checkpoint. The machinery (YAML quirks such as ``5e-5`` read as a string, type conversion, messages) is
+:mod:`bksdm.train.settings`, shared with the other recipes; this module holds the distill schema.
 
 Relative paths in a config are relative to the working directory the command runs in, not to the YAML file.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
-import re
-import types
-import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bksdm.artifacts import write_text
 from bksdm.plan.spec import PRESETS
+from bksdm.train.settings import (
+    Range,
+    Schema,
+    load_settings,
+    save_settings,
+    settings_from_dict,
+    settings_to_dict,
+    suggest,
+    validate_settings,
+)
 
 __all__ = [
-    "ConfigError",
+    "SCHEMA",
     "DataConfig",
     "DistillConfig",
     "LossConfig",
@@ -47,16 +47,6 @@ __all__ = [
     "save_config",
     "validate_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; ``problems`` lists every problem, each starting with its dotted key."""
-
-    def __init__(self, problems: Sequence[str], source: str = "config"):
-        self.problems = list(problems)
-        self.source = source
-        n = len(self.problems)
-        super().__init__(f"invalid {source} ({n} problem{'s' if n != 1 else ''}):\n  - " + "\n  - ".join(problems))
 
 
 @dataclass
@@ -259,7 +249,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 _SEED_RANGE = (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+_RANGES: dict[str, Range] = {
     "data.resolution": (lambda v: v >= 8 and v % 8 == 0, "must be a positive multiple of 8"),
     "data.num_workers": (lambda v: v >= 0, "must be >= 0"),
     "data.max_samples": (lambda v: v >= 1, "must be >= 1 (or null for all)"),
@@ -287,157 +277,6 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.validation_guidance": (lambda v: v >= 0, "must be >= 0"),
 }
 
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it in YAML (strings quoted, so that ``'5'`` and ``5`` differ)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
-def _optional(tp: Any) -> tuple[Any, bool]:
-    """``X | None`` → (X, True); anything else → (tp, False)."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(tp))
-    return tp, False
-
-
-def _convert(value: Any, tp: Any) -> tuple[Any, str | None]:
-    """(converted value, None), or (None, what was expected) when ``value`` does not fit type ``tp``."""
-    if tp is bool:
-        return (value, None) if isinstance(value, bool) else (None, "true or false")
-    if tp is int:
-        return (value, None) if isinstance(value, int) and not isinstance(value, bool) else (None, "a whole number")
-    if tp is float:
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 5e-5 as a string
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value), None
-        return None, "a number"
-    if tp is str:
-        return (value, None) if isinstance(value, str) and value.strip() else (None, "a non-empty string")
-    if typing.get_origin(tp) is list:
-        if isinstance(value, list) and all(_convert(v, str)[1] is None for v in value):
-            return list(value), None
-        return None, "a list of non-empty strings"
-    raise TypeError(f"config field type {tp!r} is not supported")  # a bug in this module, not in the config
-
-
-def _suggest(word: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _unknown_key(section: str, key: str) -> str:
-    """The message for ``section.key`` not being a field, with the likeliest intended key."""
-    names = [f.name for f in fields(SECTIONS[section])]
-    hint = _suggest(key, names)
-    if not hint:
-        elsewhere = [s for s, cls in SECTIONS.items() if key in {f.name for f in fields(cls)}]
-        hint = f"; did you mean '{elsewhere[0]}.{key}'?" if elsewhere else f"; known keys: {', '.join(names)}"
-    return f"{section}.{key}: unknown key{hint}"
-
-
-def _parse_overrides(overrides: Sequence[str], data: dict[str, Any], problems: list[str]) -> set[str]:
-    """Applies ``section.key=value`` overrides to ``data`` (in place); returns the dotted keys they set.
-
-    Values are parsed as YAML (``train.validation_prompts=["a","b"]``, ``train.resume=null``); for a field that
-    holds a string, text that YAML would read as another type (``model.revision=1234``) is kept as written.
-    """
-    done: set[str] = set()
-    for item in overrides:
-        if "=" not in item:
-            problems.append(f"{item}: an override must be KEY=VALUE, e.g. train.max_steps=10")
-            continue
-        dotted, text = (part.strip() for part in item.split("=", 1))
-        section, _, key = dotted.partition(".")
-        if not key:
-            owners = [f"{s}.{dotted}" for s, cls in SECTIONS.items() if dotted in {f.name for f in fields(cls)}]
-            hint = f"; did you mean '{owners[0]}'?" if owners else ""
-            problems.append(f"{dotted}: an override key must be SECTION.KEY{hint}")
-            continue
-        if section not in SECTIONS:
-            problems.append(f"{dotted}: unknown section '{section}'{_suggest(section, list(SECTIONS))}")
-            continue
-        names = {f.name: f for f in fields(SECTIONS[section])}
-        if key not in names:
-            problems.append(_unknown_key(section, key))
-            continue
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        hint = typing.get_type_hints(SECTIONS[section])[key]
-        if _optional(hint)[0] is str and value is not None and not isinstance(value, str):
-            value = text
-        if data.get(section) is None:  # section absent or empty in the file
-            data[section] = {}
-        if isinstance(data[section], dict):  # a malformed section is reported by _build
-            data[section][key] = value
-        done.add(dotted)
-    return done
-
-
-def _build(data: Any, overridden: set[str], problems: list[str]) -> DistillConfig:
-    """Type-checks and converts every field of ``data``; problems go to ``problems``. Defaults fill gaps."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        problems.append(f"<top>: a config must be a mapping of sections ({', '.join(SECTIONS)}), got {_show(data)}")
-        return DistillConfig()
-    for name in data:
-        if name not in SECTIONS:
-            problems.append(f"{name}: unknown section{_suggest(str(name), list(SECTIONS))}")
-    built: dict[str, Any] = {}
-    for section, cls in SECTIONS.items():
-        raw = data.get(section)
-        if raw is None:  # absent, or an empty section
-            raw = {}
-        if not isinstance(raw, Mapping):
-            problems.append(f"{section}: expected a mapping of keys, got {_show(raw)}")
-            raw = {}
-        hints = typing.get_type_hints(cls)
-        values: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key not in hints:
-                problems.append(_unknown_key(section, str(key)))
-                continue
-            dotted = f"{section}.{key}"
-            where = f"{dotted} (override)" if dotted in overridden else dotted
-            tp, optional = _optional(hints[key])
-            if value is None:
-                if optional:
-                    values[key] = None
-                else:
-                    expected = _convert(object(), tp)[1]  # a bare object() fits no type: gives the description
-                    problems.append(f"{where}: expected {expected}, got null")
-                continue
-            converted, expected = _convert(value, tp)
-            if expected is not None:
-                problems.append(f"{where}: expected {expected}{' or null' if optional else ''}, got {_show(value)}")
-                continue
-            choices = _CHOICES.get(dotted)
-            items = converted if isinstance(converted, list) else [converted]
-            bad = [v for v in items if choices is not None and v not in choices]
-            if bad:
-                for v in bad:
-                    hint = "; full precision is 'no'" if (dotted, v) == ("train.mixed_precision", "fp32") else ""
-                    hint = hint or _suggest(v, choices)
-                    problems.append(f"{where}: {_show(v)} is not one of {', '.join(choices)}{hint}")
-                continue
-            rule = _RANGES.get(dotted)
-            if rule is not None and not rule[0](converted):
-                problems.append(f"{where}: {rule[1]}, got {_show(value)}")
-                continue
-            values[key] = converted
-        built[section] = cls(**values)
-    return DistillConfig(**built)
-
 
 def _cross_checks(cfg: DistillConfig, problems: list[str]) -> None:
     """Rules that involve more than one field, or the meaning of a string."""
@@ -445,7 +284,7 @@ def _cross_checks(cfg: DistillConfig, problems: list[str]) -> None:
     if m.student is None and m.plan not in PRESETS and not os.path.exists(m.plan):
         problems.append(
             f"model.plan: '{m.plan}' is neither a preset ({', '.join(PRESETS)}) nor an existing plan file"
-            f"{_suggest(m.plan, list(PRESETS))}"
+            f"{suggest(m.plan, list(PRESETS))}"
         )
     if m.student is not None and m.init == "random":
         problems.append("model.init: 'random' conflicts with model.student (an existing student brings its weights)")
@@ -464,6 +303,17 @@ def _cross_checks(cfg: DistillConfig, problems: list[str]) -> None:
         problems.append(f"optim.lr_warmup_steps: {o.lr_warmup_steps} is longer than train.max_steps ({t.max_steps})")
 
 
+SCHEMA = Schema(
+    root=DistillConfig,
+    choices=_CHOICES,
+    ranges=_RANGES,
+    cross_checks=_cross_checks,
+    choice_hints={("train.mixed_precision", "fp32"): "; full precision is 'no'"},
+    header="# Resolved bksdm distill config (bksdm.train.config.load_config reads it back).\n",
+)
+"""The distill recipe's settings schema (:mod:`bksdm.train.settings`)."""
+
+
 def config_from_dict(
     data: Mapping[str, Any] | None, overrides: Sequence[str] = (), source: str = "config"
 ) -> DistillConfig:
@@ -480,19 +330,7 @@ def config_from_dict(
     Raises:
         ConfigError: listing every problem found, each naming its dotted key.
     """
-    problems: list[str] = []
-    if data is None:  # an empty YAML file
-        data = {}
-    if isinstance(data, Mapping):
-        data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
-        overridden = _parse_overrides(overrides, data, problems)
-    else:
-        overridden = _parse_overrides(overrides, {}, problems)  # still report malformed overrides
-    cfg = _build(data, overridden, problems)
-    _cross_checks(cfg, problems)
-    if problems:
-        raise ConfigError(problems, source)
-    return cfg
+    return settings_from_dict(SCHEMA, data, overrides, source=source)
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DistillConfig:
@@ -510,23 +348,12 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     Raises:
         ConfigError: the file is missing or not YAML, or the config has problems (all listed together).
     """
-    if path is None:
-        return config_from_dict({}, overrides)
-    source = f"config {path}"
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError([f"<file>: cannot read {path}: {err.strerror or err}"], source) from None
-    except yaml.YAMLError as err:
-        raise ConfigError([f"<file>: not valid YAML: {err}"], source) from None
-    return config_from_dict(data, overrides, source)
+    return load_settings(SCHEMA, path, overrides)
 
 
 def config_to_dict(cfg: DistillConfig) -> dict[str, dict[str, Any]]:
     """The dict form of a config: sections and fields in declaration order, lists copied."""
-    if not is_dataclass(cfg):
-        raise TypeError(f"expected a DistillConfig, got {type(cfg).__name__}")
-    return asdict(cfg)
+    return settings_to_dict(cfg)
 
 
 def validate_config(cfg: DistillConfig) -> DistillConfig:
@@ -535,20 +362,15 @@ def validate_config(cfg: DistillConfig) -> DistillConfig:
     Raises:
         ConfigError: listing every problem.
     """
-    return config_from_dict(config_to_dict(cfg))
+    return validate_settings(SCHEMA, cfg)
 
 
 def save_config(cfg: DistillConfig, path: str | os.PathLike) -> Path:
     """Writes ``cfg`` as YAML (stable key order) that :func:`load_config` reads back to an equal config.
 
-    The file is written to a temporary name and moved into place, so a crash never leaves half a config.
+    Written atomically: a crash never leaves half a config.
 
     Returns:
         The path written.
     """
-    path = Path(path)
-    text = "# Resolved bksdm distill config (bksdm.train.config.load_config reads it back).\n" + yaml.safe_dump(
-        config_to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True, width=1000
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_text(path, text)
+    return save_settings(SCHEMA, cfg, path)

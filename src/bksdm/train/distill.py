@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,7 @@ from bksdm.artifacts import atomic_dir
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
 from bksdm.plan.resolved import resolve
 from bksdm.plan.surgery import build_student
-from bksdm.signals import handling
 from bksdm.train.checkpoints import (
-    CHECKPOINT_PREFIX,
-    STATE_FILE,
     CheckpointError,
     claim_output,
     find_checkpoint,
@@ -48,11 +44,11 @@ from bksdm.train.checkpoints import (
 from bksdm.train.config import DistillConfig, OptimConfig, config_to_dict, save_config
 from bksdm.train.encoders import TextEncoders, sample_latents, vae_dtype
 from bksdm.train.kd import LossWeights, draw_noise, ema_update, kd_step
-from bksdm.train.runtime import make_accelerator, peak_memory_mb
+from bksdm.train.runtime import TrainingStopped, make_accelerator, peak_memory_mb, stop_on_sigterm
 
 logger = get_logger(__name__)
 
-__all__ = ["CHECKPOINT_PREFIX", "STATE_FILE", "TrainingSetupError", "TrainingStopped", "distill", "find_checkpoint"]
+__all__ = ["TrainingSetupError", "distill", "load_models", "make_optimizer"]
 
 WEIGHTS = "diffusion_pytorch_model"  # diffusers' weight file stem
 RUN_ENTRIES = ("config.yaml", "student", "loss_curve.png", "validation")  # a distill run's own entries in its folder
@@ -111,23 +107,6 @@ def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dt
     student.train()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Models(pipe, teacher, student, TextEncoders.from_pipeline(pipe), scheduler, pairs, plan_source)
-
-
-class TrainingStopped(Exception):
-    """The run was asked to stop (SIGTERM: a scheduler's preemption, ``kill``), wrote a checkpoint of the step it
-    had reached and stopped; ``--resume latest`` continues it exactly."""
-
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(
-            f"stopped by SIGTERM at step {step}; checkpoint {checkpoint} written: run the same command with "
-            "--resume latest to continue"
-        )
-        self.step, self.checkpoint = step, checkpoint
-
-
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """Whether ``flag`` is set in any process (a collective: every process calls it at the same step)."""
-    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum").item())
 
 
 def save_checkpoint(
@@ -293,8 +272,7 @@ def distill(cfg: DistillConfig) -> Path:
     window_steps, samples, skipped, tick = 0, 0, 0, time.perf_counter()
 
     # SIGTERM (preemption, kill) stops the run at the end of the optimizer step in progress, with a checkpoint.
-    stop_requested: list[int] = []
-    with handling([signal.SIGTERM], lambda signum, frame: stop_requested.append(signum)):
+    with stop_on_sigterm() as stop:
         while step < cfg.train.max_steps:
             batch = next(batches)  # one micro batch of this process: latents' distribution, text states, positions
             with accelerator.accumulate(models.student):
@@ -360,7 +338,7 @@ def distill(cfg: DistillConfig) -> Path:
                 saved = save_checkpoint(accelerator, cfg, models, ema, step, out, optimizer, lr_scheduler)
             if validator and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
                 validator.run(accelerator.unwrap_model(models.student), step)
-            if step < cfg.train.max_steps and _any_process(accelerator, bool(stop_requested)):
+            if step < cfg.train.max_steps and stop.requested(accelerator):
                 saved = saved or save_checkpoint(accelerator, cfg, models, ema, step, out, optimizer, lr_scheduler)
                 bar.close()
                 accelerator.end_training()

@@ -1,9 +1,31 @@
-"""What every training recipe shares besides checkpoints (:mod:`bksdm.train.checkpoints`): the accelerator set-up and
-the peak-memory figure of the logs."""
+"""What every training recipe (``distill``, ``dreambooth``) shares besides checkpoints (:mod:`bksdm.train.checkpoints`):
+the accelerator set-up, the SIGTERM stop, the loss window of the logs and the peak-memory figure.
+
+A recipe's loop uses them the same way::
+
+    accelerator, mixed = make_accelerator(out, cfg.mixed_precision, accum)
+    window = LossWindow(accum)
+    with stop_on_sigterm() as stop:
+        while step < max_steps:
+            ...                                  # one micro step: forward, backward, optimizer
+            window.add(losses)                   # on the device: no synchronisation
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            window.step_done()
+            if step % log_every == 0:
+                record = window.flush(accelerator)   # the one reduction (and device->host copy) of the window
+            ...                                  # checkpoint when due
+            if step < max_steps and stop.requested(accelerator):
+                raise TrainingStopped(step, write_checkpoint(...))
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -11,7 +33,16 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 
-__all__ = ["make_accelerator", "peak_memory_mb"]
+from bksdm.signals import handling
+
+__all__ = [
+    "LossWindow",
+    "StopRequest",
+    "TrainingStopped",
+    "make_accelerator",
+    "peak_memory_mb",
+    "stop_on_sigterm",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +89,102 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ------------------------------------------------------------------------------------------------ SIGTERM stop
+
+
+class TrainingStopped(Exception):
+    """The run was asked to stop (SIGTERM: a scheduler's preemption, ``kill``), wrote a checkpoint of the step it
+    had reached and stopped; ``--resume latest`` continues it exactly."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(
+            f"stopped by SIGTERM at step {step}; checkpoint {checkpoint} written: run the same command with "
+            "--resume latest to continue"
+        )
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopRequest:
+    """Whether SIGTERM arrived; the loop asks :meth:`requested` at the end of each optimizer step."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.signals)
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """Whether any process was signalled. Every process must call it at the same step.
+
+        One process reads its own flag (no device work). Several processes vote with one integer all-reduce, so
+        that all of them stop (and write the checkpoint, a collective) at the same step even when only one was
+        signalled (``kill PID``); DDP's gradient all-reduce already meets them at every optimizer step.
+        """
+        if accelerator.num_processes == 1:
+            return bool(self.signals)
+        flag = torch.tensor(int(bool(self.signals)), device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum").item())
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[StopRequest]:
+    """Runs the block with SIGTERM recorded in the :class:`StopRequest` it yields instead of killing the process.
+
+    The loop then ends at the end of the optimizer step in progress, writes a checkpoint and raises
+    :class:`TrainingStopped`. The previous handler is restored on exit (:func:`bksdm.signals.handling`).
+    """
+    stop = StopRequest()
+    with handling([signal.SIGTERM], lambda signum, frame: stop.signals.append(signum)):
+        yield stop
+
+
+# ------------------------------------------------------------------------------------------------ loss window
+
+
+class LossWindow:
+    """The loss terms of a logging window, summed on the device and reduced across processes once, when logged.
+
+    Reading a loss (``.item()``) or reducing it across processes waits for the device and for every process; doing
+    it once per ``log_every`` optimizer steps instead of on every micro step keeps the device busy. The logged
+    value of a term is its mean over the window's micro steps and over processes, as before: the sum over
+    processes of each process's window sum, divided by the number of processes and of micro steps. Sums are kept
+    in float64 (float32 on Apple's MPS, which has no float64), so the order of additions does not show.
+    """
+
+    def __init__(self, accumulation: int) -> None:
+        self.accumulation = accumulation
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.skipped = 0  # this process's skipped samples since the last flush (a host count)
+        self.skipped_total = 0  # every process's skipped samples, as of the last flush
+
+    def add(self, losses: Mapping[str, torch.Tensor], skipped: int = 0) -> None:
+        """Adds one micro step's scalar loss terms (on the device; nothing is read) and its skipped samples."""
+        for key, value in losses.items():
+            value = value.detach()
+            value = value.to(torch.float32 if value.device.type == "mps" else torch.float64) / self.accumulation
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.skipped += skipped
+
+    def step_done(self) -> None:
+        """Counts one completed optimizer step."""
+        self.steps += 1
+
+    def flush(self, accelerator: Accelerator) -> dict[str, float]:
+        """The window's mean loss terms over steps and processes, and ``skipped_samples`` (every process, since the
+        run started here); starts the next window. Every process must call it at the same step: one all-reduce
+        and one device->host copy for the whole window.
+        """
+        keys = list(self.sums)
+        device = accelerator.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        skipped = torch.tensor(self.skipped, dtype=dtype, device=device)
+        local = torch.stack([*(self.sums[k].to(device, dtype) for k in keys), skipped])  # (terms + 1,)
+        totals = accelerator.reduce(local, "sum").tolist() if accelerator.num_processes > 1 else local.tolist()
+        steps = max(self.steps, 1)
+        means = {k: totals[i] / accelerator.num_processes / steps for i, k in enumerate(keys)}
+        self.skipped_total += int(round(totals[-1]))
+        self.sums, self.steps, self.skipped = {}, 0, 0
+        return {**means, "skipped_samples": self.skipped_total}
