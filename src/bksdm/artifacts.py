@@ -16,9 +16,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["PARTIAL_SUFFIX", "WriteFailed", "atomic_dir", "atomic_file", "is_partial", "replace_dir", "write_text"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MANIFEST_FILE",
+    "MODEL_RECORD_FILE",
+    "PARTIAL_SUFFIX",
+    "SETTINGS_FILE",
+    "WriteFailed",
+    "atomic_dir",
+    "atomic_file",
+    "is_partial",
+    "replace_dir",
+    "write_text",
+]
 
 PARTIAL_SUFFIX = ".partial"
+
+# The file names of the folders one stage hands to the next.
+SETTINGS_FILE = "settings.json"
+"""In a folder of generated images: what decided the images (model, steps, guidance, size, seed ...) and the runs."""
+MANIFEST_FILE = "manifest.jsonl"
+"""In a folder of generated images: one JSON line per image (index, prompt, seed, file, the prompt file's fields)."""
+MODEL_RECORD_FILE = "bksdm_toy.json"
+"""In a model folder (the shapes-world teachers): the sampling settings it was validated with, and its provenance."""
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+"""Files of a folder that count as images (compared lower-case): the formats PIL reads that bksdm accepts."""
 
 
 class WriteFailed(OSError):

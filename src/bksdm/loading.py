@@ -146,6 +146,18 @@ def check_model_ref(ref: str | os.PathLike, what: str = "") -> None:
         raise TeacherNotFoundError(f"{label}: no such folder; check the path (or give a hub id such as owner/name)")
 
 
+def check_pipeline_ref(ref: str | os.PathLike, what: str = "") -> None:
+    """As :func:`check_model_ref`, and a local folder must hold a whole pipeline (``model_index.json``).
+
+    Raises:
+        TeacherNotFoundError: ``ref`` is a file, a path that does not exist, or a folder with no model_index.json.
+    """
+    check_model_ref(ref, what)
+    if is_local(ref) and not (Path(ref) / "model_index.json").is_file():
+        label = f"{what} {ref}" if what else str(ref)
+        raise TeacherNotFoundError(f"{label} has no model_index.json: give the folder of a whole diffusers pipeline")
+
+
 def load_unet_config(ref: str | os.PathLike) -> dict[str, Any]:
     """The teacher U-Net's config, without loading any weights (a pipeline folder/id, or a U-Net folder).
 
@@ -181,10 +193,8 @@ def load_pipeline(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     """
     from diffusers import DiffusionPipeline
 
-    check_model_ref(ref)
+    check_pipeline_ref(ref)
     ref = str(ref)
-    if is_local(ref) and not (Path(ref) / "model_index.json").is_file():
-        raise TeacherNotFoundError(f"{ref} has no model_index.json: give the folder of a whole diffusers pipeline")
     try:
         pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dtype, **components)
     except Exception as err:
@@ -220,6 +230,141 @@ def use_scheduler(pipe, name: str | None) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
+class UnetError(ValueError):
+    """A ``--unet`` that holds no U-Net, cannot be found, or does not fit the model it replaces the U-Net of."""
+
+
+UNET_FIT_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type")
+"""What a swapped-in U-Net must share with the model's: it reads the same latents and text states and predicts
+the same target (a student made from that teacher does; one made from another teacher usually does not)."""
+
+
+def unet_location(ref: str | os.PathLike, option: str = "--unet") -> tuple[str, str | None]:
+    """Where a U-Net reference points: (folder or hub id, subfolder).
+
+    A pipeline folder (``unet/config.json``: a student from ``bksdm prune`` or ``distill``) gives its ``unet``,
+    a U-Net folder (``config.json``) itself, a hub id its pipeline's ``unet``.
+
+    Raises:
+        UnetError: A local folder that holds neither.
+        TeacherNotFoundError: A path that is a file or does not exist (no hub request is made for it).
+    """
+    path = Path(ref)
+    if path.is_dir():
+        if (path / "unet" / "config.json").is_file():
+            return str(path), "unet"
+        if (path / "config.json").is_file():
+            return str(path), None
+        raise UnetError(
+            f"{option} {ref}: the folder holds neither unet/config.json (a student pipeline, e.g. from bksdm prune "
+            "or distill) nor config.json (a U-Net folder)"
+        )
+    check_model_ref(ref, option)
+    return str(ref), "unet"
+
+
+def unet_config_of(ref: str | os.PathLike, option: str = "--unet") -> dict[str, Any]:
+    """The config of the U-Net ``ref`` points at (see :func:`unet_location`), without loading weights.
+
+    Raises:
+        UnetError: No U-Net there (a local folder without one, or a hub id that cannot be read).
+        TeacherNotFoundError: A path that is a file or does not exist.
+    """
+    from diffusers import UNet2DConditionModel
+
+    folder, subfolder = unet_location(ref, option)
+    try:
+        return dict(UNet2DConditionModel.load_config(folder, subfolder=subfolder))
+    except (OSError, ValueError) as err:
+        raise UnetError(
+            f"{option} {ref}: no such folder, and no pipeline with a unet/ of that name on the hub or in its cache "
+            f"({type(err).__name__}); give a student pipeline folder or a U-Net folder"
+        ) from None
+
+
+def check_unet_fits(
+    unet_config: dict[str, Any],
+    model_config: dict[str, Any],
+    unet: str,
+    model: str,
+    options: tuple[str, str] = ("--unet", "--model"),
+) -> None:
+    """Refuse a U-Net whose :data:`UNET_FIT_KEYS` differ from the model's own U-Net's.
+
+    Raises:
+        UnetError: The message lists every difference and the fix.
+    """
+    wrong = [
+        f"{k} {unet_config.get(k)} (model: {model_config.get(k)})"
+        for k in UNET_FIT_KEYS
+        if unet_config.get(k) != model_config.get(k)
+    ]
+    if wrong:
+        raise UnetError(
+            f"{options[0]} {unet} does not fit {options[1]} {model}: {', '.join(wrong)}; pass as {options[1]} the "
+            "teacher the student was made from"
+        )
+
+
+def load_unet(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, option: str = "--unet"):
+    """A ``UNet2DConditionModel`` in eval mode from a pipeline folder, a U-Net folder or a hub pipeline id.
+
+    Raises:
+        UnetError: No U-Net there.
+        TeacherNotFoundError: A path that is a file or does not exist.
+    """
+    from diffusers import UNet2DConditionModel
+
+    folder, subfolder = unet_location(ref, option)
+    return UNet2DConditionModel.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype).eval()
+
+
+def load_pipeline_with_unet(
+    model: str | os.PathLike,
+    unet: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    scheduler: str | None = None,
+    options: tuple[str, str] = ("--unet", "--model"),
+):
+    """The pipeline to sample with: ``model``, its U-Net replaced by ``unet``'s, its scheduler by ``scheduler``.
+
+    The U-Net's fit is checked from the two configs before any weights are read, and the model's own U-Net is
+    then not loaded at all. The progress bar is off (the commands draw their own).
+
+    Args:
+        model: A diffusers pipeline folder or hub id.
+        unet: A student pipeline folder, a U-Net folder or a hub pipeline id (see :func:`unet_location`); None
+            keeps the model's.
+        dtype: Dtype of every component.
+        device: Where the pipeline goes.
+        scheduler: A diffusers scheduler class name (see :func:`use_scheduler`); None keeps the model's.
+        options: The option names of ``unet`` and ``model``, for messages.
+
+    Raises:
+        TeacherNotFoundError: The model (or a U-Net path) cannot be found.
+        UnetError: The U-Net cannot be found or does not fit the model.
+        ValueError: ``scheduler`` is not a diffusers scheduler class.
+    """
+    components: dict[str, Any] = {}
+    if unet is not None:
+        given = unet_config_of(unet, options[0])
+        try:
+            expected = load_unet_config(model)
+        except TeacherNotFoundError as err:
+            raise TeacherNotFoundError(f"{options[1]}: {err}") from None
+        check_unet_fits(given, expected, str(unet), str(model), options)
+        components["unet"] = load_unet(unet, dtype, options[0])
+    try:
+        pipe = load_pipeline(model, dtype, str(device), **components)
+    except TeacherNotFoundError as err:
+        raise TeacherNotFoundError(f"{options[1]}: {err}") from None
+    use_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """``fp32``/``float32``, ``fp16``/``float16``, ``bf16``/``bfloat16`` → torch dtype."""
     table = {
@@ -235,24 +380,41 @@ def parse_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"fp16"``: the spelling the options take and the records (settings.json, profiles) keep."""
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    return names.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def resolve_dtype(name: str | None, device: torch.device | str) -> torch.dtype:
+    """``--dtype``: the named dtype (see :func:`parse_dtype`); None: fp16 on CUDA, fp32 elsewhere.
+
+    Raises:
+        ValueError: ``name`` is not a dtype bksdm knows.
+    """
+    if name is not None:
+        return parse_dtype(name)
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
 class DeviceError(ValueError):
     """A ``--device`` this machine cannot run on (unknown, or CUDA/MPS without the hardware)."""
 
 
 def resolve_device(name: str | None, option: str = "--device") -> torch.device:
-    """The torch device a ``--device`` value names, checked against this machine; None: CUDA if available.
+    """The torch device a ``--device`` value names, checked against this machine; None/``auto``: CUDA if available.
 
     Every command that takes ``--device`` resolves it here, so an unknown name (``tpu``), CUDA on a machine
     without it, or a GPU index past the last one gives the same one-line error rather than a traceback.
 
     Args:
-        name: ``cpu``, ``cuda``, ``cuda:N``, ``mps``, or None for the default.
+        name: ``cpu``, ``cuda``, ``cuda:N``, ``mps``, or None (or ``auto``) for the default.
         option: The option's name, for the message.
 
     Raises:
         DeviceError: The name is not a device bksdm runs on, or this machine lacks it.
     """
-    if name is None:
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)

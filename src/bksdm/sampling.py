@@ -27,14 +27,18 @@ U-Net runs an attention processor that builds them.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = [
+    "SAMPLING_TABLE",
+    "SamplingDefaults",
     "SamplingError",
     "available_memory",
     "check_batch_size",
@@ -46,6 +50,7 @@ __all__ = [
     "generation_bytes",
     "largest_batch",
     "pipeline_bytes",
+    "sampling_defaults",
     "unet_activation_bytes",
     "vae_activation_bytes",
 ]
@@ -58,6 +63,58 @@ VAE_TENSORS_PER_CHANNEL = 9
 
 class SamplingError(ValueError):
     """A sampling setting that cannot work: the message names the option, the value and the fix."""
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The sampling settings a command uses for the options the user leaves out."""
+
+    steps: int
+    guidance_scale: float
+    height: int | None = None
+    """None: the model's native size (its U-Net's sample size times the VAE's factor)."""
+    width: int | None = None
+    strength: float = 0.8
+    """img2img only: how far the input is noised."""
+    source: str = "bksdm.sampling.SAMPLING_TABLE"
+
+
+SAMPLING_TABLE = {
+    "text-to-image": SamplingDefaults(steps=25, guidance_scale=7.5),  # the BK-SDM paper's evaluation
+    "image-to-image": SamplingDefaults(steps=50, guidance_scale=7.5, strength=0.8),  # diffusers' img2img defaults
+}
+"""Defaults for a model that records none, per task."""
+
+
+def sampling_defaults(model: str | os.PathLike | None = None, task: str = "text-to-image") -> SamplingDefaults:
+    """The settings ``model`` records in its ``bksdm_toy.json`` (steps, guidance, size), else the table's for ``task``.
+
+    The shapes-world teachers record the guidance and steps they sample best with; a hub id or a folder without
+    the record gets :data:`SAMPLING_TABLE`. ``strength`` always comes from the table.
+
+    Raises:
+        SamplingError: The record is not readable JSON.
+    """
+    from bksdm.artifacts import MODEL_RECORD_FILE
+
+    base = SAMPLING_TABLE[task]
+    file = Path(model) / MODEL_RECORD_FILE if model is not None else None
+    if file is None or not file.is_file():
+        return base
+    try:
+        recorded = json.loads(file.read_text(encoding="utf-8")).get("sampling", {})
+    except (ValueError, AttributeError) as err:
+        raise SamplingError(
+            f"{file} is not a JSON object with a 'sampling' entry ({err}); restore or delete it"
+        ) from None
+    return replace(
+        base,
+        steps=int(recorded.get("num_inference_steps", base.steps)),
+        guidance_scale=float(recorded.get("guidance_scale", base.guidance_scale)),
+        height=recorded.get("height"),
+        width=recorded.get("width"),
+        source=str(file),
+    )
 
 
 def check_steps(steps: Any, option: str = "--steps", max_steps: int | None = None) -> int:

@@ -37,26 +37,29 @@ from typing import Any
 import torch
 
 from bksdm import __version__
-from bksdm.artifacts import PARTIAL_SUFFIX, WriteFailed, atomic_file, describe_failure, write_text
+from bksdm.artifacts import (
+    MANIFEST_FILE,
+    PARTIAL_SUFFIX,
+    SETTINGS_FILE,
+    WriteFailed,
+    atomic_file,
+    describe_failure,
+    write_text,
+)
 from bksdm.eval.prompts import PromptFileError, PromptRecord
 
 __all__ = [
-    "MANIFEST_FILE",
-    "SETTINGS_FILE",
     "GenerateError",
     "GenerationSettings",
     "add_coco_prompts",
     "add_generate",
     "image_name",
-    "load_generation_pipeline",
     "run_coco_prompts",
     "run_generate",
 ]
 
 logger = logging.getLogger(__name__)
 
-SETTINGS_FILE = "settings.json"
-MANIFEST_FILE = "manifest.jsonl"
 _RESERVED = ("index", "prompt", "seed", "file")
 
 
@@ -192,75 +195,7 @@ def image_name(index: int, total: int) -> str:
     return f"{index:0{max(6, len(str(total - 1)))}d}.png"
 
 
-def load_generation_pipeline(
-    model: str, unet: str | None, dtype: torch.dtype, device: torch.device | str, scheduler: str | None
-):
-    """The pipeline to generate with: ``model`` with ``unet``'s U-Net and the scheduler class ``scheduler``.
-
-    Raises:
-        GenerateError: The U-Net cannot be found or does not fit the model, or ``scheduler`` is no scheduler.
-        TeacherNotFoundError: The model cannot be found.
-    """
-    from diffusers import UNet2DConditionModel
-
-    from bksdm.loading import TeacherNotFoundError, load_pipeline, load_unet_config, use_scheduler
-
-    components: dict[str, Any] = {}
-    if unet is not None:
-        folder, subfolder = _unet_location(unet)
-        given = _unet_config(unet, folder, subfolder)
-        try:
-            expected = load_unet_config(model)
-        except TeacherNotFoundError as err:
-            raise TeacherNotFoundError(f"--model: {err}") from None
-        keys = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type")
-        wrong = [f"{k} {given.get(k)} (model: {expected.get(k)})" for k in keys if given.get(k) != expected.get(k)]
-        if wrong:
-            raise GenerateError(
-                f"--unet {unet} does not fit --model {model}: {', '.join(wrong)}; pass as --model the teacher the "
-                "student was made from"
-            )
-        components["unet"] = UNet2DConditionModel.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
-    try:
-        pipe = load_pipeline(model, dtype, str(device), **components)
-    except TeacherNotFoundError as err:
-        raise TeacherNotFoundError(f"--model: {err}") from None
-    try:
-        use_scheduler(pipe, scheduler)
-    except ValueError as err:
-        raise GenerateError(str(err)) from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _unet_location(ref: str) -> tuple[str, str | None]:
-    """Where ``--unet`` points: (folder or hub id, subfolder)."""
-    path = Path(ref)
-    if path.is_dir():
-        if (path / "unet" / "config.json").is_file():
-            return str(path), "unet"
-        if (path / "config.json").is_file():
-            return str(path), None
-        raise GenerateError(
-            f"--unet {ref}: the folder holds neither unet/config.json (a student pipeline) nor config.json "
-            "(a U-Net folder)"
-        )
-    return ref, "unet"
-
-
-def _unet_config(ref: str, folder: str, subfolder: str | None) -> dict[str, Any]:
-    from diffusers import UNet2DConditionModel
-
-    try:
-        return dict(UNet2DConditionModel.load_config(folder, subfolder=subfolder))
-    except (OSError, ValueError) as err:
-        raise GenerateError(
-            f"--unet {ref}: no such folder, and no pipeline with a unet/ of that name on the hub or in its cache "
-            f"({type(err).__name__}); give a student pipeline folder or a U-Net folder"
-        ) from None
-
-
-def _settings_of(args: argparse.Namespace, pipe, model: str, dtype_name: str) -> GenerationSettings:
+def _settings_of(args: argparse.Namespace, pipe, model: str, dtype: str) -> GenerationSettings:
     from bksdm.sampling import check_scheduler_steps, check_side
 
     sample_size = pipe.unet.config.sample_size
@@ -281,7 +216,7 @@ def _settings_of(args: argparse.Namespace, pipe, model: str, dtype_name: str) ->
         height=int(height),
         width=int(width),
         negative_prompt=args.negative_prompt,
-        dtype=dtype_name,
+        dtype=dtype,
         seed=args.seed,
         resize=args.resize,
         safety_checker=getattr(pipe, "safety_checker", None) is not None,
@@ -428,17 +363,21 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from bksdm.eval.generate import generate_images, prompt_seed, resize_image
     from bksdm.eval.prompts import read_prompts
-    from bksdm.loading import parse_dtype, resolve_device, teacher_or_default
-    from bksdm.sampling import check_batch_size, check_guidance, check_memory, check_side, check_steps
+    from bksdm.loading import dtype_name, load_pipeline_with_unet, resolve_device, resolve_dtype, teacher_or_default
+    from bksdm.sampling import (
+        check_batch_size,
+        check_guidance,
+        check_memory,
+        check_side,
+        check_steps,
+        sampling_defaults,
+    )
 
     model = teacher_or_default(args.model)
-    defaults = {"num_inference_steps": 25, "guidance_scale": 7.5}
-    if args.model is None:  # the bundled teacher was validated with its own sampling settings
-        from bksdm.world.teacher import recommended_settings
-
-        defaults = recommended_settings(model)
-    args.steps = args.steps if args.steps is not None else int(defaults["num_inference_steps"])
-    args.guidance = args.guidance if args.guidance is not None else float(defaults["guidance_scale"])
+    # The bundled teacher was validated with its own sampling settings; any other model gets the table's.
+    defaults = sampling_defaults(model if args.model is None else None)
+    args.steps = args.steps if args.steps is not None else defaults.steps
+    args.guidance = args.guidance if args.guidance is not None else defaults.guidance_scale
     # Every option that needs no model is checked before anything is loaded or written.
     check_steps(args.steps)
     check_guidance(args.guidance)
@@ -451,14 +390,12 @@ def run_generate(args: argparse.Namespace) -> int:
     # Without cpu=True, accelerate runs N independent copies of a multi-process launch on a machine with no GPU.
     state = PartialState(cpu=chosen.type == "cpu")
     device = chosen if args.device not in (None, "cuda") else state.device
-    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    dtype = parse_dtype(dtype_name)
-    dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    dtype = resolve_dtype(args.dtype, device)
 
-    pipe = load_generation_pipeline(model, args.unet, dtype, device, args.scheduler)
+    pipe = load_pipeline_with_unet(model, args.unet, dtype=dtype, device=device, scheduler=args.scheduler)
     if args.no_safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
-    settings = _settings_of(args, pipe, model, dtype_name)
+    settings = _settings_of(args, pipe, model, dtype_name(dtype))
     out = Path(args.out)
     names = [image_name(i, len(prompts)) for i in range(len(prompts))]
     seeds = [prompt_seed(args.seed, i) for i in range(len(prompts))]

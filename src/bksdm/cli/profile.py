@@ -100,7 +100,7 @@ def run_profile(args: argparse.Namespace) -> int:
     """
     from bksdm.artifacts import atomic_file
     from bksdm.eval.profile import load_components, profile_components
-    from bksdm.loading import parse_dtype, resolve_device, teacher_or_default
+    from bksdm.loading import resolve_device, resolve_dtype, teacher_or_default
 
     model = args.model if args.model is not None else args.model_option
     if model is None and args.arch is None:  # nothing given: the bundled shapes teacher
@@ -111,7 +111,7 @@ def run_profile(args: argparse.Namespace) -> int:
         raise ValueError(f"--resolution must be positive, got {args.resolution}")
     latency = not args.no_latency
     device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype) if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(args.dtype, device)
     if args.onnx is not None:
         _check_onnx_options(args, latency, device, dtype)
 

@@ -32,11 +32,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bksdm.artifacts import atomic_file
+from bksdm.artifacts import IMAGE_SUFFIXES, MANIFEST_FILE, atomic_file
 from bksdm.eval import metrics as M
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "METRICS",
     "EvaluationError",
     "EvaluationOptions",
@@ -55,10 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
-"""Image files a folder is read for (pytorch-fid's list)."""
 METRICS = ("fid", "is", "clip", "kid", "shapes")
-MANIFEST_NAME = "manifest.jsonl"
 
 
 class EvaluationError(ValueError):
@@ -90,7 +86,7 @@ def read_manifest(path: str | Path) -> list[ImageRecord]:
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"manifest {path} not found")
-    from bksdm.train.data.sources import check_utf8_start, utf8_error
+    from bksdm.train.data.text_files import check_utf8_start, utf8_error
 
     check_utf8_start(path, EvaluationError)
     try:
@@ -136,8 +132,8 @@ def _optional_int(entry: dict[str, Any], key: str, path: Path, number: int) -> i
 
 def _manifest_of(folder: Path, manifest: str | Path | None) -> Path | None:
     """The manifest :func:`find_images` reads: the one given, else ``manifest.jsonl`` in the folder, if any."""
-    if manifest is None and (folder / MANIFEST_NAME).is_file():
-        return folder / MANIFEST_NAME
+    if manifest is None and (folder / MANIFEST_FILE).is_file():
+        return folder / MANIFEST_FILE
     return Path(manifest) if manifest is not None else None
 
 

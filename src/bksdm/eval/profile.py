@@ -34,8 +34,8 @@ from torch import nn
 
 from bksdm.loading import (
     TeacherNotFoundError,
-    check_model_ref,
-    is_local,
+    check_pipeline_ref,
+    dtype_name,
     load_pipeline,
     load_plan,
     load_unet_config,
@@ -59,7 +59,6 @@ __all__ = [
     "TEXT_ENCODERS",
     "Components",
     "device_name",
-    "dtype_name",
     "load_components",
     "native_resolution",
     "profile_components",
@@ -72,7 +71,6 @@ logger = logging.getLogger(__name__)
 # with another factor is handled by passing latent side x 8.
 _PROFILING_SCALE = 8
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 IMAGE_FORMULA = "text_encoder_s + steps * unet_step_s + vae_decode_s"
 IMAGE_CFG_FORMULA = "2 * text_encoder_s + steps * unet_step_cfg_s + vae_decode_s"
@@ -117,11 +115,6 @@ def native_resolution(unet_config: Mapping[str, Any], vae: nn.Module) -> int:
     if not isinstance(side, int):  # (H, W) sample sizes exist; profile the square of the height
         side = side[0]
     return int(side) * vae_scale_factor(vae)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float16`` -> ``"fp16"`` (the spelling the CLI accepts)."""
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def device_name(device: torch.device | str) -> str:
@@ -169,12 +162,6 @@ def cpu_has_native_bf16() -> bool:
 
 
 # --------------------------------------------------------------------------------------------- loading
-
-
-def _check_model_ref(ref: str) -> None:
-    check_model_ref(ref)  # a path that is no folder: one line, and no hub request
-    if is_local(ref) and not (Path(ref) / "model_index.json").is_file():
-        raise TeacherNotFoundError(f"{ref} has no model_index.json: give the folder of a whole diffusers pipeline")
 
 
 def _meta_pipeline_parts(ref: str) -> tuple[dict[str, nn.Module], nn.Module]:
@@ -255,7 +242,7 @@ def load_components(
         )
 
     ref = str(model)
-    _check_model_ref(ref)
+    check_pipeline_ref(ref)  # a path that is no folder: one line, and no hub request
     teacher_config = load_unet_config(ref)  # raises TeacherNotFoundError with a fix for hub failures
     resolved = resolve(plan_obj, teacher_config) if plan_obj is not None else None  # fail before loading
     if materialize:

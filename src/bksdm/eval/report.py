@@ -28,8 +28,8 @@ from typing import Any
 
 from PIL import Image
 
-from bksdm.artifacts import atomic_file, write_text
-from bksdm.eval.evaluate import MANIFEST_NAME, METRIC_LABELS, EvaluationError, ImageRecord, find_images
+from bksdm.artifacts import MANIFEST_FILE, SETTINGS_FILE, atomic_file, write_text
+from bksdm.eval.evaluate import METRIC_LABELS, EvaluationError, ImageRecord, find_images
 from bksdm.plan.render import human, markdown_table
 
 __all__ = ["ReportError", "ReportOptions", "add_report_arguments", "collect_model", "parse_named", "write_report"]
@@ -37,7 +37,6 @@ __all__ = ["ReportError", "ReportOptions", "add_report_arguments", "collect_mode
 logger = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
-GENERATION_SETTINGS = "settings.json"
 
 
 class ReportError(ValueError):
@@ -126,16 +125,16 @@ def collect_model(name: str, source: str, evaluation: str | None, pipeline: str 
     if path.is_file():
         evaluation = evaluation or str(path)
     elif path.is_dir():
-        if not (path / MANIFEST_NAME).is_file():
+        if not (path / MANIFEST_FILE).is_file():
             # Without it the images have no prompts or seeds: the grid would pair them by file name alone, and
             # the report's "same prompts and seeds" would be unchecked.
             raise ReportError(
-                f"--model {name}={source}: {path} has no {MANIFEST_NAME}, the prompt and seed of each image that "
+                f"--model {name}={source}: {path} has no {MANIFEST_FILE}, the prompt and seed of each image that "
                 f"bksdm generate writes there; give the folder bksdm generate wrote, or only the figures: "
                 f"--model {name}={path / EVALUATION_FILE}"
             )
-        if (path / GENERATION_SETTINGS).is_file():
-            settings = _read_json(path / GENERATION_SETTINGS, "generation settings").get("settings")
+        if (path / SETTINGS_FILE).is_file():
+            settings = _read_json(path / SETTINGS_FILE, "generation settings").get("settings")
             entry["generation"] = settings if isinstance(settings, dict) else None
         if evaluation is None and (path / EVALUATION_FILE).is_file():
             evaluation = str(path / EVALUATION_FILE)
