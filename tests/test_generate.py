@@ -304,6 +304,21 @@ def test_default_model_is_the_bundled_teacher_with_its_settings(tiny_sd_dir, pro
     assert not (tmp_path / "o2").exists()
 
 
+def test_a_model_folder_that_records_its_settings_samples_with_them(tiny_sd_dir, prompt_file, tmp_path):
+    """The rule every sampling command shares (bksdm.sampling.sampling_defaults): a folder's bksdm_toy.json, also
+    when the folder is named with --model; the options still win."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, model)
+    (model / "bksdm_toy.json").write_text(json.dumps({"sampling": {"num_inference_steps": 3, "guidance_scale": 2}}))
+    argv = ["generate", "--model", str(model), "--prompts", str(prompt_file), "--batch-size", "5"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    settings = json.loads((tmp_path / "a" / "settings.json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance_scale"]) == (3, 2.0)
+    assert main([*argv, "--out", str(tmp_path / "b"), "--steps", "2", "--guidance", "1"]) == 0
+    settings = json.loads((tmp_path / "b" / "settings.json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance_scale"]) == (2, 1.0)
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [

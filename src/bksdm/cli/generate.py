@@ -116,14 +116,15 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--steps",
         type=int,
         default=None,
-        help="denoising steps (default 25 as in the paper; the bundled teacher's own)",
+        help="denoising steps (default: the model's recorded setting, as the shapes teachers have, else 25 as in "
+        "the paper)",
     )
     p.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale, 1 (or 0) for none, else above 1 (default 7.5 as in the paper; the "
-        "bundled teacher's own)",
+        help="classifier-free guidance scale, 1 (or 0) for none, else above 1 (default: the model's recorded "
+        "setting, as the shapes teachers have, else 7.5 as in the paper)",
     )
     p.add_argument(
         "--height",
@@ -374,8 +375,8 @@ def run_generate(args: argparse.Namespace) -> int:
     )
 
     model = teacher_or_default(args.model)
-    # The bundled teacher was validated with its own sampling settings; any other model gets the table's.
-    defaults = sampling_defaults(model if args.model is None else None)
+    # A model folder that records its sampling settings (the shapes teachers) gets them; others the table's.
+    defaults = sampling_defaults(model)
     args.steps = args.steps if args.steps is not None else defaults.steps
     args.guidance = args.guidance if args.guidance is not None else defaults.guidance_scale
     # Every option that needs no model is checked before anything is loaded or written.
