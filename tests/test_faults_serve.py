@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 from test_serve import ServeProcess, request
 
-import bksdm.use.serve.app
-from bksdm.use.serve.app import MAX_BODY_BYTES, DemoApp, SamplingSettings, load_models, make_server
+import bksdm.use.serve.server
+from bksdm.use.serve.api import MAX_BODY_BYTES
+from bksdm.use.serve.app import DemoApp, SamplingSettings, load_models
+from bksdm.use.serve.server import make_server
 
 STOP_LIMIT_S = 10.0
 """How long Ctrl-C may take to end the server, whatever the clients do (it took 47 s, or forever, before)."""
@@ -292,7 +294,7 @@ def test_other_methods_get_405_in_json(server, method: str) -> None:
 
 @pytest.fixture
 def short_timeout(monkeypatch) -> float:
-    monkeypatch.setattr(bksdm.use.serve.app, "REQUEST_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(bksdm.use.serve.server, "REQUEST_TIMEOUT_S", 1.0)
     return 1.0
 
 

@@ -1,4 +1,4 @@
-"""``bksdm serve``: the local demo page (a thin wrapper around :mod:`bksdm.use.serve.app`).
+"""``bksdm serve``: the local demo page (a thin wrapper around :mod:`bksdm.use.serve`).
 
 It binds the address first (a busy port fails at once, not after minutes of loading), loads the teacher and
 the students once, warms them up, then serves until Ctrl-C.
@@ -123,7 +123,8 @@ def run_serve(args: argparse.Namespace) -> int:
         ValueError: a bad option or an address that cannot be bound (the message says which and why).
     """
     from bksdm.loading import teacher_or_default
-    from bksdm.use.serve.app import DemoApp, binding_warning, load_models, make_server
+    from bksdm.use.serve.app import DemoApp, load_models
+    from bksdm.use.serve.server import binding_warning, make_server
 
     teacher = teacher_or_default(args.teacher)
     settings = default_sampling(teacher, args.steps, args.guidance)
