@@ -252,6 +252,64 @@ def test_two_processes_take_the_same_step_as_one(tiny_sd_dir, shapes_dir, tmp_pa
     assert (update_a - update_b).abs().max() < 1e-5
     assert (update_a - update_b).norm() < 1e-3 * update_a.norm()
     assert (update_a != 0).float().mean() > 0.5  # the steps really moved the weights
+    # The logged losses are means over the processes: two halves of a batch log what the whole batch does.
+    logs = [(tmp_path / run / "logs" / "metrics.jsonl").read_text().splitlines() for run in ("one", "two")]
+    for line_one, line_two in zip(*logs, strict=True):
+        one_record, two_record = json.loads(line_one), json.loads(line_two)
+        for key in ("loss", "loss_task", "loss_kd_out", "loss_kd_feat"):
+            assert two_record[key] == pytest.approx(one_record[key], rel=1e-4), key
+
+
+def test_the_loop_synchronises_once_per_log_window(tiny_sd_dir, shapes_dir, tmp_path, monkeypatch) -> None:
+    """Loss terms stay on the device between log steps: one reduction across processes per ``log_every`` optimizer
+    steps (plus each checkpoint's), not one per loss term per micro step, and the logged numbers are the same as
+    reading every micro step's losses: their mean over the window."""
+    from accelerate import Accelerator
+
+    import bksdm.train.distill as recipe
+
+    syncs: list[str] = []
+
+    def counting(name: str):
+        original = getattr(Accelerator, name)
+
+        def wrapper(self, *args, **kwargs):
+            syncs.append(name)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("reduce", "gather", "gather_for_metrics"):
+        monkeypatch.setattr(Accelerator, name, counting(name))
+    micro_losses: list[dict[str, float]] = []
+
+    def recording(*args, _original=recipe.kd_step, **kwargs):
+        losses = _original(*args, **kwargs)
+        micro_losses.append({k: v.item() for k, v in losses.items()})
+        return losses
+
+    monkeypatch.setattr(recipe, "kd_step", recording)
+    out, steps, log_every, accum = tmp_path / "run", 7, 3, 2
+    settings = overrides(
+        tiny_sd_dir,
+        shapes_dir,
+        out,
+        train__max_steps=steps,
+        train__log_every=log_every,
+        train__gradient_accumulation_steps=accum,
+        train__checkpoint_every=0,  # one checkpoint, at the end
+    )
+    recipe.distill(load_config(None, settings))
+
+    assert len(micro_losses) == steps * accum
+    assert len(syncs) <= steps // log_every + 1 + 1, syncs  # the windows, the last partial one, the checkpoint
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6, 7]
+    for record, (first, last) in zip(records, [(0, 3), (3, 6), (6, 7)], strict=True):
+        window = micro_losses[first * accum : last * accum]
+        for key in ("loss", "loss_task", "loss_kd_out", "loss_kd_feat"):
+            assert record[key] == pytest.approx(sum(m[key] for m in window) / len(window), rel=1e-12, abs=0)
+        assert record["skipped_samples"] == 0
 
 
 def test_cache_gives_the_same_batches_and_loss(tiny_sd_dir, shapes_dir, tmp_path, capsys) -> None:

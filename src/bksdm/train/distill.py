@@ -44,7 +44,7 @@ from bksdm.train.checkpoints import (
 from bksdm.train.config import DistillConfig, OptimConfig, config_to_dict, save_config
 from bksdm.train.encoders import TextEncoders, sample_latents, vae_dtype
 from bksdm.train.kd import LossWeights, draw_noise, ema_update, kd_step
-from bksdm.train.runtime import TrainingStopped, make_accelerator, peak_memory_mb, stop_on_sigterm
+from bksdm.train.runtime import LossWindow, TrainingStopped, make_accelerator, peak_memory_mb, stop_on_sigterm
 
 logger = get_logger(__name__)
 
@@ -268,8 +268,9 @@ def distill(cfg: DistillConfig) -> Path:
     if metrics_file:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="distill", disable=not accelerator.is_main_process)
-    window: dict[str, float] = {}
-    window_steps, samples, skipped, tick = 0, 0, 0, time.perf_counter()
+    # Loss terms stay on the device until a log step: one reduction across processes per log_every steps.
+    window = LossWindow(accum)
+    samples, tick = 0, time.perf_counter()
 
     # SIGTERM (preemption, kill) stops the run at the end of the optimizer step in progress, with a checkpoint.
     with stop_on_sigterm() as stop:
@@ -302,28 +303,25 @@ def distill(cfg: DistillConfig) -> Path:
                     accelerator.clip_grad_norm_(models.student.parameters(), o.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for key, value in losses.items():
-                window[key] = window.get(key, 0.0) + accelerator.reduce(value.detach(), "mean").item() / accum
+            window.add(losses, skipped=batch["skipped"])
             samples += batch["mean"].shape[0] * accelerator.num_processes
-            skipped += int(accelerator.reduce(torch.tensor(batch["skipped"], device=accelerator.device), "sum"))
             if not accelerator.sync_gradients:
                 continue
             # ---- one optimizer step is complete ----
             lr_scheduler.step()
             step += 1
-            window_steps += 1
+            window.step_done()
             if ema is not None:
                 ema_update(ema, accelerator.unwrap_model(models.student).parameters())  # EMAModel.step, in place
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                elapsed = time.perf_counter() - tick
                 record = {
                     "step": step,
-                    **{k: v / window_steps for k, v in window.items()},
+                    **window.flush(accelerator),  # the window's one synchronisation across processes
                     "lr": lr_scheduler.get_last_lr()[0],
-                    "samples_per_s": samples / elapsed,
+                    "samples_per_s": samples / (time.perf_counter() - tick),
                     "peak_memory_mb": peak_memory_mb(accelerator.device),
-                    "skipped_samples": skipped,
+                    "skipped_samples": window.skipped_total,
                 }
                 accelerator.log(record, step=step)
                 if metrics_file:
@@ -331,7 +329,7 @@ def distill(cfg: DistillConfig) -> Path:
                         f.write(json.dumps(record) + "\n")
                     bar.set_postfix_str(_status(record))
                     logger.info(_status(record), main_process_only=True)
-                window, window_steps, samples, tick = {}, 0, 0, time.perf_counter()
+                samples, tick = 0, time.perf_counter()
             every = cfg.train.checkpoint_every
             saved = None
             if (every and step % every == 0) or step == cfg.train.max_steps:

@@ -14,7 +14,7 @@ A recipe's loop uses them the same way::
             step += 1
             window.step_done()
             if step % log_every == 0:
-                record = window.flush(accelerator)   # the one reduction (and device->host copy) of the window
+                record = window.flush(accelerator)   # the window's one reduction and device->host copy
             ...                                  # checkpoint when due
             if step < max_steps and stop.requested(accelerator):
                 raise TrainingStopped(step, write_checkpoint(...))
@@ -173,18 +173,19 @@ class LossWindow:
         self.steps += 1
 
     def flush(self, accelerator: Accelerator) -> dict[str, float]:
-        """The window's mean loss terms over steps and processes, and ``skipped_samples`` (every process, since the
-        run started here); starts the next window. Every process must call it at the same step: one all-reduce
-        and one device->host copy for the whole window.
+        """The window's mean loss terms over its micro steps and the processes; starts the next window.
+
+        Every process must call it at the same step: one all-reduce and one device->host copy for the whole
+        window. Afterwards :attr:`skipped_total` counts every process's skipped samples since the run started here.
         """
         keys = list(self.sums)
         device = accelerator.device
         dtype = torch.float32 if device.type == "mps" else torch.float64
         skipped = torch.tensor(self.skipped, dtype=dtype, device=device)
         local = torch.stack([*(self.sums[k].to(device, dtype) for k in keys), skipped])  # (terms + 1,)
-        totals = accelerator.reduce(local, "sum").tolist() if accelerator.num_processes > 1 else local.tolist()
+        totals = accelerator.reduce(local, "sum").tolist()  # one process: a copy, no communication
         steps = max(self.steps, 1)
         means = {k: totals[i] / accelerator.num_processes / steps for i, k in enumerate(keys)}
         self.skipped_total += int(round(totals[-1]))
         self.sums, self.steps, self.skipped = {}, 0, 0
-        return {**means, "skipped_samples": self.skipped_total}
+        return means
