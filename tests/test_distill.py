@@ -397,7 +397,7 @@ def _onednn_calls(fn) -> tuple[object, list[str]]:
 
 
 def test_cpu_kernels_linear_forward_and_backward_equal_the_default_ones(monkeypatch) -> None:
-    from bksdm.train.kd import cpu_kernels
+    from bksdm.train.cpu_kernels import cpu_kernels
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 37, 48, generator=gen)
@@ -421,7 +421,7 @@ def test_cpu_kernels_linear_forward_and_backward_equal_the_default_ones(monkeypa
 
 
 def test_cpu_kernels_pack_a_frozen_conv_weight_once_and_again_when_it_changes() -> None:
-    from bksdm.train.kd import _PACKED, cpu_kernels
+    from bksdm.train.cpu_kernels import _PACKED, cpu_kernels
 
     conv = nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False)
     x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(0))  # the weight outweighs the input
@@ -446,7 +446,7 @@ def test_cpu_kernels_pack_a_frozen_conv_weight_once_and_again_when_it_changes() 
 
 
 def test_cpu_kernels_leave_half_precision_and_autocast_to_pytorch() -> None:
-    from bksdm.train.kd import cpu_kernels
+    from bksdm.train.cpu_kernels import cpu_kernels
 
     layer = nn.Linear(16, 8)
     x = torch.randn(4, 16)

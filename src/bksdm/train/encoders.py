@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bksdm.train.cpu_kernels import cpu_kernels
+
 
 @dataclass
 class TextEncoders:
@@ -50,8 +52,6 @@ def encode_text(
     Returns:
         ``(encoder_hidden_states (B, 77, D), pooled (B, P) or None)`` in float32.
     """
-    from bksdm.train.kd import cpu_kernels  # (distill imports diffusers; the cache needs this module alone)
-
     states, pooled = [], None
     for tokenizer, encoder in zip(text.tokenizers, text.encoders, strict=True):
         ids = tokenizer(
@@ -94,9 +94,7 @@ def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[tor
     Under ``no_grad`` whatever the VAE's ``requires_grad``: the encoder is frozen wherever it is called, and a
     graph kept alive through the returned tensors cost ``bksdm cache`` all 24 GB of a CPU machine at SD size.
     """
-    from bksdm.train.kd import cpu_kernels  # (distill imports diffusers; the cache needs this module alone)
-
-    with cpu_kernels(vae.device):  # oneDNN kernels, convolution weights packed once (see bksdm.train.kd)
+    with cpu_kernels(vae.device):  # oneDNN kernels, convolution weights packed once (see bksdm.train.cpu_kernels)
         dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
     return dist.mean.float(), dist.std.float()
 
