@@ -608,7 +608,7 @@ def test_generate_resume_draws_a_truncated_image_again(tiny_sd_dir, prompts, tmp
     printed = capsys.readouterr().out
     assert "(2 generated, 2 already there; 000001.png and 1 more did not read and were drawn again;" in printed
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == whole  # the same bytes as the first run
-    warned = [r.getMessage() for r in caplog.records if r.name == "bksdm.cli.generate"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "bksdm.eval.generate"]
     assert any(m.startswith(f"{out / '000001.png'} does not read (") for m in warned), warned
     assert any(m.startswith(f"{out / '000002.png'} does not read (") for m in warned), warned
     runs = json.loads((out / "settings.json").read_text())["runs"]

@@ -304,6 +304,27 @@ def test_default_model_is_the_bundled_teacher_with_its_settings(tiny_sd_dir, pro
     assert not (tmp_path / "o2").exists()
 
 
+def test_generate_folder_takes_a_prompt_list_and_seeds(tiny_sd_dir, tmp_path) -> None:
+    """The library job behind ``bksdm generate``, as ``bksdm demo`` calls it: prompts and seeds given in memory."""
+    from bksdm.eval.generate import GenerateOptions, generate_folder
+    from bksdm.eval.image_folder import GenerateError
+
+    out = tmp_path / "out"
+    options = GenerateOptions(prompts=PROMPTS[:2], out=out, model=str(tiny_sd_dir), steps=2, seeds=[5, 9])
+    summary = generate_folder(options, progress=False)
+    assert (summary.total, summary.generated, summary.skipped, summary.main_process) == (2, 2, 0, True)
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(e["prompt"], e["seed"]) for e in manifest] == [(PROMPTS[0], 5), (PROMPTS[1], 9)]
+    assert json.loads((out / "settings.json").read_text())["settings"]["seed"] is None
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.set_progress_bar_config(disable=True)
+    expected = generate_images(pipe, PROMPTS[:2], [5, 9], steps=2)
+    assert all(np.array_equal(pixels(out / n), np.asarray(e)) for n, e in zip(names(2), expected, strict=True))
+    assert generate_folder(options, progress=False).generated == 0  # resumed: nothing to do
+    with pytest.raises(GenerateError, match="drawn from seed 5, not 6"):
+        generate_folder(GenerateOptions(**{**vars(options), "seeds": [6, 9]}), progress=False)
+
+
 def test_a_model_folder_that_records_its_settings_samples_with_them(tiny_sd_dir, prompt_file, tmp_path):
     """The rule every sampling command shares (bksdm.sampling.sampling_defaults): a folder's bksdm_toy.json, also
     when the folder is named with --model; the options still win."""

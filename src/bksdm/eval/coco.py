@@ -26,7 +26,7 @@ from bksdm.artifacts import atomic_file
 from bksdm.eval.prompts import PromptFileError
 from bksdm.seeding import mix_seed
 
-__all__ = ["COCO_30K", "load_coco_captions", "select_captions", "write_prompt_file"]
+__all__ = ["COCO_30K", "coco_prompts", "load_coco_captions", "select_captions", "write_prompt_file"]
 
 COCO_30K = 30_000
 """Prompts in the paper's protocol: 30K of val2014's 40,504 images, one caption each."""
@@ -142,3 +142,22 @@ def write_prompt_file(records: list[dict[str, Any]], path: str | os.PathLike) ->
             writer.writeheader()
             writer.writerows(records)
     return path
+
+
+def coco_prompts(
+    captions: str | os.PathLike, out: str | os.PathLike, count: int | None = COCO_30K, seed: int = 0
+) -> tuple[int, int]:
+    """The job of ``bksdm coco-prompts``: pick ``count`` images (None: all) of a COCO captions file and one caption
+    each, reproducibly by ``seed``, and write them as a prompt file ``out`` (``.jsonl`` or ``.csv``).
+
+    Returns:
+        (prompts written, images in the captions file).
+
+    Raises:
+        PromptFileError: The captions file is missing or malformed, ``count`` exceeds it, or ``out`` has another
+            suffix.
+    """
+    data = load_coco_captions(captions)
+    records = select_captions(data, count, seed)
+    write_prompt_file(records, out)
+    return len(records), len(data["images"])
