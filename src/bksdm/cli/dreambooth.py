@@ -178,136 +178,28 @@ def add_dreambooth_eval(sub: argparse._SubParsersAction) -> None:
 
 def run_dreambooth_eval_command(args: argparse.Namespace) -> int:
     """Handle ``bksdm dreambooth-eval``."""
-    from bksdm.loading import resolve_device
     from bksdm.plan.render import markdown_table
-    from bksdm.use.dreambooth.metrics import SubjectScores
+    from bksdm.use.dreambooth.evaluation import SubjectEvalOptions, evaluate_subject
 
-    device = str(resolve_device(args.device))
-    real = _read_images(args.instance_dir, "--instance-dir")
-    if args.model:
-        _generate_for_eval(args, device)
-    files, prompts = _images_and_prompts(args.images, args.prompts)
-    scores: SubjectScores = _score(args, [_open(f) for f in files], real, prompts, device)
-    rows = [[name, "-" if value is None else f"{value:.4f}"] for name, value in _named(scores)]
+    options = SubjectEvalOptions(
+        images=args.images,
+        instance_dir=args.instance_dir,
+        prompts=args.prompts,
+        dino_model=None if args.no_dino else args.dino_model,
+        clip_model=None if args.no_clip else args.clip_model,
+        model=args.model,
+        lora=args.lora,
+        num_images_per_prompt=args.num_images_per_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        device=args.device,
+        out=args.out,
+    )
+    scores = evaluate_subject(options)
+    named = [("DINO", scores.dino), ("CLIP-I", scores.clip_i), ("CLIP-T", scores.clip_t)]
+    rows = [[name, "-" if value is None else f"{value:.4f}"] for name, value in named]
     print(markdown_table(["metric", "value"], rows))
     print(f"{scores.num_generated} generated vs {scores.num_real} real images")
-    if args.out:
-        import dataclasses
-        import json
-        from pathlib import Path
-
-        record = {**dataclasses.asdict(scores), "dino_model": None if args.no_dino else args.dino_model}
-        record["clip_model"] = None if args.no_clip else args.clip_model
-        from bksdm.artifacts import write_text
-
-        text = json.dumps(record, indent=2, allow_nan=False)
-        write_text(Path(args.out), text + "\n")
     return 0
-
-
-def _named(scores) -> list[tuple[str, float | None]]:
-    return [("DINO", scores.dino), ("CLIP-I", scores.clip_i), ("CLIP-T", scores.clip_t)]
-
-
-def _open(path):
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def _read_images(folder: str, option: str) -> list:
-    from bksdm.use.dreambooth.data import SubjectDataError, list_images
-
-    paths = list_images(folder, option.removeprefix("--").removesuffix("-dir"))
-    if not paths:
-        raise SubjectDataError(f"{option} {folder}: no images in it (looked for .png, .jpg, .jpeg, .webp, .bmp)")
-    return [_open(p) for p in paths]
-
-
-def _images_and_prompts(folder: str, prompts: list[str] | None) -> tuple[list, list[str]]:
-    """The generated image files and one prompt per file: from --prompts, else from the folder's manifest."""
-    import json
-    from pathlib import Path
-
-    from bksdm.use.dreambooth.data import SubjectDataError, list_images
-
-    folder_path = Path(folder)
-    if not folder_path.is_dir():
-        raise SubjectDataError(f"--images {folder}: no such folder")
-    manifest = folder_path / "manifest.jsonl"
-    if prompts is None and manifest.is_file():
-        records = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
-        missing = [r["file"] for r in records if not (folder_path / r["file"]).is_file()]
-        if missing:
-            raise SubjectDataError(f"{manifest} names {len(missing)} missing image(s), e.g. {missing[0]}")
-        return [folder_path / r["file"] for r in records], [r["prompt"] for r in records]
-    files = list_images(folder_path, "images")
-    if not files:
-        raise SubjectDataError(f"--images {folder}: no images in it")
-    if prompts is None:
-        raise SubjectDataError(
-            f"--images {folder}: give --prompts (one for all images, or one per image) or a manifest.jsonl"
-        )
-    if len(prompts) == 1:
-        return files, prompts * len(files)
-    if len(prompts) != len(files):
-        raise SubjectDataError(
-            f"{len(prompts)} prompts for {len(files)} images in {folder}: give one prompt for all images, one per "
-            "image (in file-name order), or a manifest.jsonl with file and prompt per image"
-        )
-    return files, list(prompts)
-
-
-def _generate_for_eval(args: argparse.Namespace, device: str) -> None:
-    """Generates ``--num-images-per-prompt`` images per prompt into ``--images``, with a manifest.jsonl."""
-    import json
-    from pathlib import Path
-
-    from bksdm.eval.generate import generate_images, prompt_seed
-    from bksdm.loading import load_pipeline
-    from bksdm.use.dreambooth.data import SubjectDataError, list_images, save_image_atomic
-
-    if not args.prompts:
-        raise SubjectDataError("--model needs --prompts (the prompts to generate)")
-    if args.num_images_per_prompt < 1:
-        raise SubjectDataError(f"--num-images-per-prompt must be at least 1, got {args.num_images_per_prompt}")
-    from bksdm.sampling import check_batch_size, check_guidance, check_steps
-
-    check_steps(args.steps)
-    check_guidance(args.guidance_scale, "--guidance-scale")
-    check_batch_size(args.batch_size)
-    out = Path(args.images)
-    if out.is_dir() and list_images(out, "images"):
-        raise SubjectDataError(f"--images {out} already holds images; give an empty or new folder with --model")
-    pipe = load_pipeline(args.model, device=device)
-    pipe.set_progress_bar_config(disable=True)
-    if args.lora:
-        pipe.load_lora_weights(args.lora)
-    prompts = [p for p in args.prompts for _ in range(args.num_images_per_prompt)]
-    seeds = [prompt_seed(args.seed, i) for i in range(len(prompts))]
-    images = generate_images(
-        pipe, prompts, seeds, steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, (image, prompt, seed) in enumerate(zip(images, prompts, seeds, strict=True)):
-        save_image_atomic(image, out / f"{i:06d}.png")
-        lines.append(json.dumps({"index": i, "prompt": prompt, "seed": seed, "file": f"{i:06d}.png"}))
-    (out / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    args.prompts = None  # the manifest now pairs every image with its prompt
-
-
-def _score(args: argparse.Namespace, generated: list, real: list, prompts: list[str], device: str):
-    from bksdm.use.dreambooth.metrics import MetricModelError, clip_spec, load_dino, subject_scores
-
-    dino = None if args.no_dino else load_dino(args.dino_model, device)
-    clip = None
-    if not args.no_clip:
-        from bksdm.eval.clip_models import ClipNotAvailableError, load_clip
-
-        try:
-            clip = load_clip(clip_spec(args.clip_model), device=device)
-        except ClipNotAvailableError as err:
-            raise MetricModelError(str(err)) from err
-    return subject_scores(generated, real, prompts, dino=dino, clip=clip)

@@ -13,8 +13,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bksdm.artifacts import IMAGE_SUFFIXES
 from bksdm.sampling import SamplingError, check_guidance, check_steps
-from bksdm.train.checkpoints import STATE_FILE, complete_checkpoints
+from bksdm.train.checkpoints import CheckpointError, complete_checkpoints, find_checkpoint
 from bksdm.train.data.images import BadRecordError, open_image
 from bksdm.use.dreambooth.data import list_images
 from bksdm.use.lora import text_encoder_lora_problem
@@ -141,9 +142,7 @@ def check_config(cfg: DreamBoothConfig) -> list[Path]:
     else:
         images = list_images(instance_dir)
         if not images:
-            problems.append(
-                f"--instance-dir {instance_dir}: no images in it (looked for .png, .jpg, .jpeg, .webp, .bmp)"
-            )
+            problems.append(f"--instance-dir {instance_dir}: no images in it (looked for {', '.join(IMAGE_SUFFIXES)})")
         for path in images:  # a handful: decoding them now costs nothing and fails before any work
             try:
                 open_image(path).load()
@@ -215,8 +214,11 @@ def check_config(cfg: DreamBoothConfig) -> list[Path]:
         problems.append(
             f"--out {out} already holds a DreamBooth run: pass --resume latest to continue it, or choose another --out"
         )
-    if cfg.resume not in (None, "latest") and not (Path(cfg.resume) / STATE_FILE).is_file():
-        problems.append(f"--resume {cfg.resume}: not a complete checkpoint (no {STATE_FILE}); use 'latest' or a path")
+    if cfg.resume not in (None, "latest"):
+        try:
+            find_checkpoint(out, cfg.resume)
+        except CheckpointError as err:
+            problems.append(str(err))
     if problems:
         n = len(problems)
         raise DreamBoothError(f"cannot start ({n} problem{'s' * (n != 1)}):\n  - " + "\n  - ".join(problems))

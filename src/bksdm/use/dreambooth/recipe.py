@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +34,10 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from bksdm.artifacts import write_text
 from bksdm.loading import load_pipeline, teacher_or_default
-from bksdm.train.checkpoints import find_checkpoint, load_module, read_checkpoint, read_weights, restore_training_state
-from bksdm.train.checkpoints import write_checkpoint as write_training_checkpoint
-from bksdm.train.encoders import TextEncoders, encode_text, sample_latents, vae_dtype
+from bksdm.train.checkpoints import find_checkpoint, write_checkpoint
+from bksdm.train.encoders import TextEncoders, encode_text, sample_latents
 from bksdm.train.kd import diffusion_target, draw_noise
 from bksdm.train.runtime import make_accelerator, peak_memory_mb
 from bksdm.use.dreambooth.config import RUN_FILE, DreamBoothConfig, DreamBoothError, check_config
@@ -51,16 +49,18 @@ from bksdm.use.dreambooth.data import (
     flip_of,
     load_pixels,
     pick,
-    save_image_atomic,
 )
-from bksdm.use.lora import (
-    LORA_FILE,
-    TEXT_LORA_TARGETS,
-    UNET_LORA_TARGETS,
-    load_lora,
-    lora_config,
-    save_lora,
+from bksdm.use.dreambooth.validation import ValidationRow, sample_images, sampling_settings, write_validation
+from bksdm.use.dreambooth.weights import (
+    RECIPE,
+    fingerprints,
+    make_optimizer,
+    resume_weights,
+    save_output,
+    set_up_training,
+    write_model_files,
 )
+from bksdm.use.lora import LORA_FILE
 
 __all__ = [
     "LORA_FILE",
@@ -132,8 +132,6 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
     Raises:
         DreamBoothError: Bad options or images (before any model is loaded), or an unsupported pipeline.
     """
-    from bksdm.train.validation import image_grid
-
     cfg = cfg.resolved()
     instance_paths = check_config(cfg)
     out = Path(cfg.output_dir)
@@ -150,7 +148,7 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
         )
     pipe.set_progress_bar_config(disable=True)
     resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    sampling = _sampling_settings(model_ref, cfg)
+    sampling = sampling_settings(model_ref, cfg.sample_steps, cfg.guidance_scale)
     vae = pipe.vae
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -185,9 +183,9 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
     text = TextEncoders.from_pipeline(pipe)
     frozen_states = None if cfg.train_text_encoder else encode_text(prompts, text, accelerator.device)[0]
 
-    trained = _set_up_training(cfg, pipe, weight_dtype)  # the U-Net (+ text encoder), adapters added for LoRA
+    trained = set_up_training(cfg, pipe, weight_dtype)  # the U-Net (+ text encoder), adapters added for LoRA
     params = [p for module in trained for p in module.parameters() if p.requires_grad]
-    optimizer = _optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, params)
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
     )
@@ -201,10 +199,14 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
     step = 0
     checkpoint = find_checkpoint(out, cfg.resume)
     if checkpoint is not None:
-        step = _resume(cfg, pipe, checkpoint, optimizer, lr_scheduler)
+        step = resume_weights(cfg, pipe, checkpoint, optimizer, lr_scheduler)
         logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
     if main:
-        (out / RUN_FILE).write_text(json.dumps({"config": dataclasses.asdict(cfg), "model": model_ref}, indent=2))
+        write_text(out / RUN_FILE, json.dumps({"config": dataclasses.asdict(cfg), "model": model_ref}, indent=2))
+
+    def write_files(folder: Path) -> None:  # a checkpoint's weights and the settings that made them
+        write_model_files(cfg, pipe, folder)
+        write_text(folder / RUN_FILE, json.dumps({"config": dataclasses.asdict(cfg)}, indent=2))
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     bs, accum, world = cfg.batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes
@@ -213,9 +215,11 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
     num_timesteps = scheduler.config.num_train_timesteps
     scaling = vae.config.scaling_factor
     validation_seeds = list(range(cfg.seed, cfg.seed + len(cfg.validation_prompts)))
-    grid_rows: list[tuple[str, list]] = []
+    grid_rows: list[ValidationRow] = []
     if main and cfg.validate_every and step == 0:
-        before = _sample(pipe, cfg.validation_prompts, validation_seeds, resolution, sampling, trained, weight_dtype)
+        before = sample_images(
+            pipe, cfg.validation_prompts, validation_seeds, resolution, sampling, trained, weight_dtype
+        )
         grid_rows.append(("before training", before))
     metrics_file = out / "logs" / "metrics.jsonl"
     if main:
@@ -275,114 +279,39 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
                 logger.info(f"step {step} {status}", main_process_only=True)
             window, window_steps, tick = {}, 0, time.perf_counter()
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.max_steps:
-            write_training_checkpoint(
+            write_checkpoint(
                 accelerator,
                 out,
                 step,
                 cfg.keep_checkpoints,
-                recipe="dreambooth",
+                recipe=RECIPE,
                 optimizer=optimizer,
                 lr_scheduler=lr_scheduler,
-                write_files=lambda folder: _write_model_files(cfg, pipe, folder),
-                fingerprints=_fingerprints(cfg),
+                write_files=write_files,
+                fingerprints=fingerprints(cfg),
             )
         if main and cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.max_steps):
-            images = _sample(
+            images = sample_images(
                 pipe, cfg.validation_prompts, validation_seeds, resolution, sampling, trained, weight_dtype
             )
-            shown = [*grid_rows, (f"step {step}", images)]
-            (out / "validation").mkdir(exist_ok=True)
-            image_grid([r[1] for r in shown], [r[0] for r in shown]).save(out / "validation" / f"step-{step:07d}.png")
-            for i, image in enumerate(images):
-                save_image_atomic(image, out / "validation" / f"step-{step:07d}-{i}.png")
+            write_validation(out / "validation", step, images, grid_rows)
 
     bar.close()
     accelerator.wait_for_everyone()
     lora_file = None
     if main:
-        lora_file = _save_output(cfg, pipe, out)
+        lora_file = save_output(cfg, pipe, out)
         summary = {"config": dataclasses.asdict(cfg), "model": model_ref, "steps": step, "resolution": resolution}
         if lora_file is not None:
             summary["lora_file_bytes"] = lora_file.stat().st_size
         summary["last_losses"] = records[-1] if records else None
-        (out / RUN_FILE).write_text(json.dumps(summary, indent=2))
+        write_text(out / RUN_FILE, json.dumps(summary, indent=2))
         logger.info(f"written to {lora_file or out}", main_process_only=True)
     accelerator.end_training()
     return DreamBoothResult(out, lora_file, step, records)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _fingerprints(cfg: DreamBoothConfig) -> dict[str, Any]:
-    """What a checkpoint's weights depend on: a LoRA checkpoint does not resume full fine-tuning, nor the reverse."""
-    return {"lora": cfg.lora, "train_text_encoder": cfg.train_text_encoder}
-
-
-def _resume(cfg: DreamBoothConfig, pipe, checkpoint: Path, optimizer, lr_scheduler) -> int:
-    """Loads a checkpoint written by this recipe (weights, optimizer, schedule); returns its step."""
-    state = read_checkpoint(checkpoint, "dreambooth", _fingerprints(cfg))
-    if cfg.lora:
-        load_lora(checkpoint / LORA_FILE, pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None)
-    else:
-        load_module(pipe.unet, read_weights(checkpoint / "unet", "diffusion_pytorch_model"), "U-Net")
-        if cfg.train_text_encoder:
-            load_module(pipe.text_encoder, read_weights(checkpoint / "text_encoder", "model"), "text encoder")
-    restore_training_state(checkpoint, state, optimizer, lr_scheduler)
-    return int(state["step"])
-
-
-def _sampling_settings(model_ref: str, cfg: DreamBoothConfig) -> dict[str, Any]:
-    """Steps and guidance for class and validation images: the options, else the model's recommendation."""
-    from bksdm.world.teacher import SETTINGS_FILE, recommended_settings
-
-    steps, guidance = 25, 7.5
-    if (Path(model_ref) / SETTINGS_FILE).is_file():  # the bundled shapes teacher records what it was validated with
-        recommended = recommended_settings(model_ref)
-        steps, guidance = recommended["num_inference_steps"], recommended["guidance_scale"]
-    return {
-        "steps": cfg.sample_steps if cfg.sample_steps is not None else steps,
-        "guidance_scale": cfg.guidance_scale if cfg.guidance_scale is not None else guidance,
-    }
-
-
-def _set_up_training(cfg: DreamBoothConfig, pipe, weight_dtype: torch.dtype) -> list[torch.nn.Module]:
-    """Freezes what does not train, adds the LoRA adapters, and returns the modules that train.
-
-    Frozen weights run in ``weight_dtype`` (the mixed-precision dtype); trainable ones stay in fp32.
-    """
-    unet, text_encoder = pipe.unet, pipe.text_encoder
-    pipe.vae.requires_grad_(False)
-    pipe.vae.to(dtype=vae_dtype(pipe.vae, weight_dtype))  # fp32 where fp16 would overflow
-    unet.requires_grad_(not cfg.lora)
-    text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.lora)
-    if cfg.lora:
-        unet.to(dtype=weight_dtype)
-        unet.add_adapter(lora_config(cfg.rank, cfg.lora_alpha, UNET_LORA_TARGETS))
-        if cfg.train_text_encoder:
-            text_encoder.to(dtype=weight_dtype)
-            text_encoder.add_adapter(lora_config(cfg.rank, cfg.lora_alpha, TEXT_LORA_TARGETS))
-    if not cfg.train_text_encoder:
-        text_encoder.to(dtype=weight_dtype)
-    trained = [unet] + ([text_encoder] if cfg.train_text_encoder else [])
-    for module in trained:
-        for param in module.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    return trained
-
-
-def _optimizer(cfg: DreamBoothConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    adam = torch.optim.AdamW
-    if cfg.use_8bit_adam:
-        import bitsandbytes as bnb  # optional: pip install bitsandbytes
-
-        adam = bnb.optim.AdamW8bit
-    return adam(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.adam_weight_decay, eps=1e-8)
 
 
 def _batch(
@@ -422,65 +351,3 @@ def _batch(
         torch.cat(timesteps).to(device),  # (B,)
         torch.cat(noise).to(device),  # (B, 4, h, w)
     )
-
-
-@torch.no_grad()
-def _sample(
-    pipe, prompts, seeds, resolution: int, sampling: dict[str, Any], trained: Sequence, dtype: torch.dtype
-) -> list:
-    """Validation images with the current weights (modules in eval mode meanwhile).
-
-    Under mixed precision the frozen parts are in ``dtype`` and the trained ones in fp32: autocast lets them meet.
-    """
-    from bksdm.eval.generate import generate_images
-
-    modes = [m.training for m in trained]
-    for module in trained:
-        module.eval()
-    try:
-        with torch.autocast(pipe.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return generate_images(pipe, prompts, seeds, height=resolution, width=resolution, **sampling)
-    finally:
-        for module, mode in zip(trained, modes, strict=True):
-            module.train(mode)
-
-
-def _write_model_files(cfg: DreamBoothConfig, pipe, folder: Path) -> None:
-    """What a checkpoint holds besides accelerate's state: the weights in diffusers format and the settings."""
-    if cfg.lora:
-        save_lora(folder, pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None)
-    else:
-        pipe.unet.save_pretrained(folder / "unet")
-        if cfg.train_text_encoder:
-            pipe.text_encoder.save_pretrained(folder / "text_encoder")
-    (folder / RUN_FILE).write_text(json.dumps({"config": dataclasses.asdict(cfg)}, indent=2))
-
-
-def _save_output(cfg: DreamBoothConfig, pipe, out: Path) -> Path | None:
-    """The final result, written so that a crash never leaves something that looks complete.
-
-    LoRA: the adapter file is written aside and moved into place. Full: the pipeline is saved aside in fp32,
-    ``model_index.json`` is removed first and moved in last, so ``from_pretrained(out)`` only ever sees a
-    complete pipeline.
-    """
-    partial = out / ".output.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    if cfg.lora:
-        file = save_lora(partial, pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None)
-        file.replace(out / LORA_FILE)
-        shutil.rmtree(partial)
-        return out / LORA_FILE
-    pipe.to(torch.float32)
-    pipe.save_pretrained(partial, safe_serialization=True)
-    (out / "model_index.json").unlink(missing_ok=True)
-    for entry in sorted(partial.iterdir()):
-        if entry.name == "model_index.json":
-            continue
-        target = out / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        entry.replace(target)
-    (partial / "model_index.json").replace(out / "model_index.json")
-    shutil.rmtree(partial)
-    return None
