@@ -61,7 +61,7 @@ def read_prompts(path: str | os.PathLike) -> list[PromptRecord]:
             f"prompt file {path}: unknown suffix '{path.suffix}'; use .txt (one prompt per line), .json, .jsonl or "
             f".csv (with a {'/'.join(PROMPT_COLUMNS)} column)"
         )
-    from bksdm.train.data.sources import check_utf8_start, utf8_error
+    from bksdm.train.data.text_files import check_utf8_start, utf8_error
 
     check_utf8_start(path, PromptFileError)  # UTF-16/32 named as such, not read as mangled text
     try:
@@ -108,7 +108,7 @@ def _read_json(path: Path) -> list[PromptRecord]:
 
 def _read_csv(path: Path) -> list[PromptRecord]:
     # Strict: a stray quote or a row with a field too many is an error naming the line, never prompts lost.
-    from bksdm.train.data.sources import csv_rows
+    from bksdm.train.data.text_files import csv_rows
 
     rows = csv_rows(path, PromptFileError)
     _, columns = next(rows, (1, []))

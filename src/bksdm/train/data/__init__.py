@@ -29,9 +29,12 @@ would shard (and reorder) a second time.
 
 The package is split by concept; everything public is re-exported here, so import from ``bksdm.train.data``:
 
-- :mod:`bksdm.train.data.sources`: the :class:`Source` protocol, :class:`FolderSource`, :class:`HFSource`,
-  :func:`open_source`, the strict :func:`csv_rows`, and :class:`DataError` (a ``ValueError``: missing, malformed
-  or non-UTF-8 metadata, an unreachable hub, or :class:`UnusableDataError` when no record can be used).
+- :mod:`bksdm.train.data.records`: what a source hands over (:data:`Record`, the :class:`Source` protocol) and
+  :class:`DataError` (a ``ValueError``: missing, malformed or non-UTF-8 metadata, an unreachable hub, or
+  :class:`UnusableDataError` when no record can be used).
+- :mod:`bksdm.train.data.text_files`: strict reading of UTF-8 text files (the strict :func:`csv_rows`).
+- :mod:`bksdm.train.data.sources`: :class:`FolderSource` (a folder plus its metadata file) and :func:`open_source`.
+- :mod:`bksdm.train.data.hub`: :class:`HFSource` (a Hugging Face ``datasets`` data set).
 - :mod:`bksdm.train.data.images`: decoding and transforming one record (:func:`open_image`, :func:`to_rgb`,
   :class:`ImageTransform`, :func:`clean_caption`, :func:`load_sample`, :class:`BadRecordError`).
 - :mod:`bksdm.train.data.batch_sampling`: :class:`SampleRef`, :class:`GlobalBatchSampler`, :class:`DistillDataset`,
@@ -40,6 +43,7 @@ The package is split by concept; everything public is re-exported here, so impor
 """
 
 from bksdm.train.data.batch_sampling import MAX_CONSECUTIVE_BAD, DistillDataset, GlobalBatchSampler, SampleRef, collate
+from bksdm.train.data.hub import HFSource
 from bksdm.train.data.images import (
     BadRecordError,
     ImageTransform,
@@ -49,21 +53,18 @@ from bksdm.train.data.images import (
     open_image,
     to_rgb,
 )
-from bksdm.train.data.shards import CAPTION_KEYS, IMAGE_KEYS, WebDatasetSource, expand_shards
-from bksdm.train.data.sources import (
-    METADATA_NAMES,
+from bksdm.train.data.records import (
     DataError,
-    FolderSource,
-    HFSource,
     ImageData,
     MissingPackageError,
     Record,
     Source,
     UnusableDataError,
-    csv_rows,
-    open_source,
     require_usable,
 )
+from bksdm.train.data.shards import CAPTION_KEYS, IMAGE_KEYS, WebDatasetSource, expand_shards
+from bksdm.train.data.sources import METADATA_NAMES, FolderSource, open_source
+from bksdm.train.data.text_files import csv_rows
 
 __all__ = [
     "CAPTION_KEYS",

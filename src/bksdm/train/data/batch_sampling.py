@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from bksdm.seeding import mix_seed
 from bksdm.train.data.images import BadRecordError, ImageTransform, load_sample
-from bksdm.train.data.sources import Source, UnusableDataError, unusable_message
+from bksdm.train.data.records import Source, UnusableDataError, unusable_message
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bksdm.seeding import STREAM_DATA, sample_generator
-from bksdm.train.data.sources import ImageData, Record
+from bksdm.train.data.records import ImageData, Record
 
 
 class BadRecordError(ValueError):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bksdm.seeding import STREAM_DATA, mix_seed
 from bksdm.train.data.batch_sampling import MAX_CONSECUTIVE_BAD, _log_skip, collate
 from bksdm.train.data.images import BadRecordError, ImageTransform, load_sample
-from bksdm.train.data.sources import MissingPackageError, Record, UnusableDataError, unusable_message
+from bksdm.train.data.records import MissingPackageError, Record, UnusableDataError, unusable_message
 
 logger = logging.getLogger(__name__)
 

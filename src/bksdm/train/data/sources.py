@@ -1,206 +1,32 @@
-"""Sources: random access to raw image–text records ``(image, caption, record_id)``.
+"""Folder sources and :func:`open_source`: random access to raw image–text records ``(image, caption, record_id)``.
 
 :class:`FolderSource` reads a folder of images plus ``metadata.csv`` / ``metadata.jsonl`` (the layout of the
-paper's LAION-Aesthetics subsets), :class:`HFSource` a Hugging Face ``datasets`` dataset; :func:`open_source`
-picks one from a short spec. Streaming tar shards are in :mod:`bksdm.train.data.shards`.
+paper's LAION-Aesthetics subsets); :func:`open_source` picks a source from a short spec: such a folder (or its
+metadata file), or ``hf:NAME`` for a Hugging Face ``datasets`` data set (:mod:`bksdm.train.data.hub`).
+Streaming tar shards are in :mod:`bksdm.train.data.shards`.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
 import functools
 import json
 import logging
 import os
-import socket
 from array import array
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import urlsplit
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from bksdm.train.data.hub import HFSource
+from bksdm.train.data.records import DataError, Record, missing_columns_error
+from bksdm.train.data.text_files import CSV_ADVICE, check_utf8_start, csv_rows, utf8_error
+
 logger = logging.getLogger(__name__)
 
-ImageData = bytes | str | os.PathLike | Image.Image | None
-"""An image as a source hands it over: encoded bytes, a file path, a PIL image, or ``None`` (missing)."""
-Record = tuple[ImageData, Any, str]
-"""A raw record ``(image, caption, record_id)``; the caption is unchecked (may be None, bytes, a list...)."""
-
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
-
-CSV_ADVICE = (
-    "a field that holds commas, double quotes or line breaks must be in double quotes, with each double quote "
-    'inside it doubled (""), as csv writers and spreadsheets write it'
-)
-
-
-class DataError(ValueError):
-    """The data cannot be read as given: a missing folder or metadata file, a malformed or non-UTF-8 metadata
-    file, a hub data set that cannot be reached, or records that are all unusable. The message names the file
-    (and the line) and says how to fix it."""
-
-
-class UnusableDataError(DataError):
-    """Every record tried in a row was unusable (missing, corrupt or empty): the data or its paths are broken.
-
-    Raised inside a DataLoader worker, it reaches the main process re-created by torch from a message that
-    wraps the worker's whole traceback; the constructor keeps only the original message, so that the user
-    sees the cause, not a traceback.
-    """
-
-    def __init__(self, message: str) -> None:
-        marker = f"{type(self).__name__}: "
-        if message.startswith(f"Caught {type(self).__name__}") and marker in message:
-            message = message[message.rindex(marker) + len(marker) :].rstrip("\n")
-        super().__init__(message)
-
-
-def require_usable(num_usable: int, skipped: list[str], data: str) -> None:
-    """Refuses data of which not one record could be used (e.g. at the end of ``bksdm cache``).
-
-    Args:
-        num_usable: Records that loaded.
-        skipped: The reasons of those that did not (``"record: reason"``).
-        data: The data spec, for the message.
-
-    Raises:
-        UnusableDataError: If ``num_usable`` is 0, with the first reasons and what to check.
-    """
-    if num_usable == 0:
-        raise UnusableDataError(unusable_message(f"all {len(skipped)} records of {data} are unusable", skipped))
-
-
-PATHS_HINT = " (image paths in a metadata file are relative to its folder)"
-
-
-def unusable_message(headline: str, skipped: list[str], hint: str = PATHS_HINT) -> str:
-    """``headline``, the first reasons, and what usually causes it."""
-    reasons = "\n  ".join(skipped[:5]) + ("\n  ..." if len(skipped) > 5 else "")
-    return f"{headline}: the data or its paths are broken{hint}. First reasons:\n  {reasons}"
-
-
-class MissingPackageError(DataError, ImportError):
-    """An optional package a data source needs is not installed (the message gives the install command)."""
-
-
-# Byte-order marks of the encodings a spreadsheet or an editor may save text in (UTF-32 first: its
-# little-endian mark starts with UTF-16's).
-_BOMS = (
-    (codecs.BOM_UTF32_LE, "UTF-32"),
-    (codecs.BOM_UTF32_BE, "UTF-32"),
-    (codecs.BOM_UTF16_LE, "UTF-16"),
-    (codecs.BOM_UTF16_BE, "UTF-16"),
-)
-
-
-def check_utf8_start(path: Path, error: type[ValueError] = DataError) -> None:
-    """Refuses a text file saved as UTF-16 or UTF-32, before its header is read as mangled column names.
-
-    A UTF-8 byte-order mark is fine (readers strip it). UTF-16/32 are recognised by their byte-order mark, or
-    without one by NUL bytes in the first line (text never holds NUL; UTF-16 puts one beside every ASCII
-    character).
-
-    Raises:
-        error: Naming the file, the encoding found and how to save it as UTF-8.
-    """
-    with path.open("rb") as f:
-        head = f.read(4096)
-    for bom, name in _BOMS:
-        if head.startswith(bom):
-            found = f"is saved as {name} (it starts with a {name} byte-order mark)"
-            break
-    else:
-        if b"\x00" not in head.split(b"\n", 1)[0]:
-            return
-        name = "UTF-16"
-        found = "holds NUL bytes in its first line: it is probably saved as UTF-16 or UTF-32 without a byte-order mark"
-    raise error(
-        f"{path} {found}, but bksdm reads text files as UTF-8. Save it as UTF-8 (a spreadsheet's 'CSV UTF-8' "
-        f"format, or: iconv -f {name} -t UTF-8 {path.name} > utf8-{path.name})"
-    )
-
-
-def utf8_error(path: Path, error: type[ValueError] = DataError) -> ValueError:
-    """The error for a file that is not valid UTF-8: its first bad line, the byte offset and the bytes.
-
-    Called after a decoder failed; scans the file again line by line (only on that error path).
-    """
-    offset = 0
-    with path.open("rb") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                bad = line[err.start : err.start + 8]
-                return error(
-                    f"{path}, line {number} (byte {offset + err.start}): {bad!r} is not UTF-8 text, and bksdm reads "
-                    f"text files as UTF-8. Save the file as UTF-8 (from Latin-1 or Windows-1252, e.g.: iconv -f "
-                    f"CP1252 -t UTF-8 {path.name} > utf8-{path.name})"
-                )
-            offset += len(line)
-    return error(f"{path} is not UTF-8 text; save it as UTF-8")
-
-
-def csv_rows(path: Path, error: type[ValueError] = DataError) -> Iterator[tuple[int, list[str]]]:
-    """The records of a UTF-8 CSV file, header first, each with the line it starts on; strictly parsed.
-
-    Python's ``csv`` module is lenient by default: an unbalanced double quote makes it read every following
-    line, up to the next quote or the end of the file, into one field, and a row with a field too many or
-    too few passes. Here these are errors naming the line: a quote that is never closed, text after a
-    closing quote, and a row whose field count differs from the header's. Blank lines are skipped. A
-    UTF-8 byte-order mark is dropped.
-
-    Raises:
-        error: An encoding that is not UTF-8, or malformed CSV; the message names the file and the line.
-    """
-    check_utf8_start(path, error)
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, strict=True)
-        header: list[str] | None = None
-        start = 1  # the line the next record starts on
-        try:
-            for row in reader:
-                line, start = start, reader.line_num + 1
-                if not any(field.strip() for field in row):
-                    continue  # a blank line
-                if header is None:
-                    header = row
-                elif len(row) != len(header):
-                    raise error(
-                        f"{path}, line {line}: {len(row)} field{'s' if len(row) != 1 else ''}, but the header has "
-                        f"{len(header)} ({','.join(header)}); {CSV_ADVICE}"
-                    )
-                yield line, row
-        except csv.Error as err:
-            if "end of data" in str(err):
-                raise error(
-                    f"{path}, line {start}: a double quote opened in the record that starts there is never closed "
-                    f"(the field runs to the end of the file, line {reader.line_num}); {CSV_ADVICE}"
-                ) from None
-            if "field limit" in str(err):
-                raise error(
-                    f"{path}, line {start}: the record that starts there has a field longer than "
-                    f"{csv.field_size_limit()} characters (by line {reader.line_num}): a double quote opened there "
-                    f"and not closed?; {CSV_ADVICE}"
-                ) from None
-            where = f"line {reader.line_num}"
-            if reader.line_num != start:
-                where += f" (in the record that starts on line {start}: a double quote opened there?)"
-            raise error(f"{path}, {where}: malformed CSV ({err}); {CSV_ADVICE}") from None
-        except UnicodeDecodeError:
-            raise utf8_error(path, error) from None
-
-
-class Source(Protocol):
-    """Random access to raw image–text records."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> Record: ...
 
 
 class _StringTable:
@@ -243,13 +69,6 @@ class _StringTable:
             return None
         raw = self._data[self._offsets[i] : self._offsets[i + 1]].tobytes()
         return raw.decode("utf-8", "surrogatepass") if kind == 1 else json.loads(raw)
-
-
-def _missing_columns_error(path: Path, missing: list[str], present: Iterable[str]) -> DataError:
-    return DataError(
-        f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)}; "
-        f"columns present: {sorted(present)}. Pass image_column=/caption_column= to name yours."
-    )
 
 
 class FolderSource:
@@ -338,7 +157,7 @@ class FolderSource:
         columns = first[1]
         missing = [c for c in (self.image_column, self.caption_column) if c not in columns]
         if missing:
-            raise _missing_columns_error(self.metadata, missing, columns)
+            raise missing_columns_error(self.metadata, missing, columns)
         image_at, caption_at = columns.index(self.image_column), columns.index(self.caption_column)
         for line, row in rows:
             for field in row:
@@ -409,7 +228,7 @@ class FolderSource:
             )
         missing = [c for c in (self.image_column, self.caption_column) if c not in columns]
         if missing:
-            raise _missing_columns_error(self.metadata, missing, columns)
+            raise missing_columns_error(self.metadata, missing, columns)
 
     def __len__(self) -> int:
         return len(self._files)
@@ -426,138 +245,6 @@ class FolderSource:
 @functools.cache
 def _image_suffixes() -> frozenset[str]:
     return frozenset(s.lower() for s in Image.registered_extensions())
-
-
-def _import_datasets() -> Any:
-    try:
-        import datasets
-    except ImportError as exc:
-        raise MissingPackageError("hf: data needs the Hugging Face datasets package: pip install datasets") from exc
-    return datasets
-
-
-class HFSource:
-    """A Hugging Face ``datasets`` dataset: a hub name, a ``save_to_disk`` folder, or any folder or script
-    ``load_dataset`` understands (e.g. an ``imagefolder`` with ``metadata.csv``).
-
-    An ``Image`` column is read undecoded, so that decoding happens in :func:`open_image` (JPEG draft mode
-    for big images) and a corrupt image is one skipped record rather than an exception inside ``datasets``.
-    A string column is taken as image paths, a bytes column as encoded images.
-
-    Args:
-        name_or_path: Hub dataset name or local folder.
-        split: Split to use.
-        image_column: Column holding the image.
-        caption_column: Column holding the caption (a string, or a list of strings).
-        **load_kwargs: Passed to ``datasets.load_dataset`` (e.g. ``cache_dir``, ``revision``).
-
-    Raises:
-        ImportError: If ``datasets`` is not installed.
-        DataError: If the split or a column is missing, the data set does not exist, or the hub cannot be
-            reached (found within seconds, not after the hub client's half a minute of retries).
-    """
-
-    def __init__(
-        self,
-        name_or_path: str | os.PathLike,
-        split: str = "train",
-        image_column: str = "image",
-        caption_column: str = "text",
-        **load_kwargs: Any,
-    ) -> None:
-        datasets = _import_datasets()
-        self.name = str(name_or_path)
-        path = Path(name_or_path)
-        saved = any((path / f).is_file() for f in ("state.json", "dataset_dict.json", "dataset_info.json"))
-        if path.is_dir() and saved:
-            dataset = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise ValueError(f"{self.name}: no split {split!r}; splits: {sorted(dataset)}")
-                dataset = dataset[split]
-        else:
-            dataset = _load_dataset(datasets, self.name, split, load_kwargs)
-        missing = [c for c in (image_column, caption_column) if c not in dataset.column_names]
-        if missing:
-            raise _missing_columns_error(Path(self.name), missing, dataset.column_names)
-        dataset = dataset.select_columns([image_column, caption_column])
-        if isinstance(dataset.features[image_column], datasets.Image):
-            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-        self.dataset = dataset
-        self.image_column = image_column
-        self.caption_column = caption_column
-        if len(self) == 0:
-            raise ValueError(f"{self.name} [{split}]: no records")
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Record:
-        row = self.dataset[int(index)]
-        image = row[self.image_column]
-        record_id = f"{self.name}[{index}]"
-        if isinstance(image, dict):  # an undecoded Image feature: {"bytes": ..., "path": ...}
-            if image.get("path"):
-                record_id = f"{record_id} ({image['path']})"
-            image = image.get("bytes") or image.get("path")
-        return image, row[self.caption_column], record_id
-
-
-HUB_PROBE_TIMEOUT_S = 5.0
-"""How long to wait for a TCP connection to the hub before calling it unreachable."""
-
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
-
-
-def _hub_unreachable(endpoint: str) -> str | None:
-    """Why the hub at ``endpoint`` cannot be reached, or None if a TCP connection opens (or a proxy is set).
-
-    The hub client retries a failed request five times with backoff (about 25 s, then a traceback); one
-    connection attempt tells the same in milliseconds when there is no network (DNS fails at once).
-    """
-    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
-        return None  # only the proxy knows; let the client try
-    url = urlsplit(endpoint)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    if not host:
-        return None
-    try:
-        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
-    except OSError as err:
-        return f"{host}:{port}: {err.strerror or err}"
-    return None
-
-
-def _load_dataset(datasets: Any, name: str, split: str, load_kwargs: dict[str, Any]) -> Any:
-    """``datasets.load_dataset`` with the hub's faults turned into :class:`DataError` messages."""
-    local = Path(name).expanduser().exists()
-    if not local and name.startswith(("/", "./", "../", "~")):
-        raise DataError(f"hf:{name}: no such folder (hf: takes a hub data set name or a local datasets folder)")
-    offline = bool(datasets.config.HF_HUB_OFFLINE)
-    if not local and not offline:
-        reason = _hub_unreachable(datasets.config.HF_ENDPOINT)
-        if reason is not None:
-            raise DataError(
-                f"hf:{name}: cannot reach the Hugging Face Hub ({reason}). Check the network; if the data set "
-                f"was downloaded before, set HF_HUB_OFFLINE=1 to use the cached copy; or give a local copy (a "
-                f"folder with metadata.csv, or hf:FOLDER saved with save_to_disk)"
-            )
-    try:
-        return datasets.load_dataset(name, split=split, **load_kwargs)
-    except datasets.exceptions.DatasetNotFoundError as err:
-        raise DataError(f"hf:{name}: {err} Check the name (and, for a gated data set, your login)") from None
-    except ConnectionError as err:
-        if offline:
-            raise DataError(
-                f"hf:{name}: HF_HUB_OFFLINE is set and the data set is not in the local cache "
-                f"({datasets.config.HF_DATASETS_CACHE}); download it once with network (unset HF_HUB_OFFLINE), "
-                f"or give a local copy"
-            ) from None
-        raise DataError(f"hf:{name}: cannot reach the Hugging Face Hub ({err}); check the network") from None
-    except FileNotFoundError as err:
-        raise DataError(f"hf:{name}: {err}") from None
-    except ValueError as err:  # e.g. an unknown split: the library's message names the splits
-        raise DataError(f"hf:{name}: {err}") from None
 
 
 def open_source(spec: str | os.PathLike, **kwargs: Any) -> FolderSource | HFSource:
