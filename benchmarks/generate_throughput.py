@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from bksdm.eval.generate import generate_images, prompt_seed
-from bksdm.eval.profile import device_name
 from bksdm.loading import load_pipeline, parse_dtype
+from bksdm.profiling import device_name
 from bksdm.world.shapes import all_scenes
 
 LOOP = "diffusers loop"

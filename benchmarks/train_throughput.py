@@ -46,11 +46,10 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from bksdm.eval.profile import device_name
 from bksdm.loading import load_plan, parse_dtype
 from bksdm.plan.archs import ARCHS, build_scheduler, build_text_encoders, build_unet, build_vae, get_arch
 from bksdm.plan.surgery import build_student
-from bksdm.profiling import TEXT_LENGTH, VAE_SCALE, count_params
+from bksdm.profiling import TEXT_LENGTH, VAE_SCALE, count_params, device_name
 from bksdm.train.config import OptimConfig
 from bksdm.train.distill import make_optimizer
 from bksdm.train.encoders import encode_images, sample_latents, sdxl_time_ids, vae_dtype

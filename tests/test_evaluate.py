@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bksdm.cli import main
-from bksdm.eval.evaluate import load_statistics, paper_resize, read_manifest, save_statistics
+from bksdm.eval.image_sets import paper_resize, read_manifest
 from bksdm.eval.inception import InceptionV3, torch_fidelity_input
 from bksdm.eval.metrics import FeatureStatistics
+from bksdm.eval.reference import load_statistics, save_statistics
 
 
 def _random_images(folder: Path, count: int, seed: int, size: int = 32) -> list[Path]:
@@ -297,9 +298,30 @@ def test_paper_resize_is_a_bicubic_squash_saved_as_jpeg(tmp_path):
 # --------------------------------------------------------------------------------- the shapes world
 
 
+def test_shapes_accuracy_counts_attributes_and_whole_prompts() -> None:
+    from bksdm.eval.shapes_scores import shapes_accuracy
+    from bksdm.world.shapes import Scene
+
+    wanted = ["a small red circle at the top left", "a big blue square at the bottom right"]
+    read = [Scene("circle", "red", "small", "top left"), Scene("square", "green", "big", "top left")]
+    accuracy = shapes_accuracy(read, wanted)
+    assert accuracy.attributes == {"shape": 1.0, "color": 0.5, "size": 1.0, "position": 0.5}
+    assert accuracy.prompt == 0.5
+    assert list(accuracy.metrics()) == [
+        "shapes_shape_accuracy",
+        "shapes_color_accuracy",
+        "shapes_size_accuracy",
+        "shapes_position_accuracy",
+        "shapes_prompt_accuracy",
+    ]
+    with pytest.raises(ValueError, match="one prompt per image"):
+        shapes_accuracy(read, wanted[:1])
+
+
 def test_shapes_world_generate_evaluate_report(tmp_path, capsys):
     """The untrained teacher (SD-v1 layout, random weights) through bksdm generate -> evaluate -> report, beside
     renderings of the same prompts; the figures equal the shapes classifier's own functions."""
+    from bksdm.eval.shapes_scores import score_shapes
     from bksdm.world import classifier as shapes_classifier
     from bksdm.world.shapes import parse_caption, render
     from bksdm.world.teacher import build_untrained_teacher
@@ -339,6 +361,11 @@ def test_shapes_world_generate_evaluate_report(tmp_path, capsys):
         assert metrics["shapes_frechet_distance"] == pytest.approx(
             shapes_classifier.shapes_frechet_distance(classifier, images, reference), rel=1e-9
         )
+        in_memory = score_shapes(images, prompts, classifier, reference)  # what bksdm demo calls
+        assert {k: v for k, v in in_memory.items() if "accuracy" in k} == {
+            k: v for k, v in metrics.items() if "accuracy" in k
+        }
+        assert in_memory["shapes_frechet_distance"] == pytest.approx(metrics["shapes_frechet_distance"], rel=1e-9)
     assert json.loads((real / "evaluation.json").read_text())["metrics"]["shapes_prompt_accuracy"] == 1.0
 
     out = tmp_path / "report"

@@ -25,7 +25,8 @@ from test_evaluate import shapes_folder
 from torch.utils.data import DataLoader
 
 from bksdm.cli import main
-from bksdm.eval.evaluate import EvaluationError, evaluate, read_manifest
+from bksdm.eval.evaluate import EvaluationError, evaluate
+from bksdm.eval.image_sets import read_manifest
 from bksdm.eval.inception import InceptionV3, load_inception
 from bksdm.eval.report import ReportError, ReportOptions, write_report
 from bksdm.train.data import (

@@ -25,6 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +38,9 @@ __all__ = [
     "MacCount",
     "count_macs",
     "count_params",
+    "cpu_has_native_bf16",
+    "cpu_model",
+    "device_name",
     "measure_latency",
     "peak_memory",
     "text_encoder_inputs",
@@ -368,3 +372,50 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str | None = None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in kibibytes on Linux but in bytes on macOS.
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+# ------------------------------------------------------------------------------------- the device, in words
+
+
+def device_name(device: torch.device | str) -> str:
+    """The device in words, e.g. ``"cpu (2 threads)"`` or ``"cuda:0 (NVIDIA H100 80GB HBM3)"``.
+
+    CPU timings scale with the threads torch may use, so the count is part of the name.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if device.type == "cpu":
+        bf16 = ", native bf16" if cpu_has_native_bf16() else ""
+        return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads{bf16})"
+    if device.type == "meta":
+        return "none (counted on meta-device shapes; nothing ran)"
+    return str(device)
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's entries of ``/proc/cpuinfo`` (empty where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    entries = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        entries[key.strip()] = value.strip()
+    return entries
+
+
+def cpu_model() -> str:
+    """The CPU's model name, e.g. ``"AMD EPYC"``; CPU timings mean little without it."""
+    import platform
+
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 dot products in hardware (AVX-512 BF16 or AMX), which makes bf16 mixed
+    precision faster than fp32 there; on other CPUs bf16 is emulated and slower."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})

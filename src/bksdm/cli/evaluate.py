@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 __all__ = ["add_evaluate_commands", "run_evaluate", "run_fid_stats", "run_report"]
 
@@ -129,8 +128,6 @@ def add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
     _add_network_options(s)
     s.set_defaults(func=run_fid_stats)
 
-    from bksdm.eval.report import add_report_arguments
-
     r = sub.add_parser(
         "report",
         help="markdown + HTML report comparing models: profile, evaluation figures, image grids, a chart",
@@ -139,29 +136,38 @@ def add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
         "profile is read from settings.json (or given with --pipeline NAME=REF). Writes OUT/report.md, "
         "report.html, report.json, grid.png (the same prompts and seeds for every model) and chart.png.",
     )
-    add_report_arguments(r)
+    _add_report_arguments(r)
     r.set_defaults(func=run_report)
 
 
-def _known_errors():
-    from bksdm.eval.clip_models import ClipNotAvailableError
-    from bksdm.eval.inception import InceptionWeightsNotFoundError
-
-    return InceptionWeightsNotFoundError, ClipNotAvailableError
+def _add_report_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``bksdm report``."""
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a model's generate output folder (or evaluation JSON); repeat for each model, baseline first",
+    )
+    p.add_argument("--evaluation", action="append", metavar="NAME=FILE", help="a model's evaluate JSON elsewhere")
+    p.add_argument("--pipeline", action="append", metavar="NAME=REF", help="pipeline folder or hub id to profile")
+    p.add_argument("--no-profile", action="store_true", help="leave out parameters and MACs")
+    p.add_argument("--latency", action="store_true", help="also time each pipeline (loads its weights)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps for the per-image latency (default 25)")
+    p.add_argument("--columns", type=int, default=8, help="prompts in the image grid (default 8)")
+    p.add_argument("--title", default="bksdm report", help="report title")
+    p.add_argument("--device", default=None, help="device for --latency (default: cuda if available)")
+    p.add_argument("--out", required=True, help="report folder")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Handle ``bksdm evaluate``."""
-    from bksdm.artifacts import write_text
-    from bksdm.eval.evaluate import EvaluationError, EvaluationOptions, evaluate, format_results
+    from bksdm.eval.evaluate import EvaluationOptions, evaluate_folder
+    from bksdm.eval.tables import format_results
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    if args.batch_size < 1:
-        raise EvaluationError("--batch-size must be at least 1")
     if args.offline:
         _go_offline()
-    if args.save_ref and not args.ref_images:
-        raise EvaluationError("--save-ref caches a reference computed from --ref-images: give --ref-images DIR")
     options = EvaluationOptions(
         metrics=metrics,
         reference=args.ref,
@@ -171,7 +177,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         resize=args.resize,
         jpeg_quality=None if args.no_jpeg else 75,
         batch_size=args.batch_size,
-        device=_device(args.device),
+        device=args.device,
         inception_weights=args.inception_weights,
         download=not args.offline,
         clip_model=args.clip_model,
@@ -182,15 +188,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         shapes_reference_count=args.shapes_reference_count,
         progress=sys.stderr.isatty(),
     )
-    try:
-        result = evaluate(args.images, args.manifest, options, on_stage=_progress("evaluate"))
-    except _known_errors() as err:  # missing weights or libraries: a message, exit 2
-        raise EvaluationError(str(err)) from err
-    out = Path(args.out) if args.out else Path(args.images) / "evaluation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2, allow_nan=False)  # evaluate() refuses non-finite figures
-    write_text(out, text + "\n")
-    print(text if args.json else format_results(result))
+    result, out = evaluate_folder(args.images, args.manifest, options, args.out, on_stage=_progress("evaluate"))
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else format_results(result))
     if not args.json:
         print(f"\nresults: {out}")
     return 0
@@ -198,30 +197,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_fid_stats(args: argparse.Namespace) -> int:
     """Handle ``bksdm fid-stats``."""
-    from bksdm.eval.evaluate import EvaluationError, check_resize, compute_reference, save_statistics
-    from bksdm.eval.inception import load_inception
+    from bksdm.eval.reference import fid_stats
 
-    if args.batch_size < 1:
-        raise EvaluationError("--batch-size must be at least 1")
-    check_resize(args.resize)
     if args.offline:
         _go_offline()
-    say = _progress("fid-stats")
-    try:
-        say("loading Inception-v3")
-        net = load_inception(args.inception_weights, device=_device(args.device), download=not args.offline)
-    except _known_errors() as err:
-        raise EvaluationError(str(err)) from err
-    say(f"computing features of {args.images}")
-    stats, features = compute_reference(
+    stats = fid_stats(
         args.images,
-        net,
-        batch_size=args.batch_size,
+        args.out,
         resize=args.resize,
         jpeg_quality=None if args.no_jpeg else 75,
+        features=args.features,
+        batch_size=args.batch_size,
+        device=_device(args.device),
+        inception_weights=args.inception_weights,
+        download=not args.offline,
         progress=sys.stderr.isatty(),
+        on_stage=_progress("fid-stats"),
     )
-    save_statistics(args.out, stats, features if args.features else None)
     print(f"statistics of {stats.count} images ({stats.dim} features) written to {args.out}")
     return 0
 

@@ -1,15 +1,11 @@
-"""The profile job: load (or build) a pipeline's components and measure them, for ``bksdm profile``.
+"""The profile job: measure a pipeline's components, for ``bksdm profile`` and ``bksdm report``.
 
-Two halves:
-
-- :func:`load_components` finds what the user points at -- a diffusers folder or hub id, or an architecture
-  preset from :mod:`bksdm.plan.archs` -- optionally applies a plan to its U-Net, and returns the U-Net, the text
-  encoder(s) and the VAE. Without timing everything is built on the ``meta`` device from the configs alone
-  (no weights read, so profiling a hub model costs a few JSON files); with timing the modules get real
-  weights on the target device.
 - :func:`profile_components` counts parameters and MACs (on weightless ``meta`` copies, so counting is free
   even for SDXL) and, when asked, times every component and the peak memory. It returns one flat,
   JSON-ready dict; it prints nothing.
+- :func:`profile_pipeline` is ``bksdm profile``: it loads the components (:func:`bksdm.eval.components
+  .load_components`), refuses a resolution whose timed calls would not fit in memory, measures them, times the
+  ONNX Runtime U-Net beside PyTorch's when asked, and writes the JSON.
 
 Per-image latency is *composed*, not measured end to end: text encoders + ``steps`` x one U-Net step + one
 VAE decode, each timed on its own with synthetic inputs. Architecture presets have no tokenizer (and need
@@ -20,6 +16,7 @@ which are the same for every student.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -29,25 +26,16 @@ from typing import Any
 
 import diffusers
 import torch
-import transformers
 from torch import nn
 
-from bksdm.loading import (
-    TeacherNotFoundError,
-    check_pipeline_ref,
-    dtype_name,
-    load_pipeline,
-    load_plan,
-    load_unet_config,
-)
-from bksdm.plan.archs import build_text_encoders, build_unet, build_vae, get_arch
-from bksdm.plan.prune import TEXT_ENCODERS, vae_decoder_params
-from bksdm.plan.resolved import resolve
-from bksdm.plan.surgery import build_student
+from bksdm.eval.components import vae_scale_factor
+from bksdm.loading import dtype_name
+from bksdm.plan.prune import vae_decoder_params
 from bksdm.profiling import (
     LatencyStat,
     count_macs,
     count_params,
+    device_name,
     measure_latency,
     peak_memory,
     text_encoder_inputs,
@@ -55,15 +43,7 @@ from bksdm.profiling import (
     vae_decoder_inputs,
 )
 
-__all__ = [
-    "TEXT_ENCODERS",
-    "Components",
-    "device_name",
-    "load_components",
-    "native_resolution",
-    "profile_components",
-    "vae_scale_factor",
-]
+__all__ = ["ProfileOptions", "profile_components", "profile_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,191 +60,6 @@ LATENCY_NOTE = (
     "scheduler and image post-processing overheads; with classifier-free guidance the prompt and the "
     "negative prompt are two text-encoder calls and every U-Net step runs at batch 2"
 )
-
-
-@dataclass
-class Components:
-    """The parts of a pipeline that ``bksdm profile`` measures.
-
-    Attributes:
-        unet: The U-Net (the teacher's, or the student made by a plan).
-        text_encoders: Text encoder(s) by pipeline component name (``"text_encoder"``, ``"text_encoder_2"``).
-        vae: The ``AutoencoderKL`` (only its decoder is profiled).
-        resolution: Native image side in pixels (U-Net ``sample_size`` x VAE scale factor).
-        source: What was loaded, in words, for reports (e.g. ``"sd-v1.4 (architecture preset, random
-            weights)"``).
-        plan: Name of the plan applied to the U-Net, or ``None``.
-    """
-
-    unet: nn.Module
-    text_encoders: dict[str, nn.Module]
-    vae: nn.Module
-    resolution: int
-    source: str
-    plan: str | None = None
-
-
-def vae_scale_factor(vae: nn.Module) -> int:
-    """Pixels per latent side of a VAE: 2 per downsampling stage, as diffusers pipelines compute it."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def native_resolution(unet_config: Mapping[str, Any], vae: nn.Module) -> int:
-    """The image side a pipeline generates by default: the U-Net's ``sample_size`` x the VAE scale factor."""
-    side = unet_config["sample_size"]
-    if not isinstance(side, int):  # (H, W) sample sizes exist; profile the square of the height
-        side = side[0]
-    return int(side) * vae_scale_factor(vae)
-
-
-def device_name(device: torch.device | str) -> str:
-    """The device in words, e.g. ``"cpu (2 threads)"`` or ``"cuda:0 (NVIDIA H100 80GB HBM3)"``.
-
-    CPU timings scale with the threads torch may use, so the count is part of the name.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    if device.type == "cpu":
-        bf16 = ", native bf16" if cpu_has_native_bf16() else ""
-        return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads{bf16})"
-    if device.type == "meta":
-        return "none (counted on meta-device shapes; nothing ran)"
-    return str(device)
-
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's entries of ``/proc/cpuinfo`` (empty where there is none, e.g. macOS)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    entries = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, _, value = line.partition(":")
-        entries[key.strip()] = value.strip()
-    return entries
-
-
-def cpu_model() -> str:
-    """The CPU's model name, e.g. ``"AMD EPYC"``; CPU timings mean little without it."""
-    import platform
-
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bf16 dot products in hardware (AVX-512 BF16 or AMX), which makes bf16 mixed
-    precision faster than fp32 there; on other CPUs bf16 is emulated and slower."""
-    flags = set(_cpuinfo().get("flags", "").split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-def _meta_pipeline_parts(ref: str) -> tuple[dict[str, nn.Module], nn.Module]:
-    """Text encoders and VAE of a pipeline built on ``meta`` from their configs (no weights are read)."""
-    try:
-        index = diffusers.DiffusionPipeline.load_config(ref)
-    except Exception as err:  # diffusers raises several error types for missing files / hub failures
-        raise TeacherNotFoundError(f"cannot read model_index.json of {ref}: {err}") from err
-    encoders: dict[str, nn.Module] = {}
-    for name in TEXT_ENCODERS:
-        entry = index.get(name)
-        if not entry or entry[0] != "transformers" or entry[1] is None:
-            continue
-        model_cls = getattr(transformers, entry[1])
-        config = model_cls.config_class.from_pretrained(ref, subfolder=name)
-        with torch.device("meta"):
-            encoders[name] = model_cls(config).eval()
-    vae_entry = index.get("vae") or ("diffusers", "AutoencoderKL")
-    vae_cls = getattr(diffusers, vae_entry[1])
-    with torch.device("meta"):
-        vae = vae_cls.from_config(vae_cls.load_config(ref, subfolder="vae")).eval()
-    return encoders, vae
-
-
-def load_components(
-    *,
-    model: str | os.PathLike | None = None,
-    arch: str | None = None,
-    plan: str | os.PathLike | None = None,
-    materialize: bool = False,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Components:
-    """Load or build the components to profile, from a pipeline or an architecture preset.
-
-    Every user error (unknown architecture, bad plan, missing folder, unreachable hub id) is raised before
-    any weights are read.
-
-    Args:
-        model: A diffusers pipeline folder or hub id. Exactly one of ``model`` and ``arch`` must be given.
-        arch: An architecture preset name (see :data:`bksdm.plan.archs.ARCHS`); its modules get random weights.
-        plan: A preset name or plan YAML applied to the U-Net. For ``model`` with ``materialize`` the
-            student is made by :func:`bksdm.plan.surgery.build_student` from the loaded teacher's weights;
-            otherwise it is built from the student config (random or no weights: only shapes matter).
-        materialize: Give every module real weights on ``device`` in ``dtype`` (needed to time them).
-            When false, modules live on ``meta``: counting only, nothing allocated.
-        device: Target device when ``materialize``.
-        dtype: Target dtype when ``materialize``.
-
-    Returns:
-        The components, the native resolution and a description of the source.
-
-    Raises:
-        ValueError: Neither or both of ``model`` and ``arch``, or an unknown architecture.
-        PlanError: The plan is malformed or does not fit the U-Net.
-        TeacherNotFoundError: ``model`` is neither a pipeline folder nor a reachable hub repo.
-    """
-    if (model is None) == (arch is None):
-        raise ValueError("give either a model (folder or hub id) or --arch, not both or neither")
-    plan_obj = load_plan(plan) if plan is not None else None
-    where = device if materialize else "meta"
-    # None keeps the fp32 the modules are built in (an explicit .to(fp32) only makes diffusers warn).
-    kind = dtype if materialize and dtype != torch.float32 else None
-
-    if arch is not None:
-        spec = get_arch(arch)
-        unet_config = dict(spec.unet_config)
-        if plan_obj is not None:
-            unet_config = resolve(plan_obj, unet_config).student_config()
-        weights = "random weights" if materialize else "no weights"
-        return Components(
-            unet=build_unet(unet_config, device=where, dtype=kind),
-            text_encoders=build_text_encoders(spec, device=where, dtype=kind),
-            vae=build_vae(spec, device=where, dtype=kind),
-            resolution=spec.resolution,
-            source=f"{spec.name} (architecture preset, {weights})",
-            plan=plan_obj.name if plan_obj is not None else None,
-        )
-
-    ref = str(model)
-    check_pipeline_ref(ref)  # a path that is no folder: one line, and no hub request
-    teacher_config = load_unet_config(ref)  # raises TeacherNotFoundError with a fix for hub failures
-    resolved = resolve(plan_obj, teacher_config) if plan_obj is not None else None  # fail before loading
-    if materialize:
-        pipe = load_pipeline(ref, dtype=dtype, device=str(device))
-        unet = pipe.unet
-        if resolved is not None:
-            # allow_mismatched: a custom plan that moves layers still profiles; values do not matter here.
-            unet = build_student(unet, resolved, allow_mismatched=True).student
-        encoders = {n: getattr(pipe, n) for n in TEXT_ENCODERS if getattr(pipe, n, None) is not None}
-        vae = pipe.vae
-    else:
-        config = resolved.student_config() if resolved is not None else teacher_config
-        unet = build_unet(config, device="meta")
-        encoders, vae = _meta_pipeline_parts(ref)
-    return Components(
-        unet=unet,
-        text_encoders=encoders,
-        vae=vae,
-        resolution=native_resolution(teacher_config, vae),
-        source=ref,
-        plan=plan_obj.name if plan_obj is not None else None,
-    )
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -487,3 +282,147 @@ def _time_components(
         else "CPU process peak RSS (getrusage high-water mark: all this process ever held, loading included)"
     )
     return out
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+@dataclass
+class ProfileOptions:
+    """What ``bksdm profile`` measures: a pipeline (``model``) or an architecture preset (``arch``), not both."""
+
+    model: str | None = None
+    """A diffusers pipeline folder or hub id."""
+    arch: str | None = None
+    """An architecture preset (:data:`bksdm.plan.archs.ARCHS`), with random weights."""
+    plan: str | os.PathLike | None = None
+    """A plan (preset name or YAML) applied to the U-Net first."""
+    resolution: int | None = None
+    """Image side in pixels; None: the model's native one."""
+    steps: int = 25
+    """Denoising steps per image (the composed per-image latency)."""
+    repeats: int = 3
+    warmup: int = 1
+    device: str | None = None
+    """``cpu``, ``cuda`` or ``cuda:N``; None: CUDA if available."""
+    dtype: str | None = None
+    """``fp32``, ``fp16`` or ``bf16``; None: fp16 on CUDA, fp32 elsewhere."""
+    latency: bool = True
+    """Time the components (loads weights); False only counts parameters and MACs."""
+    onnx: str | os.PathLike | None = None
+    """A folder of ``bksdm export onnx``: also time its U-Net in ONNX Runtime (CPU, fp32)."""
+
+
+def profile_pipeline(
+    options: ProfileOptions, out: str | os.PathLike | None = None, on_stage: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """The job of ``bksdm profile``: load, check, measure, and write the result to ``out`` (when given).
+
+    Returns:
+        :func:`profile_components`' dict with ``source`` and ``plan`` first (and ``onnx`` with ``options.onnx``).
+
+    Raises:
+        ValueError: Bad option values, or an unknown architecture.
+        SamplingError: The resolution's timed calls would not fit in memory.
+        PlanError: The plan is malformed or does not fit the U-Net.
+        TeacherNotFoundError: The model is neither a pipeline folder nor a reachable hub repo.
+        WriteFailed: ``out`` could not be written.
+    """
+    from bksdm.artifacts import atomic_file
+    from bksdm.eval.components import load_components
+    from bksdm.loading import resolve_device, resolve_dtype, teacher_or_default
+
+    say = on_stage or (lambda message: None)
+    model = options.model
+    if model is None and options.arch is None:  # nothing given: the bundled shapes teacher
+        model = teacher_or_default(None)
+    if options.steps < 1 or options.repeats < 1 or options.warmup < 0:
+        raise ValueError("need --steps >= 1, --repeats >= 1 and --warmup >= 0")
+    if options.resolution is not None and options.resolution <= 0:
+        raise ValueError(f"--resolution must be positive, got {options.resolution}")
+    latency = options.latency
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    if options.onnx is not None:
+        _check_onnx_options(options.onnx, latency, device, dtype)
+
+    if latency:
+        say(f"loading weights onto {device} ({'random' if options.arch else 'from ' + str(model)})")
+    parts = load_components(
+        model=model, arch=options.arch, plan=options.plan, materialize=latency, device=device, dtype=dtype
+    )
+    resolution = options.resolution or parts.resolution
+    if latency:
+        _check_memory(parts, resolution, device, dtype)
+    result = profile_components(
+        parts.unet,
+        parts.text_encoders,
+        parts.vae,
+        resolution,
+        latency=latency,
+        steps=options.steps,
+        repeats=options.repeats,
+        warmup=options.warmup,
+        device=device if latency else None,
+        dtype=dtype if latency else None,
+        on_stage=say if latency else None,
+    )
+    result = {"source": parts.source, "plan": parts.plan, **result}
+    if options.onnx is not None:
+        result["onnx"] = _time_onnx(options, parts.unet.config, result, say)
+    if out:
+        out = Path(out)
+        with atomic_file(out) as partial:  # a full disk or read-only folder: WriteFailed, no half file
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    return result
+
+
+def _check_memory(parts, resolution: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a --resolution whose timed calls (a guided U-Net step, a VAE decode) would not fit in memory."""
+    from bksdm.sampling import SamplingError, available_memory, generation_bytes
+
+    size = dtype.itemsize
+    need = generation_bytes(
+        parts.unet.config, parts.vae.config, resolution, resolution, 1, guidance=True, unet_dtype_bytes=size,
+        vae_dtype_bytes=size,
+    )  # fmt: skip
+    free, source = available_memory(device)
+    if need > free:
+        raise SamplingError(
+            f"--resolution {resolution} needs about {need / 2**30:,.1f} GiB of memory for its activations, but "
+            f"{free / 2**30:,.1f} GiB is {source}; give a smaller --resolution (or --no-latency to count only)"
+        )
+
+
+def _check_onnx_options(onnx: str | os.PathLike, latency: bool, device: torch.device, dtype: torch.dtype) -> None:
+    """``--onnx`` compares ONNX Runtime on the CPU in fp32 with PyTorch: refuse anything else before loading."""
+    from bksdm.use.onnx.runtime import read_report
+
+    if not latency:
+        raise ValueError("--onnx times the exported U-Net: drop --no-latency")
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ValueError("--onnx times ONNX Runtime on the CPU in fp32: profile with --device cpu --dtype fp32")
+    read_report(onnx)  # not an export folder: fail before any weights are read
+
+
+def _time_onnx(
+    options: ProfileOptions, unet_config: Any, result: dict[str, Any], say: Callable[[str], None]
+) -> dict[str, Any]:
+    """ONNX Runtime U-Net step timings with the same inputs, warm-up, repeats and threads as PyTorch's."""
+    from bksdm.use.onnx.runtime import time_onnx_unet
+
+    say(f"timing the ONNX Runtime U-Net in {options.onnx} ({torch.get_num_threads()} threads)")
+    onnx = time_onnx_unet(
+        options.onnx,
+        unet_config,
+        result["latent_size"],
+        repeats=options.repeats,
+        warmup=options.warmup,
+        threads=torch.get_num_threads(),
+    )
+    # Per image as for PyTorch, with the U-Net steps from ONNX Runtime (text encoder and VAE decoder from PyTorch).
+    steps, text, decode = result["steps"], result["text_encoder_s"], result["vae_decode_s"]
+    onnx["image_s"] = text + steps * onnx["unet_step_s"] + decode
+    onnx["image_cfg_s"] = 2 * text + steps * onnx["unet_step_cfg_s"] + decode
+    return onnx

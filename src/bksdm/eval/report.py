@@ -16,7 +16,6 @@ counted on weightless copies; latency only with ``--latency``).
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import logging
@@ -29,14 +28,14 @@ from typing import Any
 from PIL import Image
 
 from bksdm.artifacts import MANIFEST_FILE, SETTINGS_FILE, atomic_file, write_text
-from bksdm.eval.evaluate import METRIC_LABELS, EvaluationError, ImageRecord, find_images
+from bksdm.eval.evaluate import EVALUATION_FILE
+from bksdm.eval.image_sets import EvaluationError, ImageRecord, find_images
+from bksdm.eval.tables import METRIC_LABELS
 from bksdm.plan.render import human, markdown_table
 
-__all__ = ["ReportError", "ReportOptions", "add_report_arguments", "collect_model", "parse_named", "write_report"]
+__all__ = ["ReportError", "ReportOptions", "collect_model", "parse_named", "write_report"]
 
 logger = logging.getLogger(__name__)
-
-EVALUATION_FILE = "evaluation.json"
 
 
 class ReportError(ValueError):
@@ -60,26 +59,6 @@ class ReportOptions:
     """Prompts in the image grid."""
     title: str = "bksdm report"
     device: str = "cpu"
-
-
-def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``bksdm report``."""
-    p.add_argument(
-        "--model",
-        action="append",
-        required=True,
-        metavar="NAME=DIR",
-        help="a model's generate output folder (or evaluation JSON); repeat for each model, baseline first",
-    )
-    p.add_argument("--evaluation", action="append", metavar="NAME=FILE", help="a model's evaluate JSON elsewhere")
-    p.add_argument("--pipeline", action="append", metavar="NAME=REF", help="pipeline folder or hub id to profile")
-    p.add_argument("--no-profile", action="store_true", help="leave out parameters and MACs")
-    p.add_argument("--latency", action="store_true", help="also time each pipeline (loads its weights)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps for the per-image latency (default 25)")
-    p.add_argument("--columns", type=int, default=8, help="prompts in the image grid (default 8)")
-    p.add_argument("--title", default="bksdm report", help="report title")
-    p.add_argument("--device", default=None, help="device for --latency (default: cuda if available)")
-    p.add_argument("--out", required=True, help="report folder")
 
 
 def parse_named(items: Sequence[str], option: str) -> dict[str, str]:
@@ -169,7 +148,8 @@ def _profile(entry: dict[str, Any], options: ReportOptions) -> dict[str, Any] | 
     """Params / MACs (and latency) of the model's pipeline, with its student U-Net when one was swapped in."""
     import torch
 
-    from bksdm.eval.profile import load_components, profile_components
+    from bksdm.eval.components import load_components
+    from bksdm.eval.profile import profile_components
     from bksdm.plan.archs import build_unet
 
     ref, unet_ref = entry["pipeline"], entry["unet"]

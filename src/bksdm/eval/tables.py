@@ -1,0 +1,166 @@
+"""What the eval jobs print: the terminal tables of ``bksdm evaluate`` and ``bksdm profile``, and the display name
+of every evaluation figure (which ``bksdm report`` shares)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["METRIC_LABELS", "format_profile", "format_results"]
+
+
+METRIC_LABELS = {
+    "fid": ("FID", "lower is better"),
+    "kid": ("KID", "lower is better"),
+    "kid_std": ("KID std", ""),
+    "is": ("Inception Score", "higher is better"),
+    "is_std": ("IS std", ""),
+    "clip_score": ("CLIP score (torchmetrics, 0-100)", "higher is better"),
+    "clip_cosine": ("CLIP cosine (the paper's)", "higher is better"),
+    "shapes_prompt_accuracy": ("shapes prompt accuracy", "higher is better"),
+    "shapes_shape_accuracy": ("shapes: shape read right", "higher is better"),
+    "shapes_color_accuracy": ("shapes: colour read right", "higher is better"),
+    "shapes_size_accuracy": ("shapes: size read right", "higher is better"),
+    "shapes_position_accuracy": ("shapes: position read right", "higher is better"),
+    "shapes_frechet_distance": ("shapes Fréchet distance", "lower is better"),
+}
+"""Display name and direction of each metric key (others are shown by their key)."""
+
+
+def format_results(result: dict[str, Any]) -> str:
+    """The terminal table of an :func:`evaluate` result."""
+    rows = [(METRIC_LABELS.get(k, (k, ""))[0], f"{v:.6g}", METRIC_LABELS.get(k, ("", ""))[1])
+            for k, v in result["metrics"].items()]  # fmt: skip
+    width = max(len(r[0]) for r in rows)
+    lines = [f"bksdm evaluate: {result['count']} images in {result['images']}", ""]
+    if result.get("skipped"):
+        lines[0] += f" ({len(result['skipped'])} unreadable, skipped: see 'skipped' in the JSON)"
+    lines += [f"  {name:<{width}}  {value:>12}  {note}".rstrip() for name, value, note in rows]
+    lines += ["", "  " + ", ".join(f"{k}: {v}" for k, v in result["networks"].items())]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- bksdm profile
+
+
+def _macs(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _seconds(s: float) -> str:
+    if s >= 1:
+        return f"{s:.2f} s"
+    return f"{s * 1e3:.1f} ms" if s >= 1e-2 else f"{s * 1e3:.3f} ms"
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_profile(result: dict[str, Any]) -> str:
+    """Render a :func:`bksdm.eval.profile.profile_components` result (plus ``source``/``plan``) as a table.
+
+    Args:
+        result: The dict ``bksdm profile --json`` prints.
+
+    Returns:
+        An aligned, multi-line table: one row per component, then the per-image figures and the device.
+    """
+    timed = bool(result.get("latency"))
+    header = ["component", "params", "MACs conv+linear", "MACs incl. attention"]
+    header += ["latency median (min)"] if timed else []
+
+    def row(label: str, params: int | None, macs: int, macs_att: int, times: dict[str, Any], key: str) -> list[str]:
+        cells = [label, "" if params is None else f"{params:,}", _macs(macs), _macs(macs_att)]
+        if timed:
+            cells.append(f"{_seconds(times[f'{key}_s'])} (min {_seconds(times[f'{key}_min_s'])})")
+        return cells
+
+    r = result
+    rows = [
+        row(name, enc["params"], enc["macs"], enc["macs_with_attention"], enc, "latency")
+        for name, enc in r["text_encoders"].items()
+    ]
+    rows.append(row("U-Net step", r["unet_params"], r["unet_macs"], r["unet_macs_with_attention"], r, "unet_step"))
+    # MACs scale linearly with the batch, so the guided step (batch 2) costs exactly twice.
+    rows.append(
+        row(
+            "U-Net step, CFG (batch 2)",
+            None,
+            2 * r["unet_macs"],
+            2 * r["unet_macs_with_attention"],
+            r,
+            "unet_step_cfg",
+        )
+    )
+    if r.get("onnx"):
+        rows += [
+            row(
+                "U-Net step, ONNX Runtime", None, r["unet_macs"], r["unet_macs_with_attention"], r["onnx"], "unet_step"
+            ),
+            row(
+                "U-Net step, CFG, ONNX Runtime",
+                None,
+                2 * r["unet_macs"],
+                2 * r["unet_macs_with_attention"],
+                r["onnx"],
+                "unet_step_cfg",
+            ),
+        ]
+    rows.append(
+        row(
+            "VAE decoder",
+            r["vae_decoder_params"],
+            r["vae_decoder_macs"],
+            r["vae_decoder_macs_with_attention"],
+            r,
+            "vae_decode",
+        )
+    )
+    rows.append(["whole (U-Net + text + VAE dec.)", f"{r['whole_params']:,}"] + [""] * (len(header) - 2))
+
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        return "  ".join(cells).rstrip()
+
+    side, latent = result["resolution"], result["latent_size"]
+    title = f"bksdm profile: {result.get('source', '?')}"
+    if result.get("plan"):
+        title += f", plan {result['plan']}"
+    lines = [f"{title}, {side}x{side} px (latent {latent}x{latent})", "", line(header)]
+    lines += [line(row) for row in rows]
+    lines.append("")
+    if timed:
+        steps = result["steps"]
+        lines.append(
+            f"per image, {steps} steps: {_seconds(result['image_s'])} without guidance, "
+            f"{_seconds(result['image_cfg_s'])} with classifier-free guidance"
+        )
+        lines += [
+            f"  composed from separately timed components: text encoders + {steps} x U-Net step + VAE decode",
+            "  (guidance: 2 text-encoder calls, batch-2 steps); apart, as --arch presets have no tokenizer",
+            f"  {result['warmup']} warm-up + {result['repeats']} timed calls per component; medians (min)",
+        ]
+        if result.get("onnx"):
+            onnx = result["onnx"]
+            lines += [
+                f"with the ONNX Runtime U-Net: {_seconds(onnx['image_s'])} without guidance, "
+                f"{_seconds(onnx['image_cfg_s'])} with (U-Net step at "
+                f"{result['unet_step_s'] / onnx['unet_step_s']:.2f}x PyTorch's speed, "
+                f"{result['unet_step_cfg_s'] / onnx['unet_step_cfg_s']:.2f}x with guidance)",
+                f"  {onnx['onnx_dir']}: onnxruntime {onnx['onnxruntime_version']}, {onnx['provider']}, "
+                f"{onnx['threads']} threads as torch, same inputs; text encoder and VAE decoder from PyTorch",
+            ]
+        lines.append(f"peak memory: {_bytes(result['peak_memory_bytes'])}, {result['peak_memory_method']}")
+    else:
+        lines.append("latency: not measured (--no-latency)")
+    lines.append(f"device: {result['device']}, {result['dtype']}, torch {result['torch_version']}")
+    lines += [
+        "MACs: one forward at batch 1 (U-Net: one step; text encoders: 77 tokens); 'conv+linear' is the",
+        "  BK-SDM paper's count, 'incl. attention' adds the attention products QK^T and AV",
+    ]
+    return "\n".join(lines)
