@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 
 from bksdm.loading import load_plan
 from bksdm.plan.archs import get_arch
-from bksdm.plan.prune import unet_macs
+from bksdm.plan.prune import describe_plan, unet_macs
 from bksdm.plan.resolved import resolve
 from bksdm.plan.spec import PRESETS, Plan, PlanError, plan_from_dict, plan_to_dict, select
 from bksdm.plan.surgery import shapes_of, weight_map
@@ -39,6 +39,23 @@ def test_published_params_and_macs(arch: str, preset: str) -> None:
     assert sum(p.numel() for p in student.parameters()) == params
     measured = unet_macs(config, 512).conv_linear
     assert abs(measured - macs) / macs < 0.005, f"{measured / 1e9:.2f}G vs published {macs / 1e9:.1f}G"
+
+
+def test_describe_plan_counts_the_removed_blocks_without_weights() -> None:
+    """``bksdm plan show``'s library job: rows per teacher block with params and MACs, on a meta-device teacher."""
+    described = describe_plan("bk-small", arch="sd-v1.4")
+    assert described.teacher == "sd-v1.4 (architecture preset)" and described.plan == PRESETS["bk-small"]
+    removed = [r for r in described.rows if r["student"] is None]
+    assert sum(r["params"] for r in removed) == 859_520_964 - 482_346_884
+    assert {r["teacher"] for r in removed} >= {"mid_block", "down_blocks.0.resnets.1", "up_blocks.3.attentions.1"}
+    total = unet_macs(dict(get_arch("sd-v1.4").unet_config), 512).conv_linear
+    assert 0 < sum(r["macs"] for r in described.rows) <= total
+    data = described.to_dict()
+    assert plan_from_dict(data["plan"]) == PRESETS["bk-small"]
+    assert data["student_config"]["mid_block_type"] is None and len(data["feature_pairs"]) == 8
+    assert "removed parameters: 377,174,080" in described.to_text()
+    with pytest.raises(ValueError, match="not both"):
+        describe_plan("bk-small", arch="sd-v1.4", teacher="some/teacher")
 
 
 def published_config(arch: str, preset: str) -> dict:

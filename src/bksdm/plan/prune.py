@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ from diffusers import UNet2DConditionModel
 from bksdm import __version__
 from bksdm.artifacts import atomic_dir
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, load_unet_config, teacher_or_default
-from bksdm.plan.render import block_rows, prune_markdown
+from bksdm.plan.archs import get_arch
+from bksdm.plan.render import block_rows, format_plan, prune_markdown
 from bksdm.plan.resolved import ResolvedPlan, resolve
-from bksdm.plan.spec import plan_to_dict
+from bksdm.plan.spec import Plan, plan_to_dict
 from bksdm.plan.surgery import block_params, build_student, describe_config_changes, shapes_of
 from bksdm.profiling import count_macs, count_params, unet_inputs
 
@@ -126,6 +128,85 @@ def build_report(
             "unused_teacher_tensors": len(weights.unused),
         },
     }
+
+
+DEFAULT_SHOW_ARCH = "sd-v1.4"
+"""The architecture preset :func:`describe_plan` resolves against when given no teacher."""
+
+
+@dataclass(frozen=True)
+class PlanDescription:
+    """A plan resolved against a teacher config, block by block, without loading any weights (``bksdm plan show``).
+
+    Attributes:
+        plan: The plan as loaded (a preset, a YAML file, or a student folder's recorded plan).
+        resolved: The plan resolved against the teacher config.
+        teacher: What the plan was resolved against, for the header (a teacher reference or an architecture).
+        rows: One row per teacher block (:func:`bksdm.plan.render.block_rows`): address, student address or None
+            when removed, parameters and MACs per step at the teacher's native resolution.
+    """
+
+    plan: Plan
+    resolved: ResolvedPlan
+    teacher: str
+    rows: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: the plan, its explicit resolved form, the student config, the blocks, the KD pairs."""
+        return {
+            "plan": plan_to_dict(self.plan),
+            "resolved": plan_to_dict(self.resolved.explicit()),
+            "student_config": self.resolved.student_config(),
+            "blocks": self.rows,
+            "feature_pairs": [vars(p) for p in self.resolved.feature_pairs()],
+        }
+
+    def to_text(self) -> str:
+        """The terminal view (:func:`bksdm.plan.render.format_plan`)."""
+        return format_plan(self.resolved, self.rows, teacher=self.teacher)
+
+
+def describe_plan(
+    plan: str | os.PathLike,
+    *,
+    teacher: str | os.PathLike | None = None,
+    arch: str | None = None,
+) -> PlanDescription:
+    """Resolves a plan against a teacher's U-Net config and counts each block's parameters and MACs.
+
+    Only configs are read: the teacher is built on the meta device (shapes, no weights), so any architecture
+    can be shown without downloading or allocating it.
+
+    Args:
+        plan: Preset name, plan YAML path, or a student folder (its recorded plan).
+        teacher: Hub id or local folder whose U-Net config to resolve against.
+        arch: Architecture preset (:data:`bksdm.plan.archs.ARCHS`) to resolve against when no teacher is given;
+            default :data:`DEFAULT_SHOW_ARCH`.
+
+    Returns:
+        The description; ``to_text()`` and ``to_dict()`` give its two renderings.
+
+    Raises:
+        ValueError: Both ``teacher`` and ``arch`` given, or an unknown architecture.
+        PlanError: The plan is malformed or does not fit the teacher.
+        TeacherNotFoundError: The teacher's config cannot be found.
+    """
+    if teacher is not None and arch is not None:
+        raise ValueError("give a teacher or an architecture preset to resolve the plan against, not both")
+    loaded = load_plan(plan)
+    if teacher is not None:
+        config, name = load_unet_config(teacher), str(teacher)
+    else:
+        preset = get_arch(arch or DEFAULT_SHOW_ARCH)
+        config, name = dict(preset.unet_config), f"{preset.name} (architecture preset)"
+    resolved = resolve(loaded, config)
+    resolution = int(config.get("sample_size", 64)) * 8
+    macs = unet_macs(config, resolution)
+    fates = [address for address, _ in resolved.block_fates()]
+    with torch.device("meta"):
+        teacher_unet = UNet2DConditionModel.from_config(config)
+    params = block_params(resolved, shapes_of(teacher_unet))
+    return PlanDescription(loaded, resolved, name, block_rows(resolved, params, group_macs(macs.per_module, fates)))
 
 
 def prune(
