@@ -29,6 +29,7 @@ from bksdm.artifacts import atomic_dir
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
 from bksdm.plan.resolved import resolve
 from bksdm.plan.surgery import build_student
+from bksdm.train.batches import batch_stream
 from bksdm.train.checkpoints import (
     CheckpointError,
     claim_output,
@@ -45,6 +46,7 @@ from bksdm.train.config import DistillConfig, OptimConfig, config_to_dict, save_
 from bksdm.train.encoders import TextEncoders, sample_latents, vae_dtype
 from bksdm.train.kd import LossWeights, draw_noise, ema_update, kd_step
 from bksdm.train.runtime import LossWindow, TrainingStopped, make_accelerator, peak_memory_mb, stop_on_sigterm
+from bksdm.train.validation import Validator, plot_losses
 
 logger = get_logger(__name__)
 
@@ -197,9 +199,6 @@ def save_student(accelerator: Accelerator, models: Models, ema, out: Path) -> Pa
 
 def distill(cfg: DistillConfig) -> Path:
     """Runs the recipe and returns the folder of the final student pipeline."""
-    from bksdm.train.batches import batch_stream
-    from bksdm.train.validation import Validator, plot_losses
-
     out = Path(cfg.train.output_dir)
     if cfg.model.student and not Path(cfg.model.student).is_dir():
         raise TrainingSetupError(
