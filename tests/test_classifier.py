@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from bksdm.eval import metrics as M
 from bksdm.world import classifier as clf
 from bksdm.world.shapes import ATTRIBUTES, IMAGE_SIZE, pairs, to_array
 
@@ -111,8 +112,8 @@ def test_frechet_distance_equals_direct_formula() -> None:
     root_a = vectors @ np.diag(np.sqrt(values)) @ vectors.T
     trace_root = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ sigma_b @ root_a), 0, None)).sum()
     expected = np.sum((mu_a - mu_b) ** 2) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_root
-    assert clf.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
-    assert clf.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert M.fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
+    assert M.fid_from_features(a, a) == pytest.approx(0, abs=1e-6)
 
 
 def test_frechet_distance_ranks_real_above_blank_and_noise(model: clf.ShapesClassifier, held_out) -> None:
@@ -121,24 +122,26 @@ def test_frechet_distance_ranks_real_above_blank_and_noise(model: clf.ShapesClas
     other_real = clf.features(model, [image for image, _ in pairs(clf.REFERENCE_SEED, N_HELD_OUT)])
     blank = clf.features(model, np.zeros((N_HELD_OUT, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32))
     noise = clf.features(model, np.random.default_rng(0).uniform(-1, 1, (N_HELD_OUT, 3, IMAGE_SIZE, IMAGE_SIZE)))
-    assert clf.frechet_distance(real, real) == pytest.approx(0, abs=1e-6 * np.trace(np.cov(real, rowvar=False)))
-    real_vs_real = clf.frechet_distance(real, other_real)
+    assert M.fid_from_features(real, real) == pytest.approx(0, abs=1e-6 * np.trace(np.cov(real, rowvar=False)))
+    real_vs_real = M.fid_from_features(real, other_real)
     assert real_vs_real > 0
-    assert clf.frechet_distance(real, blank) > 10 * real_vs_real
-    assert clf.frechet_distance(real, noise) > 10 * real_vs_real
+    assert M.fid_from_features(real, blank) > 10 * real_vs_real
+    assert M.fid_from_features(real, noise) > 10 * real_vs_real
 
 
 def test_reference_statistics_are_deterministic(model: clf.ShapesClassifier, held_out) -> None:
-    mu, sigma = clf.reference_statistics(model, count=200)
-    mu2, sigma2 = clf.reference_statistics(model, count=200)
+    reference = clf.reference_statistics(model, count=200)
+    mu, sigma = reference.mu, reference.sigma
+    again = clf.reference_statistics(model, count=200)
+    mu2, sigma2 = again.mu, again.sigma
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
     assert mu.shape == (model.config.feature_dim,)
     assert sigma.shape == (model.config.feature_dim,) * 2
     images, _ = held_out
     # The same comparison through the convenience wrapper and by hand.
-    assert clf.shapes_frechet_distance(model, images, (mu, sigma)) == pytest.approx(
-        clf.frechet_distance_from_statistics(*clf.feature_statistics(clf.features(model, images)), mu, sigma)
+    assert clf.shapes_frechet_distance(model, images, reference) == pytest.approx(
+        M.frechet_distance(M.feature_statistics(clf.features(model, images)), M.FeatureStatistics(mu, sigma))
     )
 
 

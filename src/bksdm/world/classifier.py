@@ -23,20 +23,19 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from bksdm.eval.metrics import FeatureStatistics, feature_statistics, frechet_distance
 from bksdm.world.shapes import ATTRIBUTES, IMAGE_SIZE, Scene, pairs, parse_caption, to_array
 
 __all__ = [
@@ -47,10 +46,7 @@ __all__ = [
     "ClassifierConfig",
     "ShapesClassifier",
     "attribute_accuracy",
-    "feature_statistics",
     "features",
-    "frechet_distance",
-    "frechet_distance_from_statistics",
     "load_classifier",
     "parse_caption",
     "predict",
@@ -231,7 +227,7 @@ def predict(model: ShapesClassifier, images: Images) -> list[Scene]:
 
 
 def features(model: ShapesClassifier, images: Images) -> np.ndarray:
-    """The classifier's pooled features (N, D) as float64: the space :func:`frechet_distance` works in."""
+    """The classifier's pooled features (N, D) as float64: the space :func:`shapes_frechet_distance` works in."""
     feats, _ = _run(model, images)
     return feats.double().numpy()
 
@@ -265,55 +261,7 @@ def prompt_accuracy(model: ShapesClassifier, images: Images, prompts: Sequence[s
     return attribute_accuracy(model, images, [parse_caption(p) for p in prompts])["all"]
 
 
-def feature_statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and covariance (D, D) of features (N, D): all the Fréchet distance needs of a set."""
-    feats = np.asarray(feats, dtype=np.float64)
-    if feats.ndim != 2 or len(feats) < 2:
-        raise ValueError(f"need features of shape (N >= 2, D), got {feats.shape}")
-    return feats.mean(axis=0), np.cov(feats, rowvar=False)
-
-
-def frechet_distance_from_statistics(
-    mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray, eps: float = 1e-6
-) -> float:
-    """Fréchet distance between the Gaussians N(mu_a, sigma_a) and N(mu_b, sigma_b), as FID computes it.
-
-    ``||mu_a - mu_b||^2 + Tr(sigma_a + sigma_b - 2 sqrtm(sigma_a sigma_b))`` (Heusel et al. 2017), with the
-    numerical guards of pytorch-fid: if the product is too singular for a finite square root, ``eps`` is added
-    to both diagonals; round-off can leave the root with tiny imaginary parts, which are dropped.
-
-    Raises:
-        ValueError: the square root has a large imaginary component (the covariances are not valid ones).
-    """
-    mu_a, mu_b = np.atleast_1d(mu_a), np.atleast_1d(mu_b)
-    sigma_a, sigma_b = np.atleast_2d(sigma_a), np.atleast_2d(sigma_b)
-    if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape:
-        raise ValueError(f"statistics of different dimension: {mu_a.shape} vs {mu_b.shape}")
-    diff = mu_a - mu_b
-    with warnings.catch_warnings():
-        # A singular product (a set of identical images, dead feature channels) is expected and handled just
-        # below; silence scipy's warning as pytorch-fid does with `disp=False`.
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(sigma_a)) * eps
-        covmean = scipy.linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrtm(sigma_a sigma_b)")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(covmean))
-
-
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Fréchet distance between two sets of features (N_a, D) and (N_b, D) (see
-    :func:`frechet_distance_from_statistics`)."""
-    return frechet_distance_from_statistics(*feature_statistics(feats_a), *feature_statistics(feats_b))
-
-
-def reference_statistics(
-    model: ShapesClassifier, count: int = 2000, seed: int = REFERENCE_SEED
-) -> tuple[np.ndarray, np.ndarray]:
+def reference_statistics(model: ShapesClassifier, count: int = 2000, seed: int = REFERENCE_SEED) -> FeatureStatistics:
     """Feature mean and covariance of ``count`` real shapes images: the "real" side of the Fréchet distance.
 
     Args:
@@ -323,22 +271,25 @@ def reference_statistics(
             the teacher's and demo's data, so a model cannot score well by reproducing its training images.
 
     Returns:
-        ``(mu, sigma)``, the same for the same arguments.
+        The statistics (:class:`bksdm.eval.metrics.FeatureStatistics`), the same for the same arguments.
     """
     images = [image for image, _ in pairs(seed, count, model.config.image_size)]
     return feature_statistics(features(model, images))
 
 
 def shapes_frechet_distance(
-    model: ShapesClassifier, images: Images, reference: tuple[np.ndarray, np.ndarray] | None = None
+    model: ShapesClassifier, images: Images, reference: FeatureStatistics | None = None
 ) -> float:
     """Fréchet distance, in the classifier's feature space, between ``images`` and real shapes images.
+
+    FID's formula (:func:`bksdm.eval.metrics.frechet_distance`, the one the evaluate job uses) on the classifier's
+    features instead of Inception's.
 
     Args:
         model: The classifier.
         images: Generated images (PIL, or (N, 3, H, W) in [-1, 1]); at least two.
-        reference: ``(mu, sigma)`` from :func:`reference_statistics`; computed with its defaults when omitted
-            (pass it in when scoring several models, to render the reference once).
+        reference: Statistics from :func:`reference_statistics`; computed with its defaults when omitted (pass
+            them in when scoring several models, to render the reference once).
     """
-    mu, sigma = reference if reference is not None else reference_statistics(model)
-    return frechet_distance_from_statistics(*feature_statistics(features(model, images)), mu, sigma)
+    reference = reference if reference is not None else reference_statistics(model)
+    return frechet_distance(feature_statistics(features(model, images)), reference)
