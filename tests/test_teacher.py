@@ -28,7 +28,7 @@ from bksdm.world.teacher import (
     recommended_settings,
     teacher_configs,
 )
-from bksdm.world.train_teacher import EVAL_SEED, held_out_images
+from bksdm.world.teacher_eval import EVAL_SEED, held_out_images
 
 TEST_SEED = 20_000
 """Noise seeds of this test's pairs: disjoint from the pairs the shipped guidance scale was chosen on."""

@@ -7,7 +7,7 @@ really works, so it must both *be* Stable Diffusion in every structural respect 
   every shapes-world word as one token) and a ``CLIPTextModel`` trained from scratch, since no pretrained CLIP
   exists for this world;
 - an ``AutoencoderKL`` whose ``scaling_factor`` scales its latents on real shapes to a fixed standard deviation
-  (SD scales to 1; we scale to 0.35, see :data:`bksdm.world.train_teacher.LATENT_SCALE`);
+  (SD scales to 1; we scale to 0.35, see :data:`bksdm.world.teacher_recipe.LATENT_SCALE`);
 - a ``UNet2DConditionModel`` with SD-v1's block layout: 4 stages, cross-attention in the outer three, 2 layers
   per down stage (3 per up stage), a ``UNetMidBlock2DCrossAttn``; so every BK preset resolves against it exactly
   as against SD-v1.4 (same addresses, same removed blocks), only narrower;

@@ -7,7 +7,8 @@ Usage (the command that made the shipped teacher is recorded in ``assets/teacher
 Three stages, as Stable Diffusion itself was built, but all on shapes-world pairs generated on the fly:
 
 1. the VAE (MSE reconstruction + a small KL term), then frozen; its ``scaling_factor`` scales its latents on
-   real shapes to standard deviation LATENT_SCALE (SD's 0.18215 scaled them to 1; see LATENT_SCALE for why less);
+   real shapes to standard deviation LATENT_SCALE (SD's 0.18215 scaled them to 1; see
+   :data:`~bksdm.world.teacher_recipe.LATENT_SCALE` for why less);
 2. the text encoder and the U-Net *jointly* from scratch (there is no pretrained CLIP for this world), with SD's
    noise schedule and SD-2's v-prediction objective, 10% of captions dropped to "" for classifier-free guidance,
    a share of extra timesteps from the noisiest fifth, and an EMA of the weights.
@@ -26,16 +27,15 @@ was seen in training (the 96 captions themselves are the whole world and are all
 drawn from a training distribution). Checkpoints go to ``--work-dir`` every ``--checkpoint-every`` steps and a
 rerun with the same arguments resumes from them. ``--eval-only`` re-evaluates an existing folder and updates its
 ``bksdm_toy.json``.
+
+The settings and the reasons for their defaults are in :mod:`bksdm.world.teacher_recipe`; the evaluation and the
+settings record in :mod:`bksdm.world.teacher_eval`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
-import os
-import platform
 import shlex
 import sys
 import time
@@ -49,41 +49,31 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
-from PIL import Image
 from tqdm.auto import tqdm
 
+from bksdm.artifacts import atomic_file
 from bksdm.world import shapes
-from bksdm.world.teacher import SETTINGS_FILE, build_untrained_teacher, load_teacher, training_scheduler
+from bksdm.world.teacher import build_untrained_teacher, load_teacher, training_scheduler
+from bksdm.world.teacher_eval import (
+    EVAL_SEED,
+    evaluate,
+    held_out_images,
+    machine,
+    parameter_counts,
+    prompt_accuracy,
+    save_grid,
+    write_settings,
+)
+from bksdm.world.teacher_recipe import (
+    CAPTION_DROPOUT,
+    MIN_SNR_GAMMA,
+    UNET_WORLD_SEED,
+    VAE_WORLD_SEED,
+    TeacherRecipe,
+    parse_args,
+)
 
 logger = logging.getLogger("bksdm.world.train_teacher")
-
-VAE_WORLD_SEED = 1
-"""World seed of the VAE's training images."""
-UNET_WORLD_SEED = 2
-"""World seed of the text encoder's and U-Net's training pairs."""
-EVAL_SEED = 10_000
-"""Held-out evaluation: scene i of :func:`shapes.all_scenes` is generated with noise seed ``EVAL_SEED + i``."""
-GUIDANCE_SCALES = (2.0, 3.0, 5.0, 7.5)
-"""Guidance scales compared by the final evaluation."""
-CAPTION_DROPOUT = 0.1
-"""Share of training captions replaced by "" so the same model also predicts unconditionally (CFG)."""
-MIN_SNR_GAMMA = 5.0
-"""Cap of the x0-space loss weight of the epsilon objective (``--prediction-type epsilon`` only)."""
-LATENT_SCALE = 0.35
-"""Standard deviation of the scaled latents (``scaling_factor`` = LATENT_SCALE / std of the raw latents).
-
-SD scales its latents to unit variance. Here that leaks the answer: a shapes latent is one small, high-contrast
-blob on a flat background, and at unit variance SD's schedule never hides it, so the U-Net learns to read the
-shape's position off the noise instead of the prompt (measured: an unconditional model trained that way finds the
-right quadrant in 66% of x_t at t=961, the first PNDM step, and 55% at t=999; chance is 25%). Sampling from pure
-noise then puts shapes wherever the noise suggests: position accuracy stayed at chance after 2000 steps. Scaling
-the data down is Chen (2023)'s input scaling, equivalent to shifting SD's log-SNR curve by 2 ln(0.35) = -2.1; the
-noise schedule itself stays SD's. At 0.35 the same measurement gives 31% at t=961: the prompt has to decide."""
-SNR_FLOOR = 0.2
-"""Floor of the x0-space loss weight of the epsilon objective (``--prediction-type epsilon`` only)."""
-HIGH_T_SHARE = 0.3
-HIGH_T_FROM = 800
-"""30% of every batch has timesteps in [800, 1000), where the layout is decided; the rest is uniform."""
 
 
 class Clock:
@@ -166,6 +156,40 @@ def encode_world(vae: AutoencoderKL, count: int, chunk: int = 256) -> tuple[torc
     return torch.cat(means), torch.cat(stds), labels
 
 
+def prepare_vae(pipe: StableDiffusionPipeline, recipe: TeacherRecipe, work_dir: Path, clock: Clock):
+    """Stage 1 (or its checkpoint ``work_dir/vae.pt``): the trained, frozen VAE with its ``scaling_factor`` set.
+
+    Returns:
+        The U-Net's training data: posterior means and stds of ``recipe.train_images`` images and their scene ids.
+    """
+    vae_file = work_dir / "vae.pt"
+    if vae_file.is_file():
+        state = torch.load(vae_file, weights_only=True)
+        pipe.vae.load_state_dict(state["vae"])
+        latent_std = float(state["latent_std"])
+        clock.before = state.get("spent", clock.before)
+        pipe.vae.eval().requires_grad_(False)
+        logger.info("loaded the trained VAE from %s", vae_file)
+        means, stds, labels = encode_world(pipe.vae, recipe.train_images)
+    else:
+        train_vae(pipe.vae, recipe.vae_steps, recipe.vae_batch, recipe.vae_lr, recipe.kl_weight, recipe.seed)
+        means, stds, labels = encode_world(pipe.vae, recipe.train_images)
+        generator = torch.Generator().manual_seed(recipe.seed)
+        latent_std = float((means + stds * torch.randn(means.shape, generator=generator)).std())
+        with atomic_file(vae_file) as partial:
+            torch.save({"vae": pipe.vae.state_dict(), "latent_std": latent_std, "spent": clock.spent()}, partial)
+        if recipe.grid_dir:  # top row: real images; bottom row: their reconstructions
+            with torch.no_grad():
+                images, _ = world_batch(UNET_WORLD_SEED, 0, 8)
+                recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mean).sample
+            both = torch.cat([images, recon]).clamp(-1, 1)
+            save_grid(pipe.image_processor.postprocess(both, output_type="pil"), Path(recipe.grid_dir) / "vae.png")
+    # SD scales its latents to unit variance (0.18215 = 1/std); we scale them to std LATENT_SCALE (see there).
+    pipe.vae.register_to_config(scaling_factor=round(recipe.latent_scale / latent_std, 5))
+    logger.info("VAE ready: scaling_factor %.5f after %.0f s", pipe.vae.config.scaling_factor, clock.spent()["wall"])
+    return means, stds, labels
+
+
 # ------------------------------------------------------------------------------------- text + U-Net
 
 
@@ -183,13 +207,13 @@ def sample_timesteps(count: int, high_share: float, high_from: int, generator: t
 def train_denoiser(
     pipe: StableDiffusionPipeline,
     data: tuple[torch.Tensor, torch.Tensor, list[int]],
-    args: argparse.Namespace,
+    recipe: TeacherRecipe,
     work_dir: Path,
     clock: Clock,
 ) -> None:
     """Stage 2: the text encoder and the U-Net trained jointly on cached latents; leaves the EMA weights in ``pipe``.
 
-    Resumes from ``work_dir/denoiser.pt`` when present (written every ``args.checkpoint_every`` steps).
+    Resumes from ``work_dir/denoiser.pt`` when present (written every ``recipe.checkpoint_every`` steps).
     """
     unet, text_encoder = pipe.unet, pipe.text_encoder
     scale = pipe.vae.config.scaling_factor
@@ -198,12 +222,12 @@ def train_denoiser(
     ids = caption_ids(pipe)  # (97, 77); row 96 is ""
     noise_scheduler = training_scheduler(pipe.scheduler.config.prediction_type)
     params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2)
-    schedule = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.unet_steps)
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup, recipe.unet_steps)
     # EMA warm-up (decay 1 - (1 + step)^-3/4, capped): the average forgets the random init quickly, which matters
     # in a run of a few thousand steps.
     ema = EMAModel(params, decay=0.9995, use_ema_warmup=True, power=3 / 4)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
     start = 0
     state_file = work_dir / "denoiser.pt"
     if state_file.is_file():
@@ -219,16 +243,16 @@ def train_denoiser(
         logger.info("resumed text encoder + U-Net training at step %d", start)
     unet.train()
     text_encoder.train()
-    bar = tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps, mininterval=5)
+    bar = tqdm(range(start, recipe.unet_steps), desc="unet", initial=start, total=recipe.unet_steps, mininterval=5)
     running, began = None, time.perf_counter()
     for step in bar:
-        pick = torch.randint(len(labels), (args.batch,), generator=generator)
+        pick = torch.randint(len(labels), (recipe.batch,), generator=generator)
         eps = torch.randn(means[pick].shape, generator=generator)
         latents = (means[pick] + stds[pick] * eps) * scale  # (B, 4, 16, 16), std LATENT_SCALE
         captions = labels_t[pick].clone()
-        captions[torch.rand(args.batch, generator=generator) < CAPTION_DROPOUT] = len(ids) - 1
+        captions[torch.rand(recipe.batch, generator=generator) < CAPTION_DROPOUT] = len(ids) - 1
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = sample_timesteps(args.batch, args.high_t_share, args.high_t_from, generator)
+        timesteps = sample_timesteps(recipe.batch, recipe.high_t_share, recipe.high_t_from, generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         encoder_hidden_states = text_encoder(ids[captions])[0]  # (B, 77, TEXT_WIDTH)
         pred = unet(noisy, timesteps, encoder_hidden_states).sample
@@ -239,7 +263,7 @@ def train_denoiser(
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
             loss = F.mse_loss(pred, target)
         else:
-            loss = _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, args)
+            loss = _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, recipe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -249,25 +273,25 @@ def train_denoiser(
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         done = step + 1
-        if done % 100 == 0 or done == args.unet_steps:
+        if done % 100 == 0 or done == recipe.unet_steps:
             rate = (done - start) / (time.perf_counter() - began)
-            logger.info("unet step %d/%d: loss %.4f (smoothed), %.2f steps/s", done, args.unet_steps, running, rate)
-        if done % args.checkpoint_every == 0 and done < args.unet_steps:
+            logger.info("unet step %d/%d: loss %.4f (smoothed), %.2f steps/s", done, recipe.unet_steps, running, rate)
+        if done % recipe.checkpoint_every == 0 and done < recipe.unet_steps:
             _save_state(state_file, unet, text_encoder, optimizer, schedule, ema, generator, done, clock.spent())
-            if args.eval_every and done % args.eval_every == 0:
-                _quick_eval(pipe, ema, params, args, done)
+            if recipe.eval_every and done % recipe.eval_every == 0:
+                _quick_eval(pipe, ema, params, recipe, done)
     ema.copy_to(params)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
 
 
-def _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, args: argparse.Namespace) -> torch.Tensor:
+def _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, recipe: TeacherRecipe) -> torch.Tensor:
     """Epsilon loss weighted by clamp(SNR, floor, gamma) / SNR, i.e. the x0 error weighted by clamp(SNR, floor,
     gamma), with SNR that of the data: SD's alpha_bar / (1 - alpha_bar) times the latent variance. The cap is
     min-SNR-gamma (Hang et al. 2023); the floor (cf. Salimans & Ho 2022's truncated SNR weighting) keeps the
     noisiest steps, where the layout (position) is decided from the prompt, from weighing almost nothing."""
-    snr = compute_snr(noise_scheduler, timesteps) * args.latent_scale**2
-    weight = torch.clamp(snr, min=args.snr_floor, max=MIN_SNR_GAMMA) / snr
+    snr = compute_snr(noise_scheduler, timesteps) * recipe.latent_scale**2
+    weight = torch.clamp(snr, min=recipe.snr_floor, max=MIN_SNR_GAMMA) / snr
     return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
 
 
@@ -282,11 +306,11 @@ def _save_state(path: Path, unet, text_encoder, optimizer, schedule, ema, genera
         "step": step,
         "spent": spent,
     }
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)  # atomic: an interruption never leaves half a checkpoint
+    with atomic_file(path) as partial:  # an interruption never leaves half a checkpoint
+        torch.save(state, partial)
 
 
-def _quick_eval(pipe: StableDiffusionPipeline, ema: EMAModel, params: list, args: argparse.Namespace, step: int):
+def _quick_eval(pipe: StableDiffusionPipeline, ema: EMAModel, params: list, recipe: TeacherRecipe, step: int):
     """Mid-training check on 24 held-out pairs with the EMA weights; training weights are restored after."""
     ema.store(params)
     ema.copy_to(params)
@@ -304,216 +328,63 @@ def _quick_eval(pipe: StableDiffusionPipeline, ema: EMAModel, params: list, args
         logger.info("step %d: per attribute %s", step, {k: round(v, 3) for k, v in per_attribute.items()})
     except FileNotFoundError:
         pass
-    if args.grid_dir:
-        save_grid(images, Path(args.grid_dir) / f"step{step:06d}.png")
+    if recipe.grid_dir:
+        save_grid(images, Path(recipe.grid_dir) / f"step{step:06d}.png")
     ema.restore(params)
     pipe.unet.train()
     pipe.text_encoder.train()
 
 
-# --------------------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def held_out_images(
-    pipe: StableDiffusionPipeline,
-    scenes: Sequence[shapes.Scene],
-    seeds: Sequence[int],
-    guidance_scale: float,
-    num_inference_steps: int = 25,
-    batch_size: int = 32,
-) -> list[Image.Image]:
-    """One image per (scene caption, noise seed), each seeded on its own so results do not depend on batching."""
-    images: list[Image.Image] = []
-    for start in range(0, len(scenes), batch_size):
-        chunk = range(start, min(start + batch_size, len(scenes)))
-        images += pipe(
-            [scenes[i].caption for i in chunk],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=[torch.Generator().manual_seed(seeds[i]) for i in chunk],
-            output_type="pil",
-        ).images
-    return images
-
-
-def prompt_accuracy(images: Sequence[Image.Image], scenes: Sequence[shapes.Scene]) -> float | None:
-    """Share of images whose every attribute the classifier reads back as prompted; None without a classifier."""
-    try:
-        from bksdm.world import classifier
-
-        model = classifier.load_classifier()
-    except (ImportError, FileNotFoundError) as err:
-        logger.warning("no attribute classifier (%s): prompt accuracy not measured", err)
-        return None
-    return float(classifier.prompt_accuracy(model, list(images), [scene.caption for scene in scenes]))
-
-
-def evaluate(pipe: StableDiffusionPipeline, guidance_scales: Sequence[float], grid_dir: str | None) -> dict[str, Any]:
-    """Prompt accuracy of every guidance scale on the 96 held-out pairs (scene i, noise seed EVAL_SEED + i)."""
-    scenes = shapes.all_scenes()
-    seeds = [EVAL_SEED + i for i in range(len(scenes))]
-    results: dict[str, Any] = {}
-    for guidance in guidance_scales:
-        began = time.perf_counter()
-        images = held_out_images(pipe, scenes, seeds, guidance)
-        results[str(guidance)] = prompt_accuracy(images, scenes)
-        logger.info(
-            "guidance %.1f: prompt accuracy %s (%.0f s)", guidance, results[str(guidance)], time.perf_counter() - began
-        )
-        if grid_dir:
-            save_grid(images, Path(grid_dir) / f"eval_guidance{guidance:g}.png")
-    return results
-
-
-def save_grid(images: Sequence[Image.Image], path: Path, columns: int = 8) -> None:
-    """Save images as one grid PNG (row-major), for looking at by eye."""
-    side = images[0].width
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * side, rows * side), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * side, (i // columns) * side))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-
-
-# ------------------------------------------------------------------------------------------------ saving
-
-
-def machine() -> str:
-    """A one-line description of this machine's CPU, for the provenance record."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
-
-
-def write_settings(out: Path, accuracies: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
-    """Write ``bksdm_toy.json``: sampling settings (the best measured guidance scale) plus provenance."""
-    file = out / SETTINGS_FILE
-    settings = json.loads(file.read_text()) if file.is_file() else {}
-    measured = {g: a for g, a in accuracies.items() if a is not None}
-    sampling = settings.get("sampling", {"num_inference_steps": 25, "guidance_scale": 5.0})
-    if measured:  # the best scale; ties go to the lower one (less oversaturation)
-        best = max(sorted(measured, key=float), key=lambda g: measured[g])
-        sampling["guidance_scale"] = float(best)
-    settings["sampling"] = {**sampling, "scheduler": "PNDMScheduler (SD-v1.4's), as saved", "height": 64, "width": 64}
-    settings["evaluation"] = {
-        "pairs": f"every scene of bksdm.world.shapes.all_scenes() once, scene i with noise seed {EVAL_SEED} + i",
-        "num_inference_steps": 25,
-        "metric": "prompt accuracy: share of images whose four attributes bksdm.world.classifier reads as prompted",
-        "prompt_accuracy_by_guidance_scale": accuracies,
-    }
-    settings.update(record)
-    file.write_text(json.dumps(settings, indent=2) + "\n")
-    return settings
-
-
-def parameter_counts(pipe: StableDiffusionPipeline) -> dict[str, int]:
-    return {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "text_encoder", "vae")}
-
-
 # -------------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bksdm.world.train_teacher", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--out", required=True, help="pipeline folder to write (shipped: src/bksdm/world/assets/teacher)"
-    )
-    parser.add_argument(
-        "--work-dir", default="runs/toy-teacher", help="checkpoints of this run, for resuming (default %(default)s)"
-    )
-    parser.add_argument("--vae-steps", type=int, default=600)
-    parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--vae-lr", type=float, default=1e-3)
-    parser.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the KL term per latent value")
-    parser.add_argument("--train-images", type=int, default=20_000, help="U-Net training images (latents cached)")
-    parser.add_argument("--unet-steps", type=int, default=2500)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument(
-        "--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon"], help="U-Net objective"
-    )
-    parser.add_argument("--latent-scale", type=float, default=LATENT_SCALE, help="std of the scaled latents")
-    parser.add_argument("--snr-floor", type=float, default=SNR_FLOOR, help="floor of the x0-space loss weight")
-    parser.add_argument("--high-t-share", type=float, default=HIGH_T_SHARE, help="share of timesteps from the top")
-    parser.add_argument("--high-t-from", type=int, default=HIGH_T_FROM, help="lowest timestep of that top range")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of training noise")
-    parser.add_argument("--checkpoint-every", type=int, default=250)
-    parser.add_argument("--eval-every", type=int, default=0, help="quick held-out check every N steps (0: never)")
-    parser.add_argument("--guidance", type=float, nargs="+", default=list(GUIDANCE_SCALES))
-    parser.add_argument("--grid-dir", default=None, help="also save sample grids here")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate --out and update its bksdm_toy.json")
-    return parser.parse_args(argv)
+def train_teacher(recipe: TeacherRecipe, command: str) -> dict[str, Any]:
+    """Trains (or, with ``recipe.eval_only``, re-evaluates) a teacher into ``recipe.out``.
 
+    Args:
+        recipe: The run's settings.
+        command: The command line recorded in ``bksdm_toy.json``.
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    if args.eval_only:
-        pipe = load_teacher(path=out)
-        accuracies = evaluate(pipe, args.guidance, args.grid_dir)
-        write_settings(out, accuracies, {})
-        return
+    Returns:
+        The settings written to ``recipe.out/bksdm_toy.json``.
+    """
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    out = Path(recipe.out)
+    if recipe.eval_only:
+        return write_settings(out, evaluate(load_teacher(path=out), recipe.guidance, recipe.grid_dir), {})
 
     clock = Clock()
-    work_dir = Path(args.work_dir)
+    work_dir = Path(recipe.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    pipe = build_untrained_teacher(args.seed, prediction_type=args.prediction_type)
-    vae_file = work_dir / "vae.pt"
-    if vae_file.is_file():
-        state = torch.load(vae_file, weights_only=True)
-        pipe.vae.load_state_dict(state["vae"])
-        latent_std = float(state["latent_std"])
-        clock.before = state.get("spent", clock.before)
-        pipe.vae.eval().requires_grad_(False)
-        logger.info("loaded the trained VAE from %s", vae_file)
-        means, stds, labels = encode_world(pipe.vae, args.train_images)
-    else:
-        train_vae(pipe.vae, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight, args.seed)
-        means, stds, labels = encode_world(pipe.vae, args.train_images)
-        generator = torch.Generator().manual_seed(args.seed)
-        latent_std = float((means + stds * torch.randn(means.shape, generator=generator)).std())
-        torch.save({"vae": pipe.vae.state_dict(), "latent_std": latent_std, "spent": clock.spent()}, vae_file)
-        if args.grid_dir:  # top row: real images; bottom row: their reconstructions
-            with torch.no_grad():
-                images, _ = world_batch(UNET_WORLD_SEED, 0, 8)
-                recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mean).sample
-            both = torch.cat([images, recon]).clamp(-1, 1)
-            save_grid(pipe.image_processor.postprocess(both, output_type="pil"), Path(args.grid_dir) / "vae.png")
-    # SD scales its latents to unit variance (0.18215 = 1/std); we scale them to std LATENT_SCALE (see there).
-    pipe.vae.register_to_config(scaling_factor=round(args.latent_scale / latent_std, 5))
-    logger.info("VAE ready: scaling_factor %.5f after %.0f s", pipe.vae.config.scaling_factor, clock.spent()["wall"])
-
-    train_denoiser(pipe, (means, stds, labels), args, work_dir, clock)
+    pipe = build_untrained_teacher(recipe.seed, prediction_type=recipe.prediction_type)
+    data = prepare_vae(pipe, recipe, work_dir, clock)
+    train_denoiser(pipe, data, recipe, work_dir, clock)
     trained = clock.spent()
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    accuracies = evaluate(pipe, args.guidance, args.grid_dir)
+    accuracies = evaluate(pipe, recipe.guidance, recipe.grid_dir)
     record = {
         "training": {
-            "command": "python -m bksdm.world.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "command": command,
             "wall_time_s": round(trained["wall"]),
             "cpu_time_s": round(trained["cpu"]),  # below wall time x threads when the machine was shared
             "wall_time_including_evaluation_s": round(clock.spent()["wall"]),
             "machine": machine(),
-            "data": f"shapes world seeds {VAE_WORLD_SEED} (VAE) and {UNET_WORLD_SEED} ({args.train_images} images)",
+            "data": f"shapes world seeds {VAE_WORLD_SEED} (VAE) and {UNET_WORLD_SEED} ({recipe.train_images} images)",
         },
         "parameters": parameter_counts(pipe),
     }
-    settings = write_settings(out, accuracies, record)
-    logger.info("saved the teacher to %s: %s", out, json.dumps(settings["sampling"]))
+    return write_settings(out, accuracies, record)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    recipe = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = "python -m bksdm.world.train_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)
+    settings = train_teacher(recipe, command)
+    if not recipe.eval_only:
+        logger.info("saved the teacher to %s: %s", recipe.out, json.dumps(settings["sampling"]))
 
 
 if __name__ == "__main__":
