@@ -312,6 +312,36 @@ def test_the_loop_synchronises_once_per_log_window(tiny_sd_dir, shapes_dir, tmp_
         assert record["skipped_samples"] == 0
 
 
+def test_several_processes_vote_to_stop_in_the_log_steps_all_reduce() -> None:
+    """With several processes the SIGTERM stop vote adds no synchronisation: it travels in the log step's one
+    all-reduce, so no process stops before that step, and all stop there even if only one was signalled."""
+    from bksdm.train.runtime import LossWindow, StopRequest
+
+    class TwoProcesses:  # the other process was not signalled and had the same losses
+        num_processes, device = 2, torch.device("cpu")
+        calls = 0
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "sum"
+            self.calls += 1
+            other = tensor.clone()
+            other[-1] = 0  # the other process's stop flag
+            return tensor + other
+
+    accelerator, stop, window = TwoProcesses(), StopRequest(), LossWindow(accumulation=1)
+    stop.signals.append(signal.SIGTERM)  # this process was signalled
+    window.add({"loss": torch.tensor(2.0)})
+    window.step_done()
+    assert stop.requested(accelerator) is False and accelerator.calls == 0  # between log steps: no vote, no sync
+    assert window.flush(accelerator, stop) == {"loss": 2.0}
+    assert accelerator.calls == 1 and stop.requested(accelerator) is True
+
+    quiet = StopRequest()
+    window.add({"loss": torch.tensor(1.0)})
+    window.flush(accelerator, quiet)
+    assert quiet.requested(accelerator) is False
+
+
 def test_cache_gives_the_same_batches_and_loss(tiny_sd_dir, shapes_dir, tmp_path, capsys) -> None:
     from bksdm.train.batches import make_loader, prepare_batch
     from bksdm.train.distill import load_models

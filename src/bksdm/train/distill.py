@@ -271,7 +271,8 @@ def distill(cfg: DistillConfig) -> Path:
     window = LossWindow(accum)
     samples, tick = 0, time.perf_counter()
 
-    # SIGTERM (preemption, kill) stops the run at the end of the optimizer step in progress, with a checkpoint.
+    # SIGTERM (preemption, kill) stops the run with a checkpoint: one process at the end of the optimizer step in
+    # progress, several at the next log step (their stop vote rides on the window's all-reduce).
     with stop_on_sigterm() as stop:
         while step < cfg.train.max_steps:
             batch = next(batches)  # one micro batch of this process: latents' distribution, text states, positions
@@ -316,7 +317,7 @@ def distill(cfg: DistillConfig) -> Path:
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 record = {
                     "step": step,
-                    **window.flush(accelerator),  # the window's one synchronisation across processes
+                    **window.flush(accelerator, stop),  # the window's one synchronisation across processes
                     "lr": lr_scheduler.get_last_lr()[0],
                     "samples_per_s": samples / (time.perf_counter() - tick),
                     "peak_memory_mb": peak_memory_mb(accelerator.device),

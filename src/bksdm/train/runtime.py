@@ -111,21 +111,23 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signals: list[int] = []
+        self.agreed = False  # several processes: the outcome of the last vote (taken by LossWindow.flush)
 
     def __bool__(self) -> bool:
         return bool(self.signals)
 
     def requested(self, accelerator: Accelerator) -> bool:
-        """Whether any process was signalled. Every process must call it at the same step.
+        """Whether the run should stop now. Every process must call it at the same step.
 
-        One process reads its own flag (no device work). Several processes vote with one integer all-reduce, so
-        that all of them stop (and write the checkpoint, a collective) at the same step even when only one was
-        signalled (``kill PID``); DDP's gradient all-reduce already meets them at every optimizer step.
+        One process reads its own flag (no device work), so it stops at the end of the optimizer step in progress.
+        Several processes must all stop at the same step (the checkpoint write is a collective), even when only
+        one was signalled (``kill PID``): they vote, and the vote rides on the log step's one all-reduce
+        (:meth:`LossWindow.flush`), so a multi-process run stops within ``log_every`` optimizer steps of the signal
+        and does not synchronise on the other steps.
         """
         if accelerator.num_processes == 1:
             return bool(self.signals)
-        flag = torch.tensor(int(bool(self.signals)), device=accelerator.device)
-        return bool(accelerator.reduce(flag, "sum").item())
+        return self.agreed
 
 
 @contextlib.contextmanager
@@ -172,20 +174,24 @@ class LossWindow:
         """Counts one completed optimizer step."""
         self.steps += 1
 
-    def flush(self, accelerator: Accelerator) -> dict[str, float]:
+    def flush(self, accelerator: Accelerator, stop: StopRequest | None = None) -> dict[str, float]:
         """The window's mean loss terms over its micro steps and the processes; starts the next window.
 
         Every process must call it at the same step: one all-reduce and one device->host copy for the whole
-        window. Afterwards :attr:`skipped_total` counts every process's skipped samples since the run started here.
+        window. Afterwards :attr:`skipped_total` counts every process's skipped samples since the run started here,
+        and ``stop.agreed`` says whether any process was signalled (the stop vote travels in the same all-reduce).
         """
         keys = list(self.sums)
         device = accelerator.device
         dtype = torch.float32 if device.type == "mps" else torch.float64
         skipped = torch.tensor(self.skipped, dtype=dtype, device=device)
-        local = torch.stack([*(self.sums[k].to(device, dtype) for k in keys), skipped])  # (terms + 1,)
+        signalled = torch.tensor(float(bool(stop)), dtype=dtype, device=device)
+        local = torch.stack([*(self.sums[k].to(device, dtype) for k in keys), skipped, signalled])  # (terms + 2,)
         totals = accelerator.reduce(local, "sum").tolist()  # one process: a copy, no communication
         steps = max(self.steps, 1)
         means = {k: totals[i] / accelerator.num_processes / steps for i, k in enumerate(keys)}
-        self.skipped_total += int(round(totals[-1]))
+        self.skipped_total += int(round(totals[-2]))
+        if stop is not None:
+            stop.agreed = totals[-1] > 0
         self.sums, self.steps, self.skipped = {}, 0, 0
         return means
