@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image
 
 from bksdm.artifacts import MODEL_RECORD_FILE, atomic_file, write_text
 from bksdm.eval.generate import generate_images
-from bksdm.profiling import count_params
+from bksdm.profiling import count_params, cpu_model
 from bksdm.world import shapes
 
 logger = logging.getLogger("bksdm.world.train_teacher")
@@ -102,15 +101,8 @@ def save_grid(images: Sequence[Image.Image], path: Path, columns: int = 8) -> No
 
 def machine() -> str:
     """A one-line description of this machine's CPU, for the provenance record."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {cores} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
 
 
 def write_settings(out: Path, accuracies: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:

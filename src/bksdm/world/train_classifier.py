@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from bksdm.artifacts import atomic_file, write_text
+from bksdm.profiling import cpu_model
 from bksdm.world.classifier import (
     HELD_OUT_SEED,
     TRAIN_SEED,
@@ -86,14 +87,7 @@ def training_batch(step: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _machine() -> str:
     """What trained it, for the record in config.json: CPU model, core count, torch build and threads."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")  # Linux only; elsewhere the platform's coarser name stands
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} on {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} on {torch.get_num_threads()} threads"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("held-out accuracy, augmented: %s", ", ".join(f"{k} {v:.4f}" for k, v in augmented.items()))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out / "model.safetensors")
+    with atomic_file(args.out / "model.safetensors") as partial:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, partial)
     training = {
         "command": " ".join(["python -m bksdm.world.train_classifier", *(sys.argv[1:] if argv is None else argv)]),
         "steps": args.steps,
@@ -189,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(seconds, 1),
         "machine": _machine(),
     }
-    (args.out / "config.json").write_text(json.dumps({**config_dict(config), "training": training}, indent=2) + "\n")
+    write_text(args.out / "config.json", json.dumps({**config_dict(config), "training": training}, indent=2) + "\n")
     logger.info("saved %s in %.0f s", args.out, seconds)
     return 0
 
