@@ -28,12 +28,11 @@ from PIL import Image
 
 import bksdm.loading
 from bksdm.cli import main
-from bksdm.cli.serve import default_sampling
 from bksdm.eval.generate import generate_images
 from bksdm.loading import teacher_or_default
 from bksdm.plan.prune import prune
 from bksdm.use.serve.api import MAX_PROMPT_CHARS, MAX_SEED
-from bksdm.use.serve.app import DemoApp, SamplingSettings, load_models
+from bksdm.use.serve.app import DemoApp, SamplingSettings, default_sampling, load_models
 from bksdm.use.serve.server import binding_warning, is_loopback, make_server
 from bksdm.world.teacher import SETTINGS_FILE, TEACHER_DIR, recommended_settings
 from bksdm.world.tiny import save_tiny_pipeline

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
-from bksdm.use.onnx.export import COMPONENTS, DEFAULT_COMPONENTS, DEFAULT_TOLERANCE, EXPORTERS, REPORT_FILE
+from bksdm.use.onnx.export import COMPONENTS, DEFAULT_COMPONENTS, DEFAULT_TOLERANCE, EXPORTERS
 
-__all__ = ["add_export", "format_export", "run_export_onnx"]
+__all__ = ["add_export", "run_export_onnx"]
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
@@ -70,7 +69,7 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         TeacherNotFoundError: ``--model`` is neither a pipeline folder nor a reachable hub repo.
     """
     from bksdm.loading import teacher_or_default
-    from bksdm.use.onnx.export import export_onnx, parse_components
+    from bksdm.use.onnx.export import export_onnx, format_export, parse_components
 
     components = parse_components(args.components)  # fail on a typo before the model is read
     model = teacher_or_default(args.model)
@@ -99,40 +98,3 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
-
-
-def format_export(report: dict[str, Any]) -> str:
-    """Render an export report as a table: one row per network with its size and parity error.
-
-    Args:
-        report: What :func:`bksdm.use.onnx.export.export_onnx` returns.
-
-    Returns:
-        Multi-line text.
-    """
-    header = ["network", "file", "size", "checked at (first input)", "max |ORT - PyTorch|", ""]
-    rows = []
-    for name, c in report["components"].items():
-        shapes = ", ".join("x".join(map(str, next(iter(check["input_shapes"].values())))) for check in c["parity"])
-        size = c["bytes"] / 2**20
-        rows.append(
-            [name, c["file"], f"{size:.1f} MiB", shapes, f"{c['max_abs_error']:.2e}", "ok" if c["passed"] else "FAIL"]
-        )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        f"bksdm export onnx: {report['source']} -> {report['out']} ({report['exporter']} exporter, opset "
-        f"{report['opset']})",
-        "",
-        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
-    ]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines += [
-        "",
-        "parity: ONNX Runtime (CPU) vs PyTorch (fp32) on the same seeded random inputs, at the traced shape and at",
-        f"  another batch, latent size and sequence length; tolerance {report['tolerance']:g}",
-        f"latent sides must be multiples of {report['latent_side_multiple']}; the VAE scales by "
-        f"{report['vae_scale_factor']} (scaling_factor {report['vae_scaling_factor']:g}: divide latents by it "
-        "before vae_decoder)",
-        f"report: {report['out']}/{REPORT_FILE}",
-    ]
-    return "\n".join(lines)

@@ -1,45 +1,17 @@
 """``bksdm img2img``: translate one image or a folder of images towards a prompt (SDEdit), with any SD model.
 
-The command owns the files: it lists the inputs, reads them (skipping and counting unreadable ones), calls
-:func:`bksdm.use.img2img.translate` batch by batch and writes PNGs plus, for a folder, an ``img2img.json`` record
-of the settings and of every image's seed.
-
-An input is processed at its own size (rounded down to a multiple of the VAE's factor) unless ``--size`` resizes
-it. One smaller than the factor, or so large that translating it alone would need more memory than is free (an
-8000x8000 photo needs about 276 GiB with SD-v1.4), is refused naming the file: an error for a single ``--image``
-file, skipped and counted in a folder. A batch of large images that does not fit runs in smaller pipeline calls,
-which changes no image (each has its own generator). Every output is written under a partial name and renamed
-(:func:`bksdm.artifacts.atomic_file`), so a full disk leaves the earlier outputs whole and no half image.
+Parses the options into a :class:`bksdm.use.img2img_job.Img2ImgOptions`, runs it with
+:func:`bksdm.use.img2img_job.run_img2img` (which reads, translates and writes) and prints the summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
-import json
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import torch
-from PIL import Image, ImageOps
+from bksdm.use.img2img_job import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH, Img2ImgOptions, run_img2img
 
-from bksdm.artifacts import WriteFailed, atomic_file, describe_failure, write_text
-from bksdm.sampling import SamplingError, check_batch_size, check_guidance, check_memory, largest_batch
-from bksdm.use.img2img import Img2ImgError, check_strength, image_seed, img2img_pipeline, translate
-
-__all__ = ["IMAGE_SUFFIXES", "Img2ImgRun", "add_img2img", "find_inputs", "read_input", "run_img2img"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-"""Files of a folder that count as input images (case-insensitive); other files are ignored."""
-
-RECORD_FILE = "img2img.json"
-"""Written into an output folder: settings, one entry per image (input, output, seed) and the skipped inputs."""
-
-_DEFAULT_STEPS = 50  # diffusers' img2img default
-_DEFAULT_GUIDANCE = 7.5
+__all__ = ["add_img2img", "run_img2img_command"]
 
 
 def add_img2img(sub: argparse._SubParsersAction) -> None:
@@ -68,8 +40,9 @@ def add_img2img(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strength",
         type=float,
-        default=0.8,
-        help="0 < S <= 1: how far the input is noised; low keeps it, high follows the prompt (default 0.8)",
+        default=DEFAULT_STRENGTH,
+        help=f"0 < S <= 1: how far the input is noised; low keeps it, high follows the prompt (default "
+        f"{DEFAULT_STRENGTH:g})",
     )
     p.add_argument(
         "--out",
@@ -81,13 +54,13 @@ def add_img2img(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help=f"steps of the full schedule, int(steps x strength) of them run (default: the model's recorded "
-        f"setting, else {_DEFAULT_STEPS})",
+        f"setting, else {DEFAULT_STEPS})",
     )
     p.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale (default: the model's recorded setting, else {_DEFAULT_GUIDANCE})",
+        help=f"classifier-free guidance scale (default: the model's recorded setting, else {DEFAULT_GUIDANCE})",
     )
     p.add_argument(
         "--scheduler",
@@ -100,259 +73,41 @@ def add_img2img(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
-    p.set_defaults(func=run_img2img)
+    p.set_defaults(func=run_img2img_command)
 
 
-# --------------------------------------------------------------------------------------------- inputs
-
-
-def find_inputs(path: str | Path) -> list[Path]:
-    """The input images: the file itself, or a folder's top-level image files sorted by name.
-
-    A symlink in the folder that is not a folder counts even when it leads nowhere (a loop, a missing target):
-    reading it then fails, so it is skipped, named and counted, and keeps its index (the seeds of the images
-    after it do not move).
-
-    Raises:
-        Img2ImgError: The path does not exist, or the folder holds no image file.
-    """
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        if path.is_symlink():
-            raise Img2ImgError(
-                f"--image {path}: a symbolic link that leads nowhere (a loop, or its target is missing); give "
-                "an image file or a folder"
-            )
-        raise Img2ImgError(f"--image {path}: no such file or folder")
-    files = sorted(p for p in path.iterdir() if _is_input_file(p) and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise Img2ImgError(f"--image {path}: the folder holds no image file ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
-def _is_input_file(path: Path) -> bool:
-    return path.is_file() or (path.is_symlink() and not path.is_dir())
-
-
-def parse_size(spec: str | None) -> tuple[int, int] | None:
-    """``"512"`` -> (512, 512), ``"768x512"`` -> (768, 512) as (width, height); ``None`` -> ``None``.
-
-    Raises:
-        Img2ImgError: Not N or WxH with positive integers.
-    """
-    if spec is None:
-        return None
-    parts = spec.lower().split("x")
-    try:
-        values = [int(part) for part in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or min(values) <= 0:
-        raise Img2ImgError(f"--size {spec}: give N (a square side) or WxH in pixels, e.g. 512 or 768x512")
-    return (values[0], values[-1])
-
-
-def read_input(path: Path, size: tuple[int, int] | None = None) -> Image.Image:
-    """An input image as upright 8-bit RGB, optionally resized to ``size`` (width, height).
-
-    Raises:
-        Img2ImgError: The file is missing, not an image, corrupt or truncated (the reason is in the message).
-    """
-    from bksdm.train.data.images import BadRecordError, open_image, to_rgb
-
-    try:
-        image = open_image(path)
-        image.load()  # decode now, so a truncated file fails here rather than inside the pipeline
-        with contextlib.suppress(Exception):  # a corrupt EXIF block raises assorted types; the pixels still work
-            image = ImageOps.exif_transpose(image)
-        image = to_rgb(image)
-    except (BadRecordError, OSError, SyntaxError, ValueError) as err:
-        if getattr(err, "errno", None) == errno.ELOOP or (path.is_symlink() and not path.exists()):
-            why = "a loop" if getattr(err, "errno", None) == errno.ELOOP else "its target is missing"
-            raise Img2ImgError(f"{path}: cannot read the image (a symbolic link that leads nowhere: {why})") from err
-        raise Img2ImgError(f"{path}: cannot read the image ({type(err).__name__}: {err})") from err
-    if size is not None and image.size != size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    return image
-
-
-def _output_names(inputs: list[Path]) -> list[str]:
-    """``<stem>.png`` per input; inputs whose stems collide (``a.jpg``, ``a.png``) keep their suffix."""
-    stems = [p.stem for p in inputs]
-    return [f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.name}.png" for p in inputs]
-
-
-# ----------------------------------------------------------------------------------------------- run
-
-
-@dataclass
-class Img2ImgRun:
-    """What a run did: written outputs (with their seeds) and skipped inputs (with the reason)."""
-
-    written: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-
-
-def check_input(path: Path, image: Image.Image, pipe, guidance: bool, device: torch.device) -> None:
-    """Refuse an input the pipeline cannot translate: a side below the VAE's factor, or too large for memory.
-
-    Raises:
-        Img2ImgError: The message names the file, its size and the fix.
-    """
-    factor = int(pipe.vae_scale_factor)
-    width, height = image.size
-    if min(width, height) < factor:
-        raise Img2ImgError(
-            f"{path}: {width}x{height} pixels is too small: img2img needs at least {factor} pixels a side (the "
-            f"VAE's factor); use a larger image or --size"
-        )
-    try:
-        rounded = (height - height % factor, width - width % factor)
-        check_memory(pipe, *rounded, 1, guidance, device, what=f"{path} ({width}x{height} pixels)")
-    except SamplingError as err:
-        raise Img2ImgError(f"{err} (--size WxH resizes every input first)") from None
-
-
-def _save(image: Image.Image, target: Path) -> None:
-    """Write ``target`` whole or not at all; the format follows its suffix (the partial name has none)."""
-    kind = Image.registered_extensions()[target.suffix.lower()]
-    with atomic_file(target) as partial:
-        image.save(partial, format=kind)
-
-
-def _make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise WriteFailed(err.errno or errno.EIO, describe_failure(err, folder)) from err
-
-
-def _sampling_defaults(model: str) -> dict[str, Any]:
-    """The model folder's recorded sampling settings (the bundled teacher has them), else diffusers' defaults."""
-    from bksdm.world.teacher import SETTINGS_FILE, recommended_settings
-
-    if (Path(model) / SETTINGS_FILE).is_file():
-        return recommended_settings(model)
-    return {"num_inference_steps": _DEFAULT_STEPS, "guidance_scale": _DEFAULT_GUIDANCE}
-
-
-def _plan_outputs(inputs: list[Path], out: Path, overwrite: bool) -> tuple[Path, list[Path], bool]:
-    """The output folder, one output path per input, and whether ``out`` is a single image file.
-
-    Fails before any work if the outputs would clobber files.
-    """
-    single_file = len(inputs) == 1 and out.suffix.lower() in IMAGE_SUFFIXES
-    if single_file:
-        folder, targets = out.parent, [out]
-    else:
-        if out.exists() and not out.is_dir():
-            raise Img2ImgError(f"--out {out} is a file; give a folder for a folder of inputs")
-        folder, targets = out, [out / name for name in _output_names(inputs)]
-    if not overwrite:
-        taken = [t for t in targets if t.exists()]
-        if taken:
-            more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
-            raise Img2ImgError(f"--out: {taken[0]}{more} already exist; choose another --out or pass --overwrite")
-    return folder, targets, single_file
-
-
-def run_img2img(args: argparse.Namespace) -> int:
-    """Handle ``bksdm img2img``: check everything, load the pipeline, translate batch by batch, write, summarise.
+def run_img2img_command(args: argparse.Namespace) -> int:
+    """Handle ``bksdm img2img``: run the job, then print what was translated and what was skipped.
 
     Returns:
-        The exit code: 0 when at least one image was written.
+        The exit code: 0 (at least one image was written; otherwise the job raises).
 
     Raises:
         Img2ImgError: Bad options, no readable input image, or outputs that already exist.
         TeacherNotFoundError: ``--model`` is neither a pipeline folder nor a reachable hub repo.
     """
-    from bksdm.loading import parse_dtype, resolve_device, teacher_or_default
-
-    model = teacher_or_default(args.model)
-    inputs = find_inputs(args.image)
-    size = parse_size(args.size)
-    defaults = _sampling_defaults(model)
-    steps = args.steps if args.steps is not None else int(defaults["num_inference_steps"])
-    guidance = args.guidance if args.guidance is not None else float(defaults["guidance_scale"])
-    check_strength(args.strength, steps)
-    check_guidance(guidance)
-    check_batch_size(args.batch_size)
-    device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype) if args.dtype else torch.float16 if device.type == "cuda" else torch.float32
-    folder, targets, single_file = _plan_outputs(inputs, Path(args.out), args.overwrite)
-    if len(inputs) == 1 and Path(args.image).is_file():
-        read_input(inputs[0], size)  # a single named file that cannot be read is an error, not a skip
-
-    pipe = img2img_pipeline(model, args.unet, dtype=dtype, device=device, scheduler=args.scheduler)
-    single_input = len(inputs) == 1 and Path(args.image).is_file()
-    run = Img2ImgRun()
-    for start in range(0, len(inputs), args.batch_size):
-        batch: list[tuple[int, Image.Image]] = []
-        for index in range(start, min(start + args.batch_size, len(inputs))):
-            try:
-                image = read_input(inputs[index], size)
-                check_input(inputs[index], image, pipe, guidance > 1, device)
-            except Img2ImgError as err:
-                if single_input:  # the one file asked for: an error, not a skip
-                    raise
-                run.skipped.append({"input": str(inputs[index]), "reason": str(err)})
-                print(f"bksdm img2img: skipped {err}", file=sys.stderr)
-                continue
-            batch.append((index, image))
-        if not batch:
-            continue
-        # Each image fits alone (checked above); a batch of large ones runs in calls as large as memory allows.
-        largest = max(batch, key=lambda item: item[1].width * item[1].height)[1]
-        factor = int(pipe.vae_scale_factor)
-        side = (largest.height - largest.height % factor, largest.width - largest.width % factor)
-        per_call = largest_batch(pipe, *side, len(batch), guidance > 1, device)
-        seeds = [image_seed(args.seed, index) for index, _ in batch]
-        made = translate(
-            pipe,
-            [image for _, image in batch],
-            args.prompt,
-            seeds,
-            strength=args.strength,
-            steps=steps,
-            guidance_scale=guidance,
-            batch_size=per_call,
-            negative_prompt=args.negative_prompt,
-        )
-        _make_folder(folder)
-        for (index, _), seed, image in zip(batch, seeds, made, strict=True):
-            _save(image, targets[index])
-            run.written.append({"input": str(inputs[index]), "output": str(targets[index]), "seed": seed})
-
-    if not run.written:
-        first = run.skipped[0]["reason"] if run.skipped else ""
-        raise Img2ImgError(
-            f"--image {args.image}: none of the {len(inputs)} image files could be read and translated (first: {first})"
-        )
-    if not single_file:
-        record = {
-            "model": model,
-            "unet": args.unet,
-            "prompt": args.prompt,
-            "negative_prompt": args.negative_prompt,
-            "strength": args.strength,
-            "scheduler": type(pipe.scheduler).__name__,
-            "steps": steps,
-            "denoising_steps_run": int(steps * args.strength),
-            "guidance_scale": guidance,
-            "seed": args.seed,
-            "seed_rule": "image i uses bksdm.use.img2img.image_seed(seed, i), i its index among the sorted inputs",
-            "size": list(size) if size else None,
-            "dtype": str(dtype).removeprefix("torch."),
-            "images": run.written,
-            "skipped": run.skipped,
-        }
-        write_text(folder / RECORD_FILE, json.dumps(record, indent=2, allow_nan=False) + "\n")
-    ran = int(steps * args.strength)
+    options = Img2ImgOptions(
+        image=args.image,
+        prompt=args.prompt,
+        out=args.out,
+        model=args.model,
+        unet=args.unet,
+        negative_prompt=args.negative_prompt,
+        strength=args.strength,
+        steps=args.steps,
+        guidance=args.guidance,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        size=args.size,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    run = run_img2img(options, on_skip=lambda reason: print(f"bksdm img2img: skipped {reason}", file=sys.stderr))
     print(
-        f"translated {len(run.written)} of {len(inputs)} images to {args.out} "
-        f"(strength {args.strength:g}: {ran} of {steps} steps, guidance {guidance:g}); "
+        f"translated {len(run.written)} of {run.inputs} images to {args.out} "
+        f"(strength {run.strength:g}: {run.steps_run} of {run.steps} steps, guidance {run.guidance_scale:g}); "
         f"{len(run.skipped)} skipped (unreadable, or too small or too large)"
     )
     for skipped in run.skipped:

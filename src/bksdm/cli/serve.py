@@ -1,4 +1,4 @@
-"""``bksdm serve``: the local demo page (a thin wrapper around :mod:`bksdm.use.serve`).
+"""``bksdm serve``: the local demo page; parses the options and runs :func:`bksdm.use.serve.run.serve_models`.
 
 It binds the address first (a busy port fails at once, not after minutes of loading), loads the teacher and
 the students once, warms them up, then serves until Ctrl-C.
@@ -7,15 +7,11 @@ the students once, warms them up, then serves until Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-from pathlib import Path
 
 import torch
 
-from bksdm.signals import handling
-
-__all__ = ["add_serve", "default_sampling", "run_serve"]
+__all__ = ["add_serve", "run_serve"]
 
 
 def _port(text: str) -> int:
@@ -72,39 +68,6 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
-def default_sampling(teacher: str, steps: int | None = None, guidance: float | None = None):
-    """Sampling settings: the given values, else the shapes teacher's recorded ones, else SD's usual 25 / 7.5.
-
-    Args:
-        teacher: The teacher's folder or hub id.
-        steps: ``--steps``, or None.
-        guidance: ``--guidance``, or None.
-
-    Returns:
-        A :class:`bksdm.use.serve.app.SamplingSettings`.
-
-    Raises:
-        ValueError: steps below 1 or a negative guidance scale.
-    """
-    from bksdm.use.serve.app import SamplingSettings
-    from bksdm.world.teacher import SETTINGS_FILE, recommended_settings
-
-    base: dict = {"steps": 25, "guidance_scale": 7.5}
-    if (Path(teacher) / SETTINGS_FILE).is_file():  # a shapes-world teacher records how it samples best
-        recorded = recommended_settings(teacher)
-        base = {
-            "steps": recorded["num_inference_steps"],
-            "guidance_scale": recorded["guidance_scale"],
-            "height": recorded["height"],
-            "width": recorded["width"],
-        }
-    if steps is not None:
-        base["steps"] = steps
-    if guidance is not None:
-        base["guidance_scale"] = guidance
-    return SamplingSettings(**base)
-
-
 def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
     from bksdm.loading import parse_dtype, resolve_device
 
@@ -123,8 +86,9 @@ def run_serve(args: argparse.Namespace) -> int:
         ValueError: a bad option or an address that cannot be bound (the message says which and why).
     """
     from bksdm.loading import teacher_or_default
-    from bksdm.use.serve.app import DemoApp, load_models
-    from bksdm.use.serve.server import binding_warning, make_server
+    from bksdm.use.serve.app import default_sampling
+    from bksdm.use.serve.run import serve_models
+    from bksdm.use.serve.server import binding_warning
 
     teacher = teacher_or_default(args.teacher)
     settings = default_sampling(teacher, args.steps, args.guidance)
@@ -132,48 +96,16 @@ def run_serve(args: argparse.Namespace) -> int:
     warning = binding_warning(args.host)
     if warning:
         print(f"bksdm serve: warning: {warning}", file=sys.stderr, flush=True)
-    try:
-        server = make_server(None, args.host, args.port)  # the app is attached once the models are loaded
-    except OSError as err:
-        raise ValueError(
-            f"cannot listen on {args.host}:{args.port}: {err.strerror or err}; "
-            "pick another --port (0 picks a free one) or check --host"
-        ) from None
-    stop = _Stop()
-    with handling([signal.SIGINT, signal.SIGTERM], stop):  # Ctrl-C or SIGTERM: stop within seconds
-        try:
-            print(f"loading {1 + len(args.student)} model(s) on {device} ...", flush=True)
-            app = DemoApp(load_models(teacher, args.student, dtype=dtype, device=device), settings)
-            if not args.no_warmup:
-                app.warm_up()
-            server.app = app
-            print(
-                f"serving {', '.join(m.name for m in app.models)} at {server.url} "
-                f"({settings.steps} steps, guidance {settings.guidance_scale}); Ctrl-C to stop",
-                flush=True,
-            )
-            server.serve_forever()
-        except KeyboardInterrupt:
-            print("stopping (a generation in progress stops after its current step)", flush=True)
-        finally:
-            server.server_close()  # ends every connection, then waits for their threads (seconds)
-    print("stopped", flush=True)
+    serve_models(
+        teacher,
+        args.student,
+        settings,
+        host=args.host,
+        port=args.port,
+        device=device,
+        dtype=dtype,
+        warm_up=not args.no_warmup,
+        say=lambda line: print(line, flush=True),
+        warn=lambda line: print(f"bksdm serve: {line}", file=sys.stderr, flush=True),
+    )
     return 0
-
-
-class _Stop:
-    """The signal handler: the first Ctrl-C (or SIGTERM) stops the server; it ends all requests within seconds.
-
-    A second one while stopping is told to wait rather than raising inside the stop (a traceback, and threads
-    left inside PyTorch, which aborts the process at exit).
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, signum: int, frame: object) -> None:
-        if self.requested:
-            print("bksdm serve: already stopping; it takes a few seconds", file=sys.stderr, flush=True)
-            return
-        self.requested = True
-        raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -9,7 +9,7 @@ with one seeded generator per image.
 
 Each image's randomness (its VAE latent sample and its noise) comes from its own generator seeded by ``(base
 seed, image index)``, so a result does not depend on the batch size or on the other images of a batch. Pure:
-files and printing belong to :mod:`bksdm.cli.img2img`.
+reading and writing files belong to :mod:`bksdm.use.img2img_job`.
 """
 
 from __future__ import annotations

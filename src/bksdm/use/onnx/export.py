@@ -1,4 +1,4 @@
-"""ONNX export of a pipeline's networks, with a parity check against PyTorch (runtime side: onnx_runtime.py).
+"""ONNX export of a pipeline's networks (see networks.py), with a parity check against PyTorch (see runtime.py).
 
 ``bksdm export onnx`` writes one folder per network in the layout of optimum's ``ORTStableDiffusionPipeline``
 and of diffusers' ``OnnxStableDiffusionPipeline`` (``unet/model.onnx``, ``text_encoder/model.onnx``,
@@ -39,19 +39,26 @@ import platform
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+from bksdm.use.onnx.networks import NetworkSpec, network_specs, side_multiple
 from bksdm.use.onnx.runtime import ONNX_FILE, REPORT_FILE, ExportError, onnx_session, require_onnx
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMPONENTS", "DEFAULT_COMPONENTS", "EXPORTERS", "ExportError", "export_onnx", "parse_components"]
+__all__ = [
+    "COMPONENTS",
+    "DEFAULT_COMPONENTS",
+    "EXPORTERS",
+    "ExportError",
+    "export_onnx",
+    "format_export",
+    "parse_components",
+]
 
 COMPONENTS = ("unet", "text_encoder", "vae_decoder", "vae_encoder")
 """Networks ``bksdm export onnx`` can write, by the folder name optimum and diffusers use."""
@@ -71,9 +78,6 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 DEFAULT_TOLERANCE = 1e-3
 """Largest absolute ONNX Runtime vs PyTorch difference accepted by the parity check (fp32)."""
-
-_EXAMPLE_BATCH = 2  # traced with batch 2 (a guided step), one timestep per image
-_SECOND_BATCH = 3  # also checked at batch 3 with one timestep for the batch, as diffusers' ONNX pipeline feeds it
 
 
 def parse_components(spec: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -95,172 +99,10 @@ def parse_components(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(n for n in COMPONENTS if n in names)  # a fixed order, whatever the user's
 
 
-# ------------------------------------------------------------------------------------- the wrapped networks
-
-
-class _UNet(nn.Module):
-    """``unet(sample, timestep, encoder_hidden_states) -> noise prediction``, as one tensor."""
-
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
-class _TextEncoder(nn.Module):
-    """``text_encoder(input_ids) -> (last_hidden_state, pooler_output)``."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids: torch.Tensor):
-        out = self.encoder(input_ids, return_dict=False)
-        return out[0], out[1]
-
-
-class _VaeDecoder(nn.Module):
-    """``vae.decode(latent_sample)``: post-quantisation convolution and decoder (the latent is unscaled)."""
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent_sample: torch.Tensor):
-        return self.vae.decode(latent_sample, return_dict=False)[0]
-
-
-class _VaeEncoder(nn.Module):
-    """``vae.encode(sample).latent_dist.mode()``: the mean, so the graph holds no random node."""
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, sample: torch.Tensor):
-        return self.vae.encode(sample, return_dict=False)[0].mode()
-
-
-@dataclass
-class _Spec:
-    """How one network is exported and checked."""
-
-    name: str
-    module: nn.Module
-    inputs: Callable[[int, int, torch.Generator], dict[str, torch.Tensor]]  # (batch, side or length, generator)
-    outputs: tuple[str, ...]
-    dynamic: dict[str, dict[int, str]]
-    example: tuple[int, int]  # (batch, side or sequence length) traced with
-    second: tuple[int, int]  # (batch, side or sequence length) also checked
-    save_config: Callable[[Path], None]  # writes the network's config.json into a folder
-
-
-def _side_multiple(unet_config: Any) -> int:
-    """Latent sides must be multiples of this: each U-Net downsampler halves the side."""
-    return 2 ** (len(unet_config.block_out_channels) - 1)
-
-
-def _specs(pipe, names: Sequence[str]) -> list[_Spec]:
-    unet, vae = pipe.unet, pipe.vae
-    native = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
-    multiple = _side_multiple(unet.config)
-    second_side = max(multiple, native - multiple)  # a second latent size the dynamic axes must handle
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    specs: list[_Spec] = []
-    if "unet" in names:
-        width, channels = unet.config.cross_attention_dim, unet.config.in_channels
-
-        def unet_inputs(batch: int, side: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-            return {
-                "sample": torch.randn(batch, channels, side, side, generator=gen),
-                # One timestep per image at the example shape; one for the batch (diffusers' ONNX pipeline) else.
-                "timestep": torch.randint(0, 1000, (batch if batch == _EXAMPLE_BATCH else 1,), generator=gen).float(),
-                "encoder_hidden_states": torch.randn(batch, 77, width, generator=gen),
-            }
-
-        specs.append(
-            _Spec(
-                "unet",
-                _UNet(unet),
-                unet_inputs,
-                ("out_sample",),
-                {
-                    "sample": {0: "batch", 2: "height", 3: "width"},
-                    "timestep": {0: "steps"},
-                    "encoder_hidden_states": {0: "batch", 1: "sequence"},
-                },
-                (_EXAMPLE_BATCH, native),
-                (_SECOND_BATCH, second_side),
-                unet.save_config,
-            )
-        )
-    if "text_encoder" in names:
-        encoder = getattr(pipe, "text_encoder", None)
-        if encoder is None:
-            raise ExportError("the pipeline has no text_encoder; leave it out of --components")
-        config = encoder.config
-        vocab, bos, eos = config.vocab_size, config.bos_token_id, config.eos_token_id
-
-        def text_inputs(batch: int, length: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-            ids = torch.randint(0, vocab, (batch, length), generator=gen)
-            ids[:, 0] = bos
-            ends = torch.randint(1, length, (batch,), generator=gen)
-            for row, end in enumerate(ends.tolist()):  # a prompt of random length, then end-of-text padding
-                ids[row, end:] = eos
-            return {"input_ids": ids.to(torch.int32)}
-
-        specs.append(
-            _Spec(
-                "text_encoder",
-                _TextEncoder(encoder),
-                text_inputs,
-                ("last_hidden_state", "pooler_output"),
-                {"input_ids": {0: "batch", 1: "sequence"}},
-                (_EXAMPLE_BATCH, min(77, config.max_position_embeddings)),
-                (_SECOND_BATCH, min(16, config.max_position_embeddings)),
-                config.save_pretrained,
-            )
-        )
-    latent_channels = vae.config.latent_channels
-    if "vae_decoder" in names:
-        specs.append(
-            _Spec(
-                "vae_decoder",
-                _VaeDecoder(vae),
-                lambda batch, side, gen: {
-                    "latent_sample": torch.randn(batch, latent_channels, side, side, generator=gen)
-                },
-                ("sample",),
-                {"latent_sample": {0: "batch", 2: "height", 3: "width"}},
-                (_EXAMPLE_BATCH, native),
-                (_SECOND_BATCH, second_side),
-                vae.save_config,
-            )
-        )
-    if "vae_encoder" in names:
-        specs.append(
-            _Spec(
-                "vae_encoder",
-                _VaeEncoder(vae),
-                lambda batch, side, gen: {
-                    "sample": torch.rand(batch, 3, side * scale, side * scale, generator=gen) * 2 - 1
-                },
-                ("latent_sample",),
-                {"sample": {0: "batch", 2: "height", 3: "width"}},
-                (_EXAMPLE_BATCH, native),
-                (_SECOND_BATCH, second_side),
-                vae.save_config,
-            )
-        )
-    return specs
-
-
 # ------------------------------------------------------------------------------------------- export + check
 
 
-def _export_one(spec: _Spec, path: Path, opset: int, exporter: str) -> None:
+def _export_one(spec: NetworkSpec, path: Path, opset: int, exporter: str) -> None:
     """Trace ``spec.module`` at its example shape and write the graph (weights inside or next to it)."""
     gen = torch.Generator().manual_seed(0)
     example = spec.inputs(*spec.example, gen)
@@ -327,7 +169,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _parity(spec: _Spec, session, seed: int) -> list[dict[str, Any]]:
+def _parity(spec: NetworkSpec, session, seed: int) -> list[dict[str, Any]]:
     """Run PyTorch and ONNX Runtime on the same random inputs at both shapes; the largest differences."""
     checks = []
     for k, (batch, side) in enumerate((spec.example, spec.second)):
@@ -424,14 +266,14 @@ def export_onnx(
 
     stage(f"loading {model}")
     pipe = load_pipeline(model, dtype=torch.float32, device="cpu")
-    specs = _specs(pipe, components)
+    specs = network_specs(pipe, components)
     report: dict[str, Any] = {
         "source": str(model),
         "exporter": exporter,
         "opset": opset,
         "tolerance": tolerance,
         "seed": seed,
-        "latent_side_multiple": _side_multiple(pipe.unet.config),
+        "latent_side_multiple": side_multiple(pipe.unet.config),
         "vae_scale_factor": 2 ** (len(pipe.vae.config.block_out_channels) - 1),
         "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
         "versions": {
@@ -489,3 +331,40 @@ def _write_pipeline_files(pipe, folder: Path, components: Sequence[str]) -> None
     index["scheduler"] = ["diffusers", type(pipe.scheduler).__name__]
     index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def format_export(report: dict[str, Any]) -> str:
+    """Render an export report as a table: one row per network with its size and parity error.
+
+    Args:
+        report: What :func:`export_onnx` returns.
+
+    Returns:
+        Multi-line text.
+    """
+    header = ["network", "file", "size", "checked at (first input)", "max |ORT - PyTorch|", ""]
+    rows = []
+    for name, c in report["components"].items():
+        shapes = ", ".join("x".join(map(str, next(iter(check["input_shapes"].values())))) for check in c["parity"])
+        size = c["bytes"] / 2**20
+        rows.append(
+            [name, c["file"], f"{size:.1f} MiB", shapes, f"{c['max_abs_error']:.2e}", "ok" if c["passed"] else "FAIL"]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        f"bksdm export onnx: {report['source']} -> {report['out']} ({report['exporter']} exporter, opset "
+        f"{report['opset']})",
+        "",
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += [
+        "",
+        "parity: ONNX Runtime (CPU) vs PyTorch (fp32) on the same seeded random inputs, at the traced shape and at",
+        f"  another batch, latent size and sequence length; tolerance {report['tolerance']:g}",
+        f"latent sides must be multiples of {report['latent_side_multiple']}; the VAE scales by "
+        f"{report['vae_scale_factor']} (scaling_factor {report['vae_scaling_factor']:g}: divide latents by it "
+        "before vae_decoder)",
+        f"report: {report['out']}/{REPORT_FILE}",
+    ]
+    return "\n".join(lines)

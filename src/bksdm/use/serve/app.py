@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -27,7 +28,7 @@ from bksdm.eval.generate import generate_images
 from bksdm.sampling import check_guidance, check_scheduler_steps, check_side, check_steps
 from bksdm.use.serve.api import MAX_PROMPT_CHARS, MAX_SEED, parse_generate_request, stopping_error
 
-__all__ = ["DemoApp", "SamplingSettings", "ServedModel", "load_models"]
+__all__ = ["DemoApp", "SamplingSettings", "ServedModel", "default_sampling", "load_models"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,38 @@ class SamplingSettings:
         for option, side in (("height", self.height), ("width", self.width)):
             if side is not None:
                 check_side(side, option, 8)
+
+
+def default_sampling(teacher: str, steps: int | None = None, guidance: float | None = None) -> SamplingSettings:
+    """Sampling settings: the given values, else the shapes teacher's recorded ones, else SD's usual 25 / 7.5.
+
+    Args:
+        teacher: The teacher's folder or hub id.
+        steps: ``--steps``, or None.
+        guidance: ``--guidance``, or None.
+
+    Returns:
+        The :class:`SamplingSettings` for :class:`DemoApp`.
+
+    Raises:
+        ValueError: steps below 1 or a negative guidance scale.
+    """
+    from bksdm.world.teacher import SETTINGS_FILE, recommended_settings
+
+    base: dict = {"steps": 25, "guidance_scale": 7.5}
+    if (Path(teacher) / SETTINGS_FILE).is_file():  # a shapes-world teacher records how it samples best
+        recorded = recommended_settings(teacher)
+        base = {
+            "steps": recorded["num_inference_steps"],
+            "guidance_scale": recorded["guidance_scale"],
+            "height": recorded["height"],
+            "width": recorded["width"],
+        }
+    if steps is not None:
+        base["steps"] = steps
+    if guidance is not None:
+        base["guidance_scale"] = guidance
+    return SamplingSettings(**base)
 
 
 @dataclass(frozen=True)
