@@ -9,7 +9,7 @@ TensorFlow patches FID needs (average pools that ignore padding, a max pool in t
 ``pt_inception-2015-12-05-6726825d.pth`` (pytorch-fid) or its byte-identical twin
 ``weights-inception-2015-12-05-6726825d.pth`` (torch-fidelity), both from the torch hub cache where those
 libraries keep it. On identical weights, our pool features and logits equal torch-fidelity's
-(``tests/test_metrics.py::test_inception_matches_torch_fidelity`` when torch-fidelity's files are at hand).
+(``tests/eval/test_metrics.py::test_inception_matches_torch_fidelity`` when torch-fidelity's files are at hand).
 
 Two input conventions, one per reference implementation the paper used:
 

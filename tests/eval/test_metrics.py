@@ -232,7 +232,7 @@ def test_missing_or_wrong_inception_weights_say_what_to_do(tmp_path, monkeypatch
 
 def _torch_fidelity_extractor():
     """torch-fidelity's Inception module, imported without its package __init__ (which needs torchvision)."""
-    tools = Path(__file__).resolve().parents[1] / ".test-tools"  # where ./setup.sh puts it
+    tools = Path(__file__).resolve().parents[2] / ".test-tools"  # where ./setup.sh puts it
     spec = importlib.machinery.PathFinder.find_spec("torch_fidelity", [str(tools), *sys.path])
     if spec is None:
         pytest.fail(

@@ -13,6 +13,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from builders import shapes_folder
 from PIL import Image
 
 from bksdm.cli import main
@@ -190,20 +191,6 @@ def clip_folder(tmp_path_factory) -> Path:
     model.save_pretrained(folder / "model")
     processor.save_pretrained(folder / "model")
     return folder / "model"
-
-
-def shapes_folder(folder: Path, count: int, seed: int = 3, listed: int | None = None) -> list[str]:
-    """``count`` shapes-world images with a manifest listing the first ``listed`` of them (all by default)."""
-    from bksdm.world.shapes import pairs
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lines, prompts = [], []
-    for i, (image, scene) in enumerate(pairs(seed, count)):
-        image.save(folder / f"{i:06d}.png")
-        prompts.append(scene.caption)
-        lines.append(json.dumps({"index": i, "prompt": scene.caption, "seed": i, "file": f"{i:06d}.png"}))
-    (folder / "manifest.jsonl").write_text("\n".join(lines[:listed]) + "\n")
-    return prompts
 
 
 def test_clip_score_with_a_saved_hf_clip(tmp_path, clip_folder, capsys):

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import shapes_folder
 from PIL import Image
-from test_evaluate import shapes_folder
 from torch.utils.data import DataLoader
 
 from bksdm.cli import main

@@ -24,7 +24,7 @@ from bksdm.train.config import (
 )
 from bksdm.train.settings import ConfigError
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs" / "distill").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs" / "distill").glob("*.yaml"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
