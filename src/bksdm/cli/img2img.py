@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bksdm.use.img2img_job import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH, Img2ImgOptions, run_img2img
+from bksdm.sampling import SAMPLING_TABLE
+from bksdm.use.img2img_job import Img2ImgOptions, run_img2img
+
+_DEFAULTS = SAMPLING_TABLE["image-to-image"]  # for a model that records no sampling settings
 
 __all__ = ["add_img2img", "run_img2img_command"]
 
@@ -40,9 +43,9 @@ def add_img2img(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strength",
         type=float,
-        default=DEFAULT_STRENGTH,
+        default=_DEFAULTS.strength,
         help=f"0 < S <= 1: how far the input is noised; low keeps it, high follows the prompt (default "
-        f"{DEFAULT_STRENGTH:g})",
+        f"{_DEFAULTS.strength:g})",
     )
     p.add_argument(
         "--out",
@@ -54,13 +57,13 @@ def add_img2img(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help=f"steps of the full schedule, int(steps x strength) of them run (default: the model's recorded "
-        f"setting, else {DEFAULT_STEPS})",
+        f"setting, else {_DEFAULTS.steps})",
     )
     p.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale (default: the model's recorded setting, else {DEFAULT_GUIDANCE})",
+        help=f"classifier-free guidance scale (default: the model's recorded setting, else {_DEFAULTS.guidance_scale})",
     )
     p.add_argument(
         "--scheduler",

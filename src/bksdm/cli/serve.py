@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 __all__ = ["add_serve", "run_serve"]
 
 
@@ -68,16 +66,6 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
-def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
-    from bksdm.loading import parse_dtype, resolve_device
-
-    resolved = resolve_device(device)
-    device = str(resolved)
-    if dtype is None:
-        return device, torch.float16 if resolved.type == "cuda" else torch.float32
-    return device, parse_dtype(dtype)
-
-
 def run_serve(args: argparse.Namespace) -> int:
     """Handle ``bksdm serve``: bind, load, warm up, serve until Ctrl-C.
 
@@ -85,14 +73,15 @@ def run_serve(args: argparse.Namespace) -> int:
         TeacherNotFoundError: a model cannot be found.
         ValueError: a bad option or an address that cannot be bound (the message says which and why).
     """
-    from bksdm.loading import teacher_or_default
+    from bksdm.loading import resolve_device, resolve_dtype, teacher_or_default
     from bksdm.use.serve.app import default_sampling
     from bksdm.use.serve.run import serve_models
     from bksdm.use.serve.server import binding_warning
 
     teacher = teacher_or_default(args.teacher)
     settings = default_sampling(teacher, args.steps, args.guidance)
-    device, dtype = _device_and_dtype(args.device, args.dtype)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     warning = binding_warning(args.host)
     if warning:
         print(f"bksdm serve: warning: {warning}", file=sys.stderr, flush=True)
@@ -102,7 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
         settings,
         host=args.host,
         port=args.port,
-        device=device,
+        device=str(device),
         dtype=dtype,
         warm_up=not args.no_warmup,
         say=lambda line: print(line, flush=True),

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from PIL import Image
 
 from bksdm.eval.generate import prompt_seed
-from bksdm.loading import TeacherNotFoundError, is_local, load_pipeline, use_scheduler
+from bksdm.loading import load_pipeline_with_unet
 from bksdm.sampling import SamplingError, check_batch_size, check_guidance
 from bksdm.sampling import check_strength as _check_strength
 
@@ -31,7 +30,6 @@ __all__ = [
     "check_strength",
     "image_seed",
     "img2img_pipeline",
-    "load_unet",
     "translate",
 ]
 
@@ -60,56 +58,6 @@ def check_strength(strength: float, steps: int) -> None:
         raise Img2ImgError(str(err)) from None
 
 
-def load_unet(ref: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load a U-Net from a student pipeline folder (its ``unet/``), a U-Net folder, or a hub pipeline id.
-
-    Args:
-        ref: A folder written by ``bksdm prune`` / ``bksdm distill`` (or any diffusers pipeline folder), a
-            folder holding a U-Net's ``config.json`` and weights, or a hub id of a pipeline.
-        dtype: Dtype of the weights.
-
-    Returns:
-        The ``UNet2DConditionModel`` in eval mode.
-
-    Raises:
-        Img2ImgError: A local folder holds no U-Net.
-        TeacherNotFoundError: A hub id cannot be reached.
-    """
-    from diffusers import UNet2DConditionModel
-
-    ref = str(ref)
-    if is_local(ref):
-        folder = Path(ref)
-        if (folder / "unet" / "config.json").is_file():
-            return UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).eval()
-        if (folder / "config.json").is_file():
-            return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype).eval()
-        raise Img2ImgError(
-            f"--unet {ref} holds neither unet/config.json (a pipeline folder, e.g. from bksdm prune or distill) "
-            "nor config.json (a U-Net folder)"
-        )
-    if ref.startswith((".", "/", "~")) or ref.endswith("/") or ref.count("/") > 1:  # a path, not a hub id
-        raise Img2ImgError(f"--unet {ref}: no such folder (give a student pipeline folder or a U-Net folder)")
-    try:
-        return UNet2DConditionModel.from_pretrained(ref, subfolder="unet", torch_dtype=dtype).eval()
-    except OSError as err:
-        raise TeacherNotFoundError(f"cannot load the U-Net of '{ref}' from the hub: {err}") from err
-
-
-def _check_unet_fits(pipe, unet) -> None:
-    """The student U-Net must read the pipeline's latents and text states and predict the same target."""
-    mine, theirs = unet.config, pipe.unet.config
-    problems = [
-        f"{key} is {getattr(mine, key)} in the U-Net but {getattr(theirs, key)} in the pipeline's"
-        for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type")
-        if getattr(mine, key, None) != getattr(theirs, key, None)
-    ]
-    if problems:
-        raise Img2ImgError(
-            "--unet does not fit --model: " + "; ".join(problems) + ". Give the teacher the student was pruned from"
-        )
-
-
 def img2img_pipeline(
     model: str | os.PathLike,
     unet: str | os.PathLike | None = None,
@@ -123,7 +71,8 @@ def img2img_pipeline(
     Args:
         model: A diffusers pipeline folder or hub id (SD-v1/v2, SDXL), e.g. the bundled teacher or a student
             folder written by ``bksdm prune`` / ``bksdm distill``.
-        unet: Optionally a student U-Net (see :func:`load_unet`) that replaces the pipeline's.
+        unet: Optionally a student U-Net that replaces the pipeline's: a student pipeline folder, a U-Net
+            folder or a hub id (see :func:`bksdm.loading.load_pipeline_with_unet`, which checks that it fits).
         dtype: Dtype of every component.
         device: Where to run.
         scheduler: A diffusers scheduler class name (e.g. ``EulerDiscreteScheduler``) made from the model's
@@ -134,24 +83,17 @@ def img2img_pipeline(
 
     Raises:
         TeacherNotFoundError: ``model`` is neither a pipeline folder nor a reachable hub repo.
-        Img2ImgError: ``unet`` holds no U-Net, or one that does not fit the pipeline, or ``scheduler`` is no
-            diffusers scheduler.
+        UnetError: ``unet`` holds no U-Net, or one that does not fit the pipeline.
+        Img2ImgError: The pipeline has no image-to-image counterpart.
+        ValueError: ``scheduler`` is not a diffusers scheduler.
     """
     from diffusers import AutoPipelineForImage2Image
 
-    base = load_pipeline(model, dtype=dtype, device="cpu")
-    if unet is not None:
-        student = load_unet(unet, dtype=dtype)
-        _check_unet_fits(base, student)
-        base.unet = student
+    base = load_pipeline_with_unet(model, unet, dtype=dtype, device="cpu", scheduler=scheduler)
     try:
         pipe = AutoPipelineForImage2Image.from_pipe(base)
     except ValueError as err:
         raise Img2ImgError(f"{model} ({type(base).__name__}) has no image-to-image counterpart: {err}") from err
-    try:
-        use_scheduler(pipe, scheduler)
-    except ValueError as err:
-        raise Img2ImgError(str(err)) from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

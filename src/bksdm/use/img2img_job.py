@@ -29,11 +29,18 @@ import torch
 from PIL import Image, ImageOps
 
 from bksdm.artifacts import WriteFailed, atomic_file, describe_failure, write_text
-from bksdm.sampling import SamplingError, check_batch_size, check_guidance, check_memory, largest_batch
+from bksdm.sampling import (
+    SAMPLING_TABLE,
+    SamplingError,
+    check_batch_size,
+    check_guidance,
+    check_memory,
+    largest_batch,
+    sampling_defaults,
+)
 from bksdm.use.img2img import Img2ImgError, check_strength, image_seed, img2img_pipeline, translate
 
 __all__ = [
-    "DEFAULT_STRENGTH",
     "IMAGE_SUFFIXES",
     "RECORD_FILE",
     "Img2ImgOptions",
@@ -52,10 +59,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 RECORD_FILE = "img2img.json"
 """Written into an output folder: settings, one entry per image (input, output, seed) and the skipped inputs."""
-
-DEFAULT_STEPS = 50  # diffusers' img2img default
-DEFAULT_GUIDANCE = 7.5
-DEFAULT_STRENGTH = 0.8
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class Img2ImgOptions:
     """A student U-Net to use instead of the model's (a pipeline folder, a U-Net folder or a hub id)."""
     negative_prompt: str | None = None
     """What the outputs should not show."""
-    strength: float = DEFAULT_STRENGTH
+    strength: float = SAMPLING_TABLE["image-to-image"].strength
     """0 < strength <= 1: how far each input is noised (low keeps it, high follows the prompt)."""
     steps: int | None = None
     """Steps of the full schedule (``int(steps * strength)`` of them run); None: the model's recorded setting."""
@@ -240,15 +243,6 @@ def _make_folder(folder: Path) -> None:
         raise WriteFailed(err.errno or errno.EIO, describe_failure(err, folder)) from err
 
 
-def _sampling_defaults(model: str) -> dict[str, Any]:
-    """The model folder's recorded sampling settings (the bundled teacher has them), else diffusers' defaults."""
-    from bksdm.world.teacher import SETTINGS_FILE, recommended_settings
-
-    if (Path(model) / SETTINGS_FILE).is_file():
-        return recommended_settings(model)
-    return {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
-
-
 def _plan_outputs(inputs: list[Path], out: Path, overwrite: bool) -> tuple[Path, list[Path], bool]:
     """The output folder, one output path per input, and whether ``out`` is a single image file.
 
@@ -288,20 +282,20 @@ def run_img2img(options: Img2ImgOptions, *, on_skip: Callable[[str], None] | Non
         TeacherNotFoundError: ``model`` is neither a pipeline folder nor a reachable hub repo.
         WriteFailed: An output could not be written (the earlier ones are whole).
     """
-    from bksdm.loading import parse_dtype, resolve_device, teacher_or_default
+    from bksdm.loading import resolve_device, resolve_dtype, teacher_or_default
 
     skip = on_skip or logger.warning
     model = teacher_or_default(options.model)
     inputs = find_inputs(options.image)
     size = parse_size(options.size)
-    defaults = _sampling_defaults(model)
-    steps = options.steps if options.steps is not None else int(defaults["num_inference_steps"])
-    guidance = options.guidance if options.guidance is not None else float(defaults["guidance_scale"])
+    defaults = sampling_defaults(model, "image-to-image")  # the model's recorded settings, else 50 / 7.5
+    steps = options.steps if options.steps is not None else defaults.steps
+    guidance = options.guidance if options.guidance is not None else defaults.guidance_scale
     check_strength(options.strength, steps)
     check_guidance(guidance)
     check_batch_size(options.batch_size)
     device = resolve_device(options.device)
-    dtype = parse_dtype(options.dtype) if options.dtype else torch.float16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype(options.dtype, device)
     folder, targets, single_file = _plan_outputs(inputs, Path(options.out), options.overwrite)
     single_input = len(inputs) == 1 and Path(options.image).is_file()
     if single_input:
