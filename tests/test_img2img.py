@@ -17,6 +17,7 @@ from PIL import Image
 
 from bksdm.cli import main
 from bksdm.use.img2img import Img2ImgError, check_strength, image_seed, img2img_pipeline, translate
+from bksdm.use.img2img_job import find_inputs, read_input
 from bksdm.world.shapes import COLORS, SHAPES, Scene, sample
 from bksdm.world.teacher import TEACHER_DIR
 
@@ -75,6 +76,16 @@ def test_results_depend_on_the_seed_not_on_the_batch(tiny_img2img) -> None:
     assert _max_diff(again[0], alone[1]) == 0  # same call, same numbers
     other_seed = translate(tiny_img2img, images[1:2], PROMPT, [seeds[0]], strength=0.7, steps=STEPS)
     assert _max_diff(other_seed[0], alone[1]) > 10
+
+
+def test_a_folder_counts_the_image_files_every_command_counts(tmp_path: Path) -> None:
+    # One list of image suffixes for every command (bksdm.artifacts): PGM/PPM inputs count here as in evaluate.
+    (tmp_path / "e.txt").write_text("not an image")
+    (tmp_path / "f.json").write_text("{}")
+    for name, kind in (("a.PNG", "PNG"), ("b.ppm", "PPM"), ("c.pgm", "PPM"), ("d.tiff", "TIFF")):
+        Image.new("L" if name.endswith("pgm") else "RGB", (8, 8)).save(tmp_path / name, format=kind)
+    assert [p.name for p in find_inputs(tmp_path)] == ["a.PNG", "b.ppm", "c.pgm", "d.tiff"]
+    assert all(read_input(p).mode == "RGB" for p in find_inputs(tmp_path))
 
 
 def test_image_seed_is_stable() -> None:

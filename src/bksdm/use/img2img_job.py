@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from bksdm.artifacts import WriteFailed, atomic_file, describe_failure, write_text
+from bksdm.artifacts import IMAGE_SUFFIXES, WriteFailed, atomic_file, describe_failure, write_text
 from bksdm.sampling import (
     SAMPLING_TABLE,
     SamplingError,
@@ -41,7 +41,6 @@ from bksdm.sampling import (
 from bksdm.use.img2img import Img2ImgError, check_strength, image_seed, img2img_pipeline, translate
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "RECORD_FILE",
     "Img2ImgOptions",
     "Img2ImgSummary",
@@ -53,9 +52,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-"""Files of a folder that count as input images (case-insensitive); other files are ignored."""
 
 RECORD_FILE = "img2img.json"
 """Written into an output folder: settings, one entry per image (input, output, seed) and the skipped inputs."""
@@ -130,6 +126,9 @@ class Img2ImgSummary:
 
 def find_inputs(path: str | os.PathLike) -> list[Path]:
     """The input images: the file itself, or a folder's top-level image files sorted by name.
+
+    A folder's image files are those with a suffix in :data:`bksdm.artifacts.IMAGE_SUFFIXES` (any case); other
+    files are ignored.
 
     A symlink in the folder that is not a folder counts even when it leads nowhere (a loop, a missing target):
     reading it then fails, so it is skipped, named and counted, and keeps its index (the seeds of the images
