@@ -71,6 +71,7 @@ def batch1(tiny_sd_dir, prompt_file, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_batch_size_and_process_count_do_not_change_the_images(tiny_sd_dir, prompt_file, batch1, tmp_path) -> None:
     # Two processes, one prompt per call: byte for byte the files of one process.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

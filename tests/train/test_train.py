@@ -152,6 +152,7 @@ def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_weights(tiny_sd_dir, shapes_dir, tmp_path) -> None:
     common = dict(
         train__max_steps=10, train__checkpoint_every=2, train__use_ema=True, train__gradient_accumulation_steps=2
@@ -181,6 +182,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tiny_sd_dir, shapes_dir, tmp
     assert json.loads(lines[-1])["step"] == 10
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_sd_dir, shapes_dir, tmp_path) -> None:
     """SIGTERM (a cluster's preemption, ``kill``) ends the run at the end of the optimizer step in progress with a
     checkpoint of that step, whatever ``checkpoint_every`` says; ``--resume latest`` then ends with exactly the
@@ -211,6 +213,7 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_sd_dir, shapes_dir, 
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_same_step_as_one(tiny_sd_dir, shapes_dir, tmp_path) -> None:
     one = run_cli(
         ["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "one", train__batch_size=4, train__max_steps=2)]
