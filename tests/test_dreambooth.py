@@ -8,6 +8,11 @@ are at the end, guarded until the bundled teacher's weights land.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,7 @@ from safetensors.torch import load_file
 from bksdm.cli import main
 from bksdm.eval.generate import generate_images, prompt_seed
 from bksdm.train.encoders import TextEncoders, encode_text
+from bksdm.use.dreambooth.config import CONFIG_FILE, load_dreambooth_config
 from bksdm.use.dreambooth.data import ensure_class_images, pick
 from bksdm.use.dreambooth.recipe import dreambooth_loss
 from bksdm.use.lora import LORA_FILE, UNET_LORA_TARGETS, text_encoder_lora_problem
@@ -316,6 +322,103 @@ def test_dreambooth_loss_is_instance_plus_weighted_prior() -> None:
     assert torch.allclose(both["loss_instance"], inst["loss_instance"], atol=1e-6)
     assert torch.allclose(both["loss_prior"], prior["loss_instance"], atol=1e-6)
     assert torch.allclose(both["loss"], both["loss_instance"] + 0.5 * both["loss_prior"])
+
+
+# ------------------------------------------------------------------------- settings and SIGTERM
+
+
+def test_settings_come_from_yaml_then_overrides_then_flags(teacher_dir, subject_dir, tmp_path) -> None:
+    """Distill's config system: a YAML file of sections, dotted overrides (old names are aliases), flags on top;
+    the resolved settings are saved as config.yaml in the output folder and next to every checkpoint."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "lora:\n  enabled: true\n  rank: 2\noptim:\n  lr: 1e-3\n  weight_decay: 0\n"
+        "train:\n  max_steps: 5\n  checkpoint_every: 1\n  keep_checkpoints: 5\n"
+    )
+    out = tmp_path / "run"
+    args = ["dreambooth", "--config", str(config), "train.max_steps=3", "adam_weight_decay=0.5", "steps=4"]
+    args += ["--model", str(teacher_dir)]
+    args += ["--instance-dir", str(subject_dir), "--instance-prompt", INSTANCE_PROMPT, "--out", str(out)]
+    args += ["--mixed-precision", "no", "--sample-steps", "2", "--validation-every", "0", "--steps", "2"]
+    assert main(args) == 0
+    saved = load_dreambooth_config(out / CONFIG_FILE)
+    assert saved.train.max_steps == 2  # the flag wins over the overrides, which win over the file
+    assert (saved.optim.weight_decay, saved.optim.lr, saved.lora.enabled, saved.lora.rank) == (0.5, 1e-3, True, 2)
+    assert saved.train.validation_steps == 2 and saved.data.instance_prompt == INSTANCE_PROMPT
+    assert saved.lora.alpha == 2.0 and saved.model.train_text_encoder is False  # resolved: no None left
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["checkpoint-0000001", "checkpoint-0000002"]
+    assert all(load_dreambooth_config(p / CONFIG_FILE) == saved for p in checkpoints)
+    record = json.loads((out / "dreambooth.json").read_text())["config"]  # the flat record keeps its names
+    assert (record["adam_weight_decay"], record["max_steps"], record["rank"], record["lora"]) == (0.5, 2, 2, True)
+
+
+def test_unknown_keys_and_wrong_types_fail_before_any_work(teacher_dir, subject_dir, tmp_path, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("optim:\n  lrr: 1e-3\ntrain:\n  seed: one\n")
+    out = tmp_path / "out"
+    args = ["dreambooth", "--config", str(config), "train.max_steps=ten", "prior.weight=2", "--model", str(teacher_dir)]
+    args += ["--instance-dir", str(subject_dir), "--instance-prompt", INSTANCE_PROMPT, "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"bksdm dreambooth: error: invalid config {config} (4 problems):" in err, err
+    for needle in (
+        "optim.lrr: unknown key; did you mean 'lr'?",
+        "train.seed: expected a whole number, got 'one'",
+        "train.max_steps (override): expected a whole number, got 'ten'",
+        "prior.weight: unknown key; did you mean 'loss_weight'?",
+    ):
+        assert needle in err, (needle, err)
+    assert not out.exists()
+
+
+def run_cli(*args: str) -> subprocess.Popen:
+    """``python -m bksdm.cli ARGS`` in a process of its own (one thread, unbuffered), output in ``stdout``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "bksdm.cli", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_sd_dir, tmp_path) -> None:
+    """SIGTERM ends a run at the end of the optimizer step in progress with a checkpoint of that step, whatever
+    ``--checkpoint-every`` says, and exits 143 with distill's message; ``--resume latest`` then ends with exactly
+    the weights of an uninterrupted run with the same seed."""
+    subject = subject_images(tmp_path / "subject", count=3)
+
+    def args(out: Path) -> list[str]:
+        flags = ["dreambooth", "--model", str(tiny_sd_dir), "--instance-dir", str(subject), "--out", str(out)]
+        flags += ["--instance-prompt", INSTANCE_PROMPT, "--lora", "--rank", "2", "--lr", "1e-2", "--steps", "20"]
+        flags += ["--gradient-accumulation-steps", "2", "--checkpoint-every", "0", "--validation-every", "0"]
+        return [*flags, "--log-every", "1", "--mixed-precision", "no"]
+
+    straight = run_cli(*args(tmp_path / "a"))
+    log = straight.communicate(timeout=600)[0]
+    assert straight.returncode == 0, log
+
+    victim = run_cli(*args(tmp_path / "b"))
+    metrics = tmp_path / "b" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGTERM)
+    log = victim.communicate(timeout=300)[0]
+    assert victim.returncode == 128 + signal.SIGTERM, log
+    assert "bksdm dreambooth: stopped by SIGTERM at step" in log and "--resume latest" in log, log
+    assert "Traceback" not in log, log
+    checkpoints = [p for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1, checkpoints  # none were due: this one is SIGTERM's
+    stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
+    assert 1 <= stopped_at < 20 and not (tmp_path / "b" / LORA_FILE).exists()
+    assert (checkpoints[0] / LORA_FILE).is_file() and (checkpoints[0] / CONFIG_FILE).is_file()
+
+    resumed = run_cli(*args(tmp_path / "b"), "--resume", "latest")
+    log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, log
+    a, b = load_file(tmp_path / "a" / LORA_FILE), load_file(tmp_path / "b" / LORA_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))  # each step logged once
 
 
 # ------------------------------------------------------------------------------------------ user errors

@@ -8,7 +8,6 @@ tests: each is refused with one message (exit 2) naming the option or the file, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,8 @@ from PIL import Image
 
 from bksdm.cli import main
 from bksdm.eval.report import ReportError, ReportOptions, write_report
-from bksdm.use.dreambooth.config import DreamBoothConfig, DreamBoothError, check_config
+from bksdm.use.dreambooth.checks import check_config
+from bksdm.use.dreambooth.config import DreamBoothConfig, DreamBoothError, with_values
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:
@@ -120,7 +120,8 @@ def test_report_python_api_refuses_too(tmp_path: Path) -> None:
 @pytest.fixture()
 def base(tmp_path: Path) -> DreamBoothConfig:
     subject = _images(tmp_path / "subject", 3)
-    cfg = DreamBoothConfig(instance_dir=str(subject), instance_prompt="a sks dog", output_dir=str(tmp_path / "out"))
+    settings = {"instance_dir": str(subject), "instance_prompt": "a sks dog", "output_dir": str(tmp_path / "out")}
+    cfg = with_values(DreamBoothConfig(), settings)
     return cfg
 
 
@@ -145,7 +146,7 @@ def base(tmp_path: Path) -> DreamBoothConfig:
     ],
 )  # fmt: skip
 def test_dreambooth_numbers_are_checked_finite(base: DreamBoothConfig, changes: dict, expected: str) -> None:
-    cfg = dataclasses.replace(base, **changes).resolved()
+    cfg = with_values(base, changes).resolved()
     with pytest.raises(DreamBoothError) as info:
         check_config(cfg)
     assert str(info.value).startswith(f"cannot start (1 problem):\n  - {expected}")  # one problem, said once
@@ -156,12 +157,12 @@ def test_dreambooth_numbers_are_checked_finite(base: DreamBoothConfig, changes: 
     [{}, {"guidance_scale": 0.0}, {"guidance_scale": 1.0}, {"sample_steps": 1}, {"prior_loss_weight": 0.0}],
 )
 def test_dreambooth_sensible_numbers_pass(base: DreamBoothConfig, changes: dict) -> None:
-    assert len(check_config(dataclasses.replace(base, **changes).resolved())) == 3
+    assert len(check_config(with_values(base, changes).resolved())) == 3
 
 
 def test_a_symlink_loop_among_the_instance_images_is_named(base: DreamBoothConfig, tmp_path: Path) -> None:
     """It was left out silently; the README says every image is checked before the model loads."""
-    loop = Path(base.instance_dir) / "2.png"
+    loop = Path(base.data.instance_dir) / "2.png"
     os.symlink(loop.name, loop)
     with pytest.raises(DreamBoothError) as info:
         check_config(base.resolved())

@@ -9,7 +9,11 @@ __all__ = ["add_dreambooth", "add_dreambooth_eval"]
 
 
 def add_dreambooth(sub: argparse._SubParsersAction) -> None:
-    """Add the ``dreambooth`` sub-command to the ``bksdm`` parser."""
+    """Add the ``dreambooth`` sub-command to the ``bksdm`` parser.
+
+    Every flag is an alias of a dotted setting (:data:`bksdm.use.dreambooth.config.FLAGS`); its default is None
+    (not given), so that only the flags on the command line override the YAML file and the dotted overrides.
+    """
     p = sub.add_parser(
         "dreambooth",
         help="personalise a model on a few images of a subject (DreamBooth: full fine-tuning or LoRA)",
@@ -18,17 +22,28 @@ def add_dreambooth(sub: argparse._SubParsersAction) -> None:
         "--class-prompt is given), text encoder trained too, lr 1e-6, batch 1, 800 steps, the model's native "
         "size; --lora: rank 16, lr 1e-4. Full fine-tuning writes a pipeline folder to --out "
         "(StableDiffusionPipeline.from_pretrained(OUT)); LoRA writes OUT/pytorch_lora_weights.safetensors "
-        "(pipe.load_lora_weights(OUT)). Multi-GPU: accelerate launch -m bksdm.cli dreambooth ...",
+        "(pipe.load_lora_weights(OUT)). Settings also come from a YAML file (--config; sections model, lora, data, "
+        "prior, optim, train: OUT/config.yaml is one) and dotted key=value overrides (optim.weight_decay=0, "
+        "train.max_steps=400); each flag below is an alias of one of them and wins over both. "
+        "SIGTERM stops a run at the end of its step with a checkpoint (exit 143); --resume latest continues it. "
+        "Multi-GPU: accelerate launch -m bksdm.cli dreambooth ...",
+    )
+    p.add_argument("--config", default=None, help="YAML file of settings (default: the paper's recipe)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. train.max_steps=10 optim.lr=1e-4 (before any option that takes several values)",
     )
     p.add_argument("--model", default=None, help="hub id or diffusers folder (default: the bundled shapes teacher)")
-    p.add_argument("--instance-dir", required=True, help="folder with the subject's images")
-    p.add_argument("--instance-prompt", required=True, help="prompt with the identifier, e.g. 'a sks dog'")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--instance-dir", default=None, help="folder with the subject's images (required)")
+    p.add_argument("--instance-prompt", default=None, help="prompt with the identifier, e.g. 'a sks dog' (required)")
+    p.add_argument("--out", default=None, help="output folder (required)")
     prior = p.add_argument_group("prior preservation")
     prior.add_argument(
         "--class-prompt",
         nargs="+",
-        default=[],
+        default=None,
         help="the subject's class without identifier, e.g. 'a dog'; several spread the class images over them, "
         "'' adds the model's unconditional samples",
     )
@@ -39,8 +54,8 @@ def add_dreambooth(sub: argparse._SubParsersAction) -> None:
         help="add the class-image loss (default: on when --class-prompt is given, as in the paper)",
     )
     prior.add_argument("--class-dir", default=None, help="class images; missing ones are generated (OUT/class_images)")
-    prior.add_argument("--num-class-images", type=int, default=200, help="class images to use (default 200)")
-    prior.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class loss (default 1.0)")
+    prior.add_argument("--num-class-images", type=int, default=None, help="class images to use (default 200)")
+    prior.add_argument("--prior-loss-weight", type=float, default=None, help="weight of the class loss (default 1.0)")
     what = p.add_argument_group("what trains")
     what.add_argument(
         "--train-text-encoder",
@@ -48,81 +63,53 @@ def add_dreambooth(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="train the text encoder too (default: yes for full fine-tuning, as in the paper; no with --lora)",
     )
-    what.add_argument("--lora", action="store_true", help="train a LoRA adapter (peft) instead of all weights")
-    what.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    what.add_argument(
+        "--lora", action="store_true", default=None, help="train a LoRA adapter (peft) instead of all weights"
+    )
+    what.add_argument("--rank", type=int, default=None, help="LoRA rank (default 16)")
     what.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     run = p.add_argument_group("the run")
-    run.add_argument("--steps", type=int, default=800, help="optimizer steps (default 800)")
+    run.add_argument("--steps", type=int, default=None, help="optimizer steps (default 800)")
     run.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-6; 1e-4 with --lora)")
-    run.add_argument("--batch-size", type=int, default=1, help="instance images per step per device (default 1)")
-    run.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step (default 1)")
+    run.add_argument("--batch-size", type=int, default=None, help="instance images per step per device (default 1)")
+    run.add_argument("--gradient-accumulation-steps", type=int, default=None, help="micro-batches per step (default 1)")
     run.add_argument("--resolution", type=int, default=None, help="training side (default: the model's native one)")
-    run.add_argument("--random-flip", action="store_true", help="mirror training images at random")
-    run.add_argument("--seed", type=int, default=1234, help="seed of everything random (default 1234)")
+    run.add_argument("--random-flip", action="store_true", default=None, help="mirror training images at random")
+    run.add_argument("--seed", type=int, default=None, help="seed of everything random (default 1234)")
     run.add_argument(
-        "--mixed-precision", default="fp16", choices=("no", "fp16", "bf16"), help="default fp16 (fp32 without GPU)"
+        "--mixed-precision", default=None, choices=("no", "fp16", "bf16"), help="default fp16 (fp32 without GPU)"
     )
-    run.add_argument("--gradient-checkpointing", action="store_true", help="save memory, recompute activations")
-    run.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW")
-    run.add_argument("--lr-scheduler", default="constant", help="constant (default), linear, cosine, ...")
-    run.add_argument("--lr-warmup-steps", type=int, default=0, help="warm-up steps (default 0)")
-    run.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps (default 200)")
-    run.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept (default 3)")
+    run.add_argument(
+        "--gradient-checkpointing", action="store_true", default=None, help="save memory, recompute activations"
+    )
+    run.add_argument("--use-8bit-adam", action="store_true", default=None, help="bitsandbytes' 8-bit AdamW")
+    run.add_argument("--lr-scheduler", default=None, help="constant (default), linear, cosine, ...")
+    run.add_argument("--lr-warmup-steps", type=int, default=None, help="warm-up steps (default 0)")
+    run.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping; 0 turns it off (default 1)")
+    run.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (default 200)")
+    run.add_argument("--keep-checkpoints", type=int, default=None, help="newest checkpoints kept (default 3)")
     run.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    run.add_argument("--log-every", type=int, default=10, help="log the losses every N steps (default 10)")
+    run.add_argument("--log-every", type=int, default=None, help="log the losses every N steps (default 10)")
     val = p.add_argument_group("validation and sampling")
     val.add_argument(
-        "--validation-prompts", nargs="+", default=[], help="prompts drawn at validation (default: instance, class)"
+        "--validation-prompts", nargs="+", default=None, help="prompts drawn at validation (default: instance, class)"
     )
-    val.add_argument("--validation-every", type=int, default=200, help="validate every N steps; 0 never (200)")
+    val.add_argument("--validation-every", type=int, default=None, help="validate every N steps; 0 never (200)")
     val.add_argument("--sample-steps", type=int, default=None, help="denoising steps of class/validation images")
     val.add_argument("--guidance-scale", type=float, default=None, help="guidance of class/validation images")
-    val.add_argument("--sample-batch-size", type=int, default=4, help="images per call for class images (4)")
+    val.add_argument("--sample-batch-size", type=int, default=None, help="images per call for class images (4)")
     p.set_defaults(func=run_dreambooth_command)
 
 
 def run_dreambooth_command(args: argparse.Namespace) -> int:
-    """Handle ``bksdm dreambooth``."""
+    """Handle ``bksdm dreambooth``: the YAML file, then the dotted overrides, then the flags given."""
     from accelerate import PartialState
 
-    from bksdm.use.dreambooth.recipe import DreamBoothConfig, run_dreambooth
+    from bksdm.use.dreambooth.config import FLAGS, load_dreambooth_config
+    from bksdm.use.dreambooth.recipe import run_dreambooth
 
-    cfg = DreamBoothConfig(
-        instance_dir=args.instance_dir,
-        instance_prompt=args.instance_prompt,
-        output_dir=args.out,
-        model=args.model,
-        class_prompts=args.class_prompt,
-        prior_preservation=args.prior_preservation,
-        class_dir=args.class_dir,
-        num_class_images=args.num_class_images,
-        prior_loss_weight=args.prior_loss_weight,
-        train_text_encoder=args.train_text_encoder,
-        lora=args.lora,
-        rank=args.rank,
-        lora_alpha=args.lora_alpha,
-        max_steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        resolution=args.resolution,
-        random_flip=args.random_flip,
-        seed=args.seed,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        use_8bit_adam=args.use_8bit_adam,
-        lr_scheduler=args.lr_scheduler,
-        lr_warmup_steps=args.lr_warmup_steps,
-        checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
-        resume=args.resume,
-        validation_prompts=args.validation_prompts,
-        validate_every=args.validation_every,
-        sample_steps=args.sample_steps,
-        guidance_scale=args.guidance_scale,
-        sample_batch_size=args.sample_batch_size,
-        log_every=args.log_every,
-    )
+    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in FLAGS}
+    cfg = load_dreambooth_config(args.config, args.overrides, {k: v for k, v in given.items() if v is not None})
     result = run_dreambooth(cfg, progress=args.verbose)
     if PartialState().is_main_process:
         last = result.losses[-1] if result.losses else {}

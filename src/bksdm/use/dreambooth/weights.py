@@ -35,7 +35,7 @@ RECIPE = "dreambooth"
 
 def fingerprints(cfg: DreamBoothConfig) -> dict[str, Any]:
     """What a checkpoint's weights depend on: a LoRA checkpoint does not resume full fine-tuning, nor the reverse."""
-    return {"lora": cfg.lora, "train_text_encoder": cfg.train_text_encoder}
+    return {"lora": cfg.lora.enabled, "train_text_encoder": cfg.model.train_text_encoder}
 
 
 def set_up_training(cfg: DreamBoothConfig, pipe, weight_dtype: torch.dtype) -> list[torch.nn.Module]:
@@ -46,24 +46,24 @@ def set_up_training(cfg: DreamBoothConfig, pipe, weight_dtype: torch.dtype) -> l
     unet, text_encoder = pipe.unet, pipe.text_encoder
     pipe.vae.requires_grad_(False)
     pipe.vae.to(dtype=vae_dtype(pipe.vae, weight_dtype))  # fp32 where fp16 would overflow
-    unet.requires_grad_(not cfg.lora)
-    text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.lora)
-    if cfg.lora:
+    unet.requires_grad_(not cfg.lora.enabled)
+    text_encoder.requires_grad_(cfg.model.train_text_encoder and not cfg.lora.enabled)
+    if cfg.lora.enabled:
         unet.to(dtype=weight_dtype)
-        unet.add_adapter(lora_config(cfg.rank, cfg.lora_alpha, UNET_LORA_TARGETS))
-        if cfg.train_text_encoder:
+        unet.add_adapter(lora_config(cfg.lora.rank, cfg.lora.alpha, UNET_LORA_TARGETS))
+        if cfg.model.train_text_encoder:
             text_encoder.to(dtype=weight_dtype)
-            text_encoder.add_adapter(lora_config(cfg.rank, cfg.lora_alpha, TEXT_LORA_TARGETS))
-    if not cfg.train_text_encoder:
+            text_encoder.add_adapter(lora_config(cfg.lora.rank, cfg.lora.alpha, TEXT_LORA_TARGETS))
+    if not cfg.model.train_text_encoder:
         text_encoder.to(dtype=weight_dtype)
-    trained = [unet] + ([text_encoder] if cfg.train_text_encoder else [])
+    trained = [unet] + ([text_encoder] if cfg.model.train_text_encoder else [])
     for module in trained:
         for param in module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-    if cfg.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
+        if cfg.model.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
     return trained
 
@@ -71,20 +71,21 @@ def set_up_training(cfg: DreamBoothConfig, pipe, weight_dtype: torch.dtype) -> l
 def make_optimizer(cfg: DreamBoothConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW (bitsandbytes' 8-bit one when asked) over the trainable parameters."""
     adam = torch.optim.AdamW
-    if cfg.use_8bit_adam:
+    if cfg.optim.use_8bit_adam:
         import bitsandbytes as bnb  # optional: pip install bitsandbytes
 
         adam = bnb.optim.AdamW8bit
-    return adam(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.adam_weight_decay, eps=1e-8)
+    o = cfg.optim
+    return adam(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay, eps=o.adam_epsilon)
 
 
 def write_model_files(cfg: DreamBoothConfig, pipe, folder: Path) -> None:
     """The weights a checkpoint holds besides the training state, in diffusers' format."""
-    if cfg.lora:
-        save_lora(folder, pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None)
+    if cfg.lora.enabled:
+        save_lora(folder, pipe.unet, pipe.text_encoder if cfg.model.train_text_encoder else None)
     else:
         pipe.unet.save_pretrained(folder / "unet")
-        if cfg.train_text_encoder:
+        if cfg.model.train_text_encoder:
             pipe.text_encoder.save_pretrained(folder / "text_encoder")
 
 
@@ -95,11 +96,11 @@ def resume_weights(cfg: DreamBoothConfig, pipe, checkpoint: Path, optimizer, lr_
         CheckpointError: Not a DreamBooth checkpoint, or one of another mode (LoRA vs full, text encoder or not).
     """
     state = read_checkpoint(checkpoint, RECIPE, fingerprints(cfg))
-    if cfg.lora:
-        load_lora(checkpoint / LORA_FILE, pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None)
+    if cfg.lora.enabled:
+        load_lora(checkpoint / LORA_FILE, pipe.unet, pipe.text_encoder if cfg.model.train_text_encoder else None)
     else:
         load_module(pipe.unet, read_weights(checkpoint / "unet", "diffusion_pytorch_model"), "U-Net")
-        if cfg.train_text_encoder:
+        if cfg.model.train_text_encoder:
             load_module(pipe.text_encoder, read_weights(checkpoint / "text_encoder", "model"), "text encoder")
     restore_training_state(checkpoint, state, optimizer, lr_scheduler)
     return int(state["step"])
@@ -119,8 +120,8 @@ def save_output(cfg: DreamBoothConfig, pipe, out: Path) -> Path | None:
     partial = partial_path(out / "output")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    if cfg.lora:
-        file = save_lora(partial, pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None)
+    if cfg.lora.enabled:
+        file = save_lora(partial, pipe.unet, pipe.text_encoder if cfg.model.train_text_encoder else None)
         file.replace(out / LORA_FILE)
         shutil.rmtree(partial)
         return out / LORA_FILE
