@@ -3,7 +3,7 @@
 #   1. the card and the library versions;
 #   2. train_throughput.py: one KD step, SD-v1.4 -> bk-small at 512 px, cached vs uncached, fp16;
 #   3. generate_throughput.py on the bundled teacher, fp16;
-#   4. the GPU tests (tests/test_gpu.py): mixed-precision distillation and DreamBooth, batch invariance;
+#   4. the GPU tests (tests/use/test_gpu.py): mixed-precision distillation and DreamBooth, batch invariance;
 #   5. real_scale.py: every bksdm command on an SD-v1.4-sized pipeline at 512 px, with peak RSS and GPU memory
 #      (last: it takes longest; --lean keeps the disk under about 35 GB; set REAL_SCALE=0 to skip it).
 # Usage, from the repository root with bksdm importable: bash benchmarks/gpu_checks.sh
@@ -26,7 +26,7 @@ step python benchmarks/train_throughput.py --arch sd-v1.4 --plan bk-small --reso
   --warmup 2 --device cuda --dtype fp16 --out "$out/train_throughput_cuda_fp16.json"
 step python benchmarks/generate_throughput.py --device cuda --count 32 --batches 1,8,32 --repeats 3 \
   --out "$out/generate_throughput_cuda.json"
-step python -m pytest -m gpu tests/test_gpu.py -s -q -p no:cacheprovider --durations=0 \
+step python -m pytest -m gpu tests/use/test_gpu.py -s -q -p no:cacheprovider --durations=0 \
   -k "${GPU_TESTS:-batch or dreambooth or bf16 or fp16}"
 if [ "${REAL_SCALE:-1}" != 0 ]; then
   step python benchmarks/real_scale.py --arch sd-v1.4 --resolution 512 --lean --wait-limit 60 \
