@@ -8,7 +8,7 @@ The classifier plays, for the shapes world, the part that Inception-v3 and CLIP 
   against real shapes images from a fixed held-out seed.
 
 Both mean something only because the classifier is accurate on real images (>= 0.98 on every attribute and on
-all four at once, checked by ``tests/test_classifier.py``), so a miss is the generator's fault, not the judge's.
+all four at once, checked by ``tests/world/test_classifier.py``), so a miss is the generator's fault, not the judge's.
 
 The weights ship in ``bksdm/world/assets/classifier/`` (``model.safetensors`` + ``config.json``) and are made by
 ``python -m bksdm.world.train_classifier``. Everything here except :func:`load_classifier` is pure: no files, no

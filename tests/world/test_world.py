@@ -46,6 +46,7 @@ def world(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_short_distillation_raises_agreement_with_the_teacher(world, tmp_path) -> None:
     from diffusers import StableDiffusionPipeline
 
