@@ -24,7 +24,6 @@ to use, the command that trained it, how long that took on what machine and the 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from bksdm.artifacts import MODEL_RECORD_FILE
 from bksdm.world.shapes import IMAGE_SIZE
 from bksdm.world.tiny import build_tiny_tokenizer
 
@@ -51,7 +51,7 @@ __all__ = [
 TEACHER_DIR = Path(__file__).parent / "assets" / "teacher"
 """The shipped, trained teacher: a diffusers ``StableDiffusionPipeline`` folder."""
 
-SETTINGS_FILE = "bksdm_toy.json"
+SETTINGS_FILE = MODEL_RECORD_FILE
 """File in :data:`TEACHER_DIR` with the recommended sampling settings and the teacher's provenance."""
 
 VAE_SCALE_FACTOR = 4
@@ -241,13 +241,12 @@ def recommended_settings(path: str | Path | None = None) -> dict[str, Any]:
         ``{"num_inference_steps": int, "guidance_scale": float}``, ready to pass to the pipeline, plus
         ``"height"``/``"width"``. Defaults (25 steps, guidance 5) when the folder has no settings file.
     """
+    from bksdm.sampling import sampling_defaults  # the one reader of a model's recorded sampling settings
+
     path = Path(path) if path is not None else TEACHER_DIR
     settings = dict(_DEFAULT_SETTINGS)
-    file = path / SETTINGS_FILE
-    if file.is_file():
-        recorded = json.loads(file.read_text(encoding="utf-8")).get("sampling", {})
-        settings.update({k: recorded[k] for k in _DEFAULT_SETTINGS if k in recorded})
-    settings["num_inference_steps"] = int(settings["num_inference_steps"])
-    settings["guidance_scale"] = float(settings["guidance_scale"])
+    if (path / SETTINGS_FILE).is_file():
+        recorded = sampling_defaults(path)
+        settings.update(num_inference_steps=recorded.steps, guidance_scale=recorded.guidance_scale)
     settings.update(height=IMAGE_SIZE, width=IMAGE_SIZE)
     return settings
