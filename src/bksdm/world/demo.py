@@ -1,9 +1,21 @@
 """``bksdm demo``: the whole job on the bundled shapes teacher, offline, in minutes on a CPU.
 
-prune → distill (the real recipe) → generate with teacher and students on the same prompts and seeds →
-evaluate (prompt accuracy and Fréchet distance from the shapes classifier, params, MACs, latency) → a report
-folder. With ``ablations`` it also trains the paper's two baselines with the same budget: the same student
-trained with the task loss only, and a randomly initialised student (BK-SDM, Table 5 in miniature).
+The demo runs each stage's own function, so its figures are what the commands give:
+
+1. export shapes pairs as a training folder (:func:`bksdm.world.shapes.export`);
+2. prune the teacher (:func:`bksdm.plan.prune.prune`, ``bksdm prune``) into ``pruned/``;
+3. distil each student from its pruned folder with the real recipe (:func:`bksdm.train.distill.distill`,
+   ``bksdm distill``) into ``runs/``;
+4. generate with the teacher and every student on the same held-out prompts and seeds
+   (:func:`bksdm.eval.generate.generate_folder`, ``bksdm generate``) into ``images/``;
+5. evaluate each folder with the shapes classifier (:func:`bksdm.eval.evaluate.evaluate_folder`,
+   ``bksdm evaluate --metrics shapes``: prompt accuracy and Fréchet distance);
+6. compare them (:func:`bksdm.eval.report.write_report`, ``bksdm report --latency``: params and MACs from
+   :mod:`bksdm.eval.profile`, latency, the image grid), and write the demo's summary (``summary.md``,
+   ``summary.json``) and the loss curves.
+
+With ``ablations`` it also trains the paper's two baselines with the same budget: the same student trained with
+the task loss only, and a randomly initialised student (BK-SDM, Table 5 in miniature).
 """
 
 from __future__ import annotations
@@ -16,15 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from bksdm.eval.generate import generate_images
-from bksdm.plan.prune import unet_macs
-from bksdm.profiling import count_params, measure_latency, unet_inputs
-from bksdm.train.config import load_config
-from bksdm.train.validation import image_grid
+from bksdm.artifacts import atomic_file, write_text
+from bksdm.plan.render import markdown_table
 
 logger = logging.getLogger(__name__)
+
+HELD_OUT_SEED = 50_000
+"""Noise seed of the first evaluation image (image ``i`` uses ``HELD_OUT_SEED + i``); training uses other seeds."""
+GENERATE_BATCH = 16
+"""Prompts per pipeline call when generating (the images do not depend on it)."""
+GRID_COLUMNS = 8
+"""Prompts in the report's image grid."""
 
 
 @dataclass
@@ -40,21 +54,31 @@ class DemoSettings:
     """Shapes pairs exported as the training folder."""
     eval_seeds: int = 1
     """Images per scene for evaluation (96 scenes each)."""
-    sampling_steps: int = 25
+    sampling_steps: int | None = None
+    """None: the steps the teacher's folder records (:func:`bksdm.sampling.sampling_defaults`: 25)."""
     guidance_scale: float | None = None
-    """None: the guidance scale shipped with the teacher."""
+    """None: the guidance scale the teacher's folder records (3.0 for the bundled one)."""
     ablations: bool = False
     seed: int = 1234
     extra: list[str] = field(default_factory=list)
     """Extra ``key=value`` overrides for the distill recipe."""
 
 
-def _students(settings: DemoSettings) -> dict[str, list[str]]:
-    """Each student's name and its recipe overrides (all share every other setting and the budget)."""
-    students = {f"{settings.plan} (KD)": []}
+@dataclass(frozen=True)
+class _Student:
+    """One student of the demo: how its pruned starting point is made, and its recipe overrides."""
+
+    init: str
+    """``teacher`` (BK-SDM: the kept blocks' weights) or ``random`` (the ablation)."""
+    overrides: tuple[str, ...] = ()
+
+
+def _students(settings: DemoSettings) -> dict[str, _Student]:
+    """Each student's name, starting point and recipe overrides (all share every other setting and the budget)."""
+    students = {f"{settings.plan} (KD)": _Student("teacher")}
     if settings.ablations:
-        students[f"{settings.plan} (task loss only)"] = ["loss.lambda_out=0", "loss.lambda_feat=0"]
-        students[f"{settings.plan} (random init, KD)"] = ["model.init=random"]
+        students[f"{settings.plan} (task loss only)"] = _Student("teacher", ("loss.lambda_out=0", "loss.lambda_feat=0"))
+        students[f"{settings.plan} (random init, KD)"] = _Student("random")
     return students
 
 
@@ -63,142 +87,207 @@ def _slug(name: str) -> str:
 
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str, Any]:
-    """Runs the demo and writes ``out/summary.md``, ``summary.json``, ``grid.png``, ``loss_curve*.png``."""
+    """Runs the demo into ``out`` and returns what ``summary.json`` holds.
+
+    Writes ``data/`` (training pairs), ``pruned/`` (the pruned students), ``runs/`` (the distillation runs),
+    ``images/`` (each model's images and ``evaluation.json``), the report (``report.md``, ``report.html``,
+    ``report.json``, ``grid.png``, ``chart.png``), ``summary.md``, ``summary.json`` and ``loss_curve-*.png``.
+
+    Raises:
+        TeacherNotFoundError: The bundled teacher is missing (at once, with the fix).
+        TrainingStopped: SIGTERM stopped a distillation after its checkpoint.
+    """
     from bksdm.loading import teacher_or_default
-    from bksdm.train.distill import distill
-    from bksdm.world import classifier as shapes_classifier
+    from bksdm.sampling import sampling_defaults
     from bksdm.world.shapes import all_scenes, export
-    from bksdm.world.teacher import TEACHER_DIR, load_teacher, recommended_settings
+    from bksdm.world.teacher import TEACHER_DIR
 
     teacher_or_default(None)  # fails at once, with the fix, when the bundled teacher is missing
     settings = settings or DemoSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    shipped = recommended_settings()
-    guidance = settings.guidance_scale if settings.guidance_scale is not None else shipped["guidance_scale"]
+    recorded = sampling_defaults(TEACHER_DIR)
+    steps = settings.sampling_steps if settings.sampling_steps is not None else recorded.steps
+    guidance = settings.guidance_scale if settings.guidance_scale is not None else recorded.guidance_scale
+    sampling = {"sampling_steps": steps, "guidance_scale": guidance}
 
-    logger.info("1/4 exporting %d shapes pairs to %s", settings.data_size, out / "data")
+    logger.info("1/5 exporting %d shapes pairs to %s", settings.data_size, out / "data")
     data = export(out / "data", settings.data_size, seed=settings.seed)
 
     runs: dict[str, Path] = {}
-    for i, (name, extra) in enumerate(_students(settings).items()):
-        logger.info("2/4 distilling student %d: %s (%d steps)", i + 1, name, settings.steps)
-        run_dir = out / "runs" / _slug(name)
-        overrides = [
-            f"model.teacher={TEACHER_DIR}",
-            f"model.plan={settings.plan}",
-            f"data.train={data}",
-            "data.resolution=64",
-            "data.num_workers=0",
-            f"train.output_dir={run_dir}",
-            f"train.max_steps={settings.steps}",
-            f"train.batch_size={settings.batch_size}",
-            "train.gradient_accumulation_steps=1",
-            "train.mixed_precision=no",
-            "train.gradient_checkpointing=false",
-            "train.validate_every=0",
-            f"train.checkpoint_every={settings.steps}",
-            "train.keep_checkpoints=1",
-            f"train.log_every={max(1, settings.steps // 40)}",
-            "train.use_ema=false",
-            f"optim.lr={settings.lr}",
-            f"train.seed={settings.seed}",
-            *extra,
-            *settings.extra,
-        ]
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        runs[name] = distill(load_config(None, overrides))
+    pruned: dict[str, Path] = {}
+    for i, (name, student) in enumerate(_students(settings).items()):
+        if student.init not in pruned:
+            logger.info("2/5 pruning the teacher with %s (%s weights)", settings.plan, student.init)
+            pruned[student.init] = _prune(out, settings, student.init)
+        logger.info("3/5 distilling student %d: %s (%d steps)", i + 1, name, settings.steps)
+        runs[name] = _distill(out / "runs" / _slug(name), settings, data, pruned[student.init], student.overrides)
 
-    logger.info("3/4 generating with the teacher and %d student(s)", len(runs))
+    logger.info("4/5 generating and evaluating the teacher and %d student(s)", len(runs))
     scenes = all_scenes()
     prompts = [s.caption for s in scenes for _ in range(settings.eval_seeds)]
-    seeds = [50_000 + i for i in range(len(prompts))]  # held out: training data uses other seeds
-    classifier = shapes_classifier.load_classifier()
-    reference = shapes_classifier.reference_statistics(classifier)
-    models: dict[str, Any] = {"teacher": load_teacher()}
-    from diffusers import StableDiffusionPipeline
+    seeds = [HELD_OUT_SEED + i for i in range(len(prompts))]
+    models = {"teacher": TEACHER_DIR, **runs}
+    folders: dict[str, Path] = {}
+    evaluations: dict[str, dict[str, float]] = {}
+    for name, model in models.items():
+        folders[name] = _generate(out / "images" / _slug(name), model, prompts, seeds, steps, guidance)
+        evaluations[name] = _evaluate(folders[name])
 
-    for name, folder in runs.items():
-        models[name] = StableDiffusionPipeline.from_pretrained(folder)
+    logger.info("5/5 profiling and writing the report")
+    from bksdm.eval.report import ReportOptions, write_report
 
-    summary: dict[str, Any] = {"settings": vars(settings) | {"guidance_scale": guidance}, "models": {}}
-    images: dict[str, list] = {}
-    for name, pipe in models.items():
-        pipe.set_progress_bar_config(disable=True)
-        images[name] = generate_images(
-            pipe, prompts, seeds, steps=settings.sampling_steps, guidance_scale=guidance, batch_size=16, progress=True
-        )
-        logger.info("4/4 evaluating %s", name)
-        summary["models"][name] = _evaluate(pipe, images[name], prompts, classifier, reference)
+    report = write_report(
+        out,
+        ReportOptions(
+            models={name: str(folder) for name, folder in folders.items()},
+            latency=True,
+            steps=steps,
+            columns=GRID_COLUMNS,
+            title="bksdm demo",
+        ),
+        on_stage=logger.info,
+    )
+    summary: dict[str, Any] = {"settings": vars(settings) | sampling, "models": {}}
+    for name in models:
+        summary["models"][name] = _figures(evaluations[name], report["models"][name]["profile"])
     teacher_accuracy = summary["models"]["teacher"]["prompt_accuracy"]
     for name in runs:
         metrics = summary["models"][name]
         metrics["accuracy_vs_teacher"] = metrics["prompt_accuracy"] / teacher_accuracy if teacher_accuracy else 0.0
         metrics["run"] = str(runs[name].parent)
     summary["seconds"] = time.perf_counter() - started
-    _write_report(out, summary, images, prompts, runs)
+    _write_summary(out, summary, len(prompts), runs)
     return summary
 
 
-def _evaluate(pipe, images, prompts, classifier, reference) -> dict[str, Any]:
-    from bksdm.world import classifier as shapes_classifier
-    from bksdm.world.shapes import parse_caption
+def _prune(out: Path, settings: DemoSettings, init: str) -> Path:
+    """The prune job (``bksdm prune``) on the bundled teacher: ``out/pruned/<plan>[-random-init]``."""
+    from bksdm.plan.prune import prune
 
-    unet = pipe.unet
-    config = dict(unet.config)
-    resolution = config["sample_size"] * pipe.vae_scale_factor
-    macs = unet_macs(config, resolution)
-    inputs = unet_inputs(config, resolution)
-    inputs["encoder_hidden_states"] = torch.zeros(1, 77, config["cross_attention_dim"])
-    inputs["sample"] = torch.zeros(1, config["in_channels"], config["sample_size"], config["sample_size"])
-    with torch.no_grad():
-        latency = measure_latency(lambda: unet(**inputs), warmup=2, repeats=10)
+    folder = out / "pruned" / (_slug(settings.plan) + ("" if init == "teacher" else f"-{init}-init"))
+    # Seeded as distill seeded the random init when it built the student itself (train.seed): the same weights.
+    prune(None, settings.plan, folder, init=init, overwrite=True, seed=settings.seed)
+    return folder
+
+
+def _distill(run_dir: Path, settings: DemoSettings, data: Path, student: Path, overrides: tuple[str, ...]) -> Path:
+    """The distill recipe from a pruned student folder; returns the final student pipeline's folder."""
+    from bksdm.train.config import load_config
+    from bksdm.train.distill import distill
+    from bksdm.world.teacher import TEACHER_DIR
+
+    recipe = [
+        f"model.teacher={TEACHER_DIR}",
+        f"model.plan={settings.plan}",
+        f"model.student={student}",
+        f"data.train={data}",
+        "data.resolution=64",
+        "data.num_workers=0",
+        f"train.output_dir={run_dir}",
+        f"train.max_steps={settings.steps}",
+        f"train.batch_size={settings.batch_size}",
+        "train.gradient_accumulation_steps=1",
+        "train.mixed_precision=no",
+        "train.gradient_checkpointing=false",
+        "train.validate_every=0",
+        f"train.checkpoint_every={settings.steps}",
+        "train.keep_checkpoints=1",
+        f"train.log_every={max(1, settings.steps // 40)}",
+        "train.use_ema=false",
+        f"optim.lr={settings.lr}",
+        f"train.seed={settings.seed}",
+        *overrides,
+        *settings.extra,
+    ]
+    if run_dir.exists():  # a fresh run each time: the demo's figures come from this run alone
+        shutil.rmtree(run_dir)
+    return distill(load_config(None, recipe))
+
+
+def _generate(folder: Path, model: Path, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> Path:
+    """``bksdm generate`` of the held-out prompts into ``folder`` (on the CPU in fp32, as the figures were made)."""
+    from bksdm.eval.generate import GenerateOptions, generate_folder
+
+    if folder.exists():  # never resumed: the same student folder may hold new weights since the last demo
+        shutil.rmtree(folder)
+    options = GenerateOptions(
+        prompts=prompts,
+        out=folder,
+        model=str(model),
+        steps=steps,
+        guidance=guidance,
+        batch_size=GENERATE_BATCH,
+        seeds=seeds,
+        dtype="fp32",
+        device="cpu",
+    )
+    generate_folder(options)
+    return folder
+
+
+def _evaluate(folder: Path) -> dict[str, float]:
+    """``bksdm evaluate --metrics shapes`` of a generated folder (writes its ``evaluation.json``)."""
+    from bksdm.eval.evaluate import EvaluationOptions, evaluate_folder
+
+    # One batch of up to 256 images, as the classifier reads a list of images by itself.
+    result, _ = evaluate_folder(folder, options=EvaluationOptions(metrics=["shapes"], batch_size=256, device="cpu"))
+    return result["metrics"]
+
+
+def _figures(metrics: dict[str, float], profile: dict[str, Any]) -> dict[str, Any]:
+    """One model's entry of ``summary.json`` from its evaluation and its profile."""
+    from bksdm.world.shapes import ATTRIBUTES
+
+    attributes = {name: metrics[f"shapes_{name}_accuracy"] for name in ATTRIBUTES}
     return {
-        "prompt_accuracy": shapes_classifier.prompt_accuracy(classifier, images, prompts),
-        "attribute_accuracy": shapes_classifier.attribute_accuracy(
-            classifier, images, [parse_caption(p) for p in prompts]
-        ),
-        "frechet_distance": shapes_classifier.shapes_frechet_distance(classifier, images, reference),
-        "unet_params": count_params(unet),
-        "unet_macs": macs.conv_linear,
-        "unet_step_ms": latency.median * 1000,
+        "prompt_accuracy": metrics["shapes_prompt_accuracy"],
+        "attribute_accuracy": attributes | {"all": metrics["shapes_prompt_accuracy"]},
+        "frechet_distance": metrics["shapes_frechet_distance"],
+        "unet_params": profile["unet_params"],
+        "unet_macs": profile["unet_macs"],
+        "unet_step_ms": profile["unet_step_s"] * 1000,
     }
 
 
-def _write_report(out: Path, summary: dict[str, Any], images: dict[str, list], prompts: list[str], runs) -> None:
-    names = list(images)
-    columns = min(8, len(prompts))
-    picks = [round(i * (len(prompts) - 1) / max(1, columns - 1)) for i in range(columns)]
-    image_grid([[images[n][i] for i in picks] for n in names], names).save(out / "grid.png")
+def _write_summary(out: Path, summary: dict[str, Any], prompts: int, runs: dict[str, Path]) -> None:
+    """``summary.json``, ``summary.md`` and each run's loss curve as ``loss_curve-<student>.png``."""
     for name, folder in runs.items():
         curve = folder.parent / "loss_curve.png"
         if curve.is_file():
-            shutil.copy(curve, out / f"loss_curve-{_slug(name)}.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            with atomic_file(out / f"loss_curve-{_slug(name)}.png") as partial:
+                shutil.copyfile(curve, partial)
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
     rows = [
-        f"| {n} | {m['prompt_accuracy']:.3f} | {m.get('accuracy_vs_teacher', 1.0):.0%} | {m['frechet_distance']:.2f} | "
-        f"{m['unet_params']:,} | {m['unet_macs'] / 1e6:.1f}M | {m['unet_step_ms']:.1f} |"
+        [
+            n,
+            f"{m['prompt_accuracy']:.3f}",
+            f"{m.get('accuracy_vs_teacher', 1.0):.0%}",
+            f"{m['frechet_distance']:.2f}",
+            f"{m['unet_params']:,}",
+            f"{m['unet_macs'] / 1e6:.1f}M",
+            f"{m['unet_step_ms']:.1f}",
+        ]
         for n, m in summary["models"].items()
     ]
+    header = ["model", "prompt accuracy", "of teacher's", "Fréchet distance", "U-Net params", "U-Net MACs"]
     s = summary["settings"]
     text = "\n".join(
         [
             "# bksdm demo",
             "",
             f"Plan `{s['plan']}`, {s['steps']} distillation steps of batch {s['batch_size']} per student, "
-            f"{len(prompts)} held-out prompts, {s['sampling_steps']} sampling steps at guidance {s['guidance_scale']}; "
+            f"{prompts} held-out prompts, {s['sampling_steps']} sampling steps at guidance {s['guidance_scale']}; "
             f"{summary['seconds'] / 60:.1f} minutes in all.",
             "",
-            "| model | prompt accuracy | of teacher's | Fréchet distance | U-Net params | U-Net MACs "
-            "| U-Net step (ms) |",
-            "|---|---|---|---|---|---|---|",
-            *rows,
+            markdown_table([*header, "U-Net step (ms)"], rows),
             "",
             "Prompt accuracy: share of images whose shape, colour, size and position, as the shapes classifier reads "
             "them, all match the prompt. Fréchet distance: between classifier features of the generated images and "
-            "of real shapes images (lower is better).",
+            "of real shapes images (lower is better). Every figure, with the per-attribute accuracies and the "
+            "images' sources, is in [the report](report.md); each model's images and `evaluation.json` are in "
+            "`images/`.",
             "",
             "![teacher vs students](grid.png)",
             "",
@@ -206,4 +295,4 @@ def _write_report(out: Path, summary: dict[str, Any], images: dict[str, list], p
             "",
         ]
     )
-    (out / "summary.md").write_text(text)
+    write_text(out / "summary.md", text)
