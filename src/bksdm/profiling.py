@@ -228,22 +228,24 @@ def unet_inputs(
     batch: int = 1,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    vae_scale: int = VAE_SCALE,
 ) -> dict[str, Any]:
     """Make the standard inputs of one U-Net step, as keyword arguments of its forward.
 
     Args:
         unet_config: The U-Net's config (a dict or ``unet.config``).
-        resolution: Image side in pixels; the latent side is ``resolution // 8``.
+        resolution: Image side in pixels; the latent side is ``resolution // vae_scale``.
         batch: Batch size (1 for the paper's figures).
         device: Device of the tensors (``"meta"`` for shape-only counting).
         dtype: Dtype of the floating-point tensors.
+        vae_scale: The VAE's downsampling factor (8 for Stable Diffusion; the shapes world's VAE has 4).
 
     Returns:
         ``sample`` (B, C_in, res/8, res/8), ``timestep`` (B,), ``encoder_hidden_states``
         (B, 77, cross_attention_dim), and for SDXL-style configs (``addition_embed_type == "text_time"``)
         ``added_cond_kwargs`` with ``text_embeds`` (B, pooled dim) and ``time_ids`` (B, 6).
     """
-    side = resolution // VAE_SCALE
+    side = resolution // vae_scale
     float_kw = {"device": device, "dtype": dtype}
     context_dim = unet_config["cross_attention_dim"]
     inputs: dict[str, Any] = {

@@ -317,3 +317,23 @@ def test_selectors() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             select(bad, 10 if isinstance(bad, str) else 3)
+
+
+def test_prune_report_counts_macs_at_the_latent_size_the_pipeline_samples(tmp_path) -> None:
+    """The shapes teacher's VAE downsamples by 4, not SD's 8: its 64-px images are 16x16 latents, and the prune
+    report's MACs are those of a 16x16 step (they were an 8x8 step's, a quarter, before)."""
+    from bksdm.plan.prune import prune
+    from bksdm.profiling import count_macs
+    from bksdm.world.teacher import load_teacher
+
+    report = prune(None, "bk-tiny", tmp_path / "student")
+    teacher = load_teacher()
+    assert teacher.vae_scale_factor == 4 and report["resolution"] == 64
+    side = 64 // 4
+    config = teacher.unet.config
+    step = {
+        "sample": torch.zeros(1, config.in_channels, side, side),
+        "timestep": torch.full((1,), 999, dtype=torch.long),
+        "encoder_hidden_states": torch.zeros(1, 77, config.cross_attention_dim),
+    }
+    assert report["unet"]["teacher"]["macs"] == count_macs(teacher.unet, **step).conv_linear

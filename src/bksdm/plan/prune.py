@@ -27,7 +27,7 @@ from bksdm.plan.render import block_rows, format_plan, prune_markdown
 from bksdm.plan.resolved import ResolvedPlan, resolve
 from bksdm.plan.spec import Plan, plan_to_dict
 from bksdm.plan.surgery import block_params, build_student, describe_config_changes, shapes_of
-from bksdm.profiling import count_macs, count_params, unet_inputs
+from bksdm.profiling import VAE_SCALE, count_macs, count_params, unet_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +46,13 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise OutputExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
 
 
-def unet_macs(config: dict[str, Any], resolution: int, group_depth: int = 6):
-    """MACs of one U-Net step at batch 1, counted on a weightless (meta) model built from ``config``."""
+def unet_macs(config: dict[str, Any], resolution: int, group_depth: int = 6, vae_scale: int = VAE_SCALE):
+    """MACs of one U-Net step at batch 1 and ``resolution`` pixels (latent side ``resolution // vae_scale``),
+    counted on a weightless (meta) model built from ``config``."""
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-    return count_macs(unet, group_depth=group_depth, **unet_inputs(config, resolution, device="meta"))
+    inputs = unet_inputs(config, resolution, device="meta", vae_scale=vae_scale)
+    return count_macs(unet, group_depth=group_depth, **inputs)
 
 
 def group_macs(per_module: dict[str, int], addresses: list[str]) -> dict[str, int]:
@@ -90,11 +92,12 @@ def build_report(
     resolution: int,
     weights,
     init: str,
+    vae_scale: int = VAE_SCALE,
 ) -> dict[str, Any]:
     """The prune report's content: totals, per-block fates with params and MACs, config changes, KD pairs."""
     student_config = resolved.student_config()
-    teacher_macs = unet_macs(dict(teacher_unet.config), resolution)
-    student_macs = unet_macs(student_config, resolution)
+    teacher_macs = unet_macs(dict(teacher_unet.config), resolution, vae_scale=vae_scale)
+    student_macs = unet_macs(student_config, resolution, vae_scale=vae_scale)
     fates = [address for address, _ in resolved.block_fates()]
     params = block_params(resolved, shapes_of(teacher_unet))
     rows = block_rows(resolved, params, group_macs(teacher_macs.per_module, fates))
@@ -249,7 +252,9 @@ def prune(
     other = sum(count_params(getattr(pipe, name)) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None)
     other += vae_decoder_params(pipe.vae)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    report = build_report(teacher, resolved, pipe.unet, surgery.student, other, resolution, surgery.weights, init)
+    report = build_report(
+        teacher, resolved, pipe.unet, surgery.student, other, resolution, surgery.weights, init, pipe.vae_scale_factor
+    )
     report["out"] = str(out)
 
     with atomic_dir(out) as tmp:
