@@ -92,6 +92,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 # -------------------------------------------------------------------------------------- FID and friends
 
 
+@pytest.mark.slow
 def test_fid_of_two_folders_equals_pytorch_fid_formula(tmp_path, inception_file, capsys):
     generated = _random_images(tmp_path / "gen", 12, seed=0)
     real = _random_images(tmp_path / "real", 14, seed=1)

@@ -111,6 +111,7 @@ def test_batch_size_and_process_count_do_not_change_the_images(tiny_sd_dir, prom
         assert np.array_equal(np.asarray(image), pixels(batch1 / names(5)[i]))
 
 
+@pytest.mark.slow
 def test_the_batch_size_does_not_reach_the_metrics() -> None:
     """The rounding that batching changes is far below what an evaluation reads. On the bundled teacher at its
     settings, 24 scenes (every shape, colour, size and position) at batch 8 vs batch 1: the classifier reads the

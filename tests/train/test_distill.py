@@ -209,6 +209,7 @@ def test_sdxl_with_added_conditioning(pipes: dict) -> None:
     assert other["loss_task"].item() != losses["loss_task"].item()
 
 
+@pytest.mark.slow
 def test_ddp_wrapped_student_matches_unwrapped(pipes: dict, tmp_path) -> None:
     teacher, student, scheduler, pairs = setup(pipes, "sd-v1", "bk-small")
     inputs = batch(dict(teacher.config))

@@ -555,10 +555,12 @@ def test_the_must_show_yardstick_tells_the_ring_from_the_worlds_discs(tmp_path) 
     assert all(filled_centre(im) == 1.0 for im in discs)  # circles, squares and triangles alike
 
 
+@pytest.mark.slow
 def test_must_show_full_dreambooth_binds_a_new_subject_to_a_rare_token(tmp_path, before) -> None:
     assert_must_show(must_show(tmp_path, before, "--steps", "300", "--lr", "5e-5"))  # U-Net and text encoder
 
 
+@pytest.mark.slow
 def test_must_show_lora_binds_a_new_subject_with_a_small_adapter(tmp_path, before) -> None:
     result = must_show(tmp_path, before, "--lora", "--rank", "8", "--steps", "300", "--lr", "5e-4")  # U-Net only
     assert_must_show(result)

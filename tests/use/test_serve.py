@@ -409,6 +409,7 @@ def browser():
         chromium.close()
 
 
+@pytest.mark.slow
 def test_page_generates_and_shows_both_images(server, app, browser) -> None:
     page = browser.new_page()
     problems: list[str] = []
