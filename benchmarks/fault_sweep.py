@@ -56,6 +56,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the data builders the tests use
+from builders import COLORS, make_shapes  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "fault_sweep.json"
 
 PASS = ("clear error", "documented behaviour")
@@ -378,29 +381,6 @@ def copy_fixture(ctx: Ctx, name: str, to: str | None = None) -> Path:
     target = ctx.case / (to or name)
     shutil.copytree(ctx.fx / name, target, symlinks=True)
     return target
-
-
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
-
-
-def make_shapes(folder: Path, n: int = 8, seed: int = 0) -> Path:
-    """Coloured circles and squares with captions and a metadata.csv (as a LAION subset ships)."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        color, shape = list(COLORS)[rng.integers(4)], ["circle", "square"][rng.integers(2)]
-        image = Image.new("RGB", (150, 130), "white")
-        x, y = int(rng.integers(5, 80)), int(rng.integers(5, 60))
-        draw = ImageDraw.Draw(image)
-        (draw.ellipse if shape == "circle" else draw.rectangle)([x, y, x + 60, y + 60], fill=COLORS[color])
-        image.save(folder / f"{i:03d}.png")
-        rows.append((f"{i:03d}.png", f"a {color} {shape}"))
-    write_metadata(folder, rows)
-    return folder
 
 
 def write_metadata(folder: Path, rows: list[tuple[str, str]]) -> None:

@@ -1,10 +1,14 @@
-"""Test data that tests of several stages build (importable from every folder under tests/: pytest puts this
-folder on sys.path for its conftest.py)."""
+"""Test data that tests of several stages build, and benchmarks/fault_sweep.py too (importable from every folder
+under tests/: pytest puts this folder on sys.path for its conftest.py)."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
 
 
 def shapes_folder(folder: Path, count: int, seed: int = 3, listed: int | None = None) -> list[str]:
@@ -19,3 +23,26 @@ def shapes_folder(folder: Path, count: int, seed: int = 3, listed: int | None = 
         lines.append(json.dumps({"index": i, "prompt": scene.caption, "seed": i, "file": f"{i:06d}.png"}))
     (folder / "manifest.jsonl").write_text("\n".join(lines[:listed]) + "\n")
     return prompts
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+def make_shapes(folder: Path, n: int = 24, seed: int = 0) -> Path:
+    """A folder of coloured circles and squares with captions and a metadata.csv, as LAION subsets ship."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        color, shape = list(COLORS)[rng.integers(4)], ["circle", "square"][rng.integers(2)]
+        image = Image.new("RGB", (150, 130), "white")
+        x, y = int(rng.integers(5, 80)), int(rng.integers(5, 60))
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)([x, y, x + 60, y + 60], fill=COLORS[color])
+        image.save(folder / f"{i:03d}.png")
+        rows.append((f"{i:03d}.png", f"a {color} {shape}"))
+    with (folder / "metadata.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "text"])
+        writer.writerows(rows)
+    return folder

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import make_shapes
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
 from bksdm.cli import main
@@ -26,28 +27,6 @@ from bksdm.plan.surgery import build_student
 from bksdm.train.checkpoints import find_checkpoint
 from bksdm.train.config import load_config
 from bksdm.train.kd import LossWeights, draw_noise, kd_step
-
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
-
-
-def make_shapes(folder: Path, n: int = 24, seed: int = 0) -> Path:
-    """A folder of coloured circles and squares with captions and a metadata.csv, as LAION subsets ship."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        color, shape = list(COLORS)[rng.integers(4)], ["circle", "square"][rng.integers(2)]
-        image = Image.new("RGB", (150, 130), "white")
-        x, y = int(rng.integers(5, 80)), int(rng.integers(5, 60))
-        draw = ImageDraw.Draw(image)
-        (draw.ellipse if shape == "circle" else draw.rectangle)([x, y, x + 60, y + 60], fill=COLORS[color])
-        image.save(folder / f"{i:03d}.png")
-        rows.append((f"{i:03d}.png", f"a {color} {shape}"))
-    with (folder / "metadata.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file_name", "text"])
-        writer.writerows(rows)
-    return folder
 
 
 @pytest.fixture(scope="module")
