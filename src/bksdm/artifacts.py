@@ -25,7 +25,6 @@ __all__ = [
     "WriteFailed",
     "atomic_dir",
     "atomic_file",
-    "is_partial",
     "replace_dir",
     "write_text",
 ]
@@ -54,11 +53,6 @@ class WriteFailed(OSError):
 def partial_path(final: Path) -> Path:
     """The hidden name a ``final`` file or folder is written under: ``.NAME.partial`` beside it."""
     return final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
-
-
-def is_partial(path: Path) -> bool:
-    """Whether ``path`` is an unfinished write of :func:`atomic_file` / :func:`atomic_dir`."""
-    return path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX)
 
 
 def describe_failure(err: BaseException, target: Path) -> str:
