@@ -13,10 +13,13 @@ from typing import Any
 import torch
 import yaml
 
-from bksdm.plan.spec import PRESETS, Plan, PlanError, plan_from_dict
+from bksdm.plan.spec import ALL_PRESETS, Plan, PlanError, plan_from_dict
 
 BUNDLED_TEACHER = Path(__file__).parent / "world" / "assets" / "teacher"
 """The shapes-world teacher shipped with bksdm: the default of every command that takes a teacher."""
+
+DENOISER_FOLDERS = ("unet", "transformer")
+"""The pipeline subfolders that hold a denoiser (a U-Net, or a diffusion transformer for SD3 / FLUX.1)."""
 
 PLAN_FILE = "bksdm_plan.yaml"
 """Name of the file, next to a student pipeline's model_index.json, recording the plan that made it."""
@@ -31,13 +34,13 @@ def load_plan(spec: str | os.PathLike) -> Plan:
         PlanError: the spec is neither a preset nor a readable plan file, or the file is malformed.
     """
     spec = str(spec)
-    if spec in PRESETS:
-        return PRESETS[spec]
+    if spec in ALL_PRESETS:
+        return ALL_PRESETS[spec]
     path = Path(spec)
     if path.is_dir() and (path / PLAN_FILE).is_file():
         path = path / PLAN_FILE
     if not path.is_file():
-        raise PlanError(spec, [f"not a preset ({', '.join(sorted(PRESETS))}) and no plan file at {path}"])
+        raise PlanError(spec, [f"not a preset ({', '.join(sorted(ALL_PRESETS))}) and no plan file at {path}"])
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -158,29 +161,34 @@ def check_pipeline_ref(ref: str | os.PathLike, what: str = "") -> None:
         raise TeacherNotFoundError(f"{label} has no model_index.json: give the folder of a whole diffusers pipeline")
 
 
-def load_unet_config(ref: str | os.PathLike) -> dict[str, Any]:
-    """The teacher U-Net's config, without loading any weights (a pipeline folder/id, or a U-Net folder).
+def load_denoiser_config(ref: str | os.PathLike) -> dict[str, Any]:
+    """The denoiser's config, without loading any weights: a pipeline folder or hub id (its ``unet/`` or
+    ``transformer/``), or a denoiser folder. diffusers' ``_class_name`` is kept, so
+    :func:`bksdm.families.family_of` can tell the family.
 
     Raises:
-        TeacherNotFoundError: neither a local folder nor a reachable hub repo.
+        TeacherNotFoundError: neither a local folder nor a reachable hub repo, or a folder with no denoiser.
     """
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # any model class reads config.json; _class_name says whose it is
 
     check_model_ref(ref)
     ref = str(ref)
     if is_local(ref):
         folder = Path(ref)
-        unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
-        if not (unet_dir / "config.json").is_file():
-            raise TeacherNotFoundError(
-                f"{ref} is a folder but holds neither unet/config.json (a diffusers pipeline) nor config.json "
-                "(a diffusers U-Net)"
-            )
-        return dict(UNet2DConditionModel.load_config(unet_dir))
-    try:
-        return dict(UNet2DConditionModel.load_config(ref, subfolder="unet"))
-    except Exception as err:  # diffusers raises several error types for hub failures
-        raise _hub_hint(ref, err) from err
+        for sub in (*DENOISER_FOLDERS, ""):
+            if (folder / sub / "config.json").is_file():
+                return dict(UNet2DConditionModel.load_config(folder / sub))
+        raise TeacherNotFoundError(
+            f"{ref} is a folder but holds neither unet/config.json nor transformer/config.json (a diffusers pipeline) "
+            "nor config.json (a diffusers U-Net or transformer)"
+        )
+    errors = []
+    for sub in DENOISER_FOLDERS:
+        try:
+            return dict(UNet2DConditionModel.load_config(ref, subfolder=sub))
+        except Exception as err:  # diffusers raises several error types for hub failures
+            errors.append(err)
+    raise _hub_hint(ref, errors[0]) from errors[-1]
 
 
 def load_pipeline(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu", **components: Any):
@@ -351,7 +359,7 @@ def load_pipeline_with_unet(
     if unet is not None:
         given = unet_config_of(unet, options[0])
         try:
-            expected = load_unet_config(model)
+            expected = load_denoiser_config(model)
         except TeacherNotFoundError as err:
             raise TeacherNotFoundError(f"{options[1]}: {err}") from None
         check_unet_fits(given, expected, str(unet), str(model), options)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bksdm.plan.spec import PRESETS
+from bksdm.plan.spec import ALL_PRESETS
 
 __all__ = ["add_plan", "add_prune"]
 
@@ -32,7 +32,9 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="hub id or local folder of a diffusers SD / SDXL pipeline (default: the bundled shapes teacher)",
     )
-    p.add_argument("--plan", default="bk-small", help=f"preset ({', '.join(PRESETS)}) or plan YAML (default bk-small)")
+    p.add_argument(
+        "--plan", default="bk-small", help=f"preset ({', '.join(ALL_PRESETS)}) or plan YAML (default bk-small)"
+    )
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument(
         "--init",
@@ -83,7 +85,7 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="inspect plans")
     plan_sub = p.add_subparsers(dest="plan_command", required=True)
     show = plan_sub.add_parser("show", help="print the blocks a plan keeps and removes, per stage")
-    show.add_argument("plan", help=f"preset ({', '.join(PRESETS)}), plan YAML, or a student folder")
+    show.add_argument("plan", help=f"preset ({', '.join(ALL_PRESETS)}), plan YAML, or a student folder")
     where = show.add_mutually_exclusive_group()
     where.add_argument("--arch", default=None, help="architecture preset to resolve against (default sd-v1.4)")
     where.add_argument("--teacher", default=None, help="hub id or local folder whose U-Net config to use")
@@ -102,5 +104,5 @@ def _run_plan_show(args: argparse.Namespace) -> int:
 
 
 def _run_plan_list(args: argparse.Namespace) -> int:
-    print("\n".join(f"{name:<10} {plan.description}" for name, plan in PRESETS.items()))
+    print("\n".join(f"{name:<10} {plan.description}" for name, plan in ALL_PRESETS.items()))
     return 0

@@ -8,7 +8,7 @@ import json
 import sys
 
 from bksdm.plan.archs import ARCHS
-from bksdm.plan.spec import PRESETS
+from bksdm.plan.spec import ALL_PRESETS
 
 __all__ = ["add_profile", "run_profile"]
 
@@ -40,7 +40,7 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
         help=f"architecture preset with random weights: {', '.join(ARCHS)}",
     )
     p.add_argument(
-        "--plan", default=None, help=f"apply a plan to the U-Net first: preset ({', '.join(PRESETS)}) or YAML"
+        "--plan", default=None, help=f"apply a plan to the U-Net first: preset ({', '.join(ALL_PRESETS)}) or YAML"
     )
     p.add_argument(
         "--resolution", type=int, default=None, help="image side in pixels (default: the model's native one)"

@@ -18,7 +18,7 @@ import torch
 import transformers
 from torch import nn
 
-from bksdm.loading import TeacherNotFoundError, check_pipeline_ref, load_pipeline, load_plan, load_unet_config
+from bksdm.loading import TeacherNotFoundError, check_pipeline_ref, load_denoiser_config, load_pipeline, load_plan
 from bksdm.plan.archs import build_text_encoders, build_unet, build_vae, get_arch
 from bksdm.plan.prune import TEXT_ENCODERS
 from bksdm.plan.resolved import resolve
@@ -141,7 +141,7 @@ def load_components(
 
     ref = str(model)
     check_pipeline_ref(ref)  # a path that is no folder: one line, and no hub request
-    teacher_config = load_unet_config(ref)  # raises TeacherNotFoundError with a fix for hub failures
+    teacher_config = load_denoiser_config(ref)  # raises TeacherNotFoundError with a fix for hub failures
     resolved = resolve(plan_obj, teacher_config) if plan_obj is not None else None  # fail before loading
     if materialize:
         pipe = load_pipeline(ref, dtype=dtype, device=str(device))

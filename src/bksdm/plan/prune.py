@@ -21,7 +21,7 @@ from diffusers import UNet2DConditionModel
 
 from bksdm import __version__
 from bksdm.artifacts import atomic_dir
-from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, load_unet_config, teacher_or_default
+from bksdm.loading import PLAN_FILE, load_denoiser_config, load_pipeline, load_plan, teacher_or_default
 from bksdm.plan.archs import get_arch
 from bksdm.plan.render import block_rows, format_plan, prune_markdown
 from bksdm.plan.resolved import ResolvedPlan, resolve
@@ -198,7 +198,7 @@ def describe_plan(
         raise ValueError("give a teacher or an architecture preset to resolve the plan against, not both")
     loaded = load_plan(plan)
     if teacher is not None:
-        config, name = load_unet_config(teacher), str(teacher)
+        config, name = load_denoiser_config(teacher), str(teacher)
     else:
         preset = get_arch(arch or DEFAULT_SHOW_ARCH)
         config, name = dict(preset.unet_config), f"{preset.name} (architecture preset)"
@@ -245,7 +245,7 @@ def prune(
     teacher = teacher_or_default(teacher)
     plan = load_plan(plan_spec)
     check_output_dir(out, overwrite)
-    resolved = resolve(plan, load_unet_config(teacher))  # fails here, before any weights are read
+    resolved = resolve(plan, load_denoiser_config(teacher))  # fails here, before any weights are read
     logger.info("plan %s resolves against %s; loading the teacher", plan.name, teacher)
     pipe = load_pipeline(teacher)
     surgery = build_student(pipe.unet, resolved, init=init, allow_mismatched=allow_partial_init, seed=seed)

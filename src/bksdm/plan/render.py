@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bksdm.plan.resolved import ResolvedPlan
+from bksdm.plan.stacks import ResolvedStacks
 
 
 def human(n: float, unit: str = "") -> str:
@@ -17,7 +18,7 @@ def human(n: float, unit: str = "") -> str:
 
 
 def block_rows(
-    resolved: ResolvedPlan,
+    resolved: ResolvedPlan | ResolvedStacks,
     params: Mapping[str, int] | None = None,
     macs: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
@@ -33,7 +34,9 @@ def block_rows(
     return rows
 
 
-def format_plan(resolved: ResolvedPlan, rows: Sequence[Mapping[str, Any]] | None = None, teacher: str = "") -> str:
+def format_plan(
+    resolved: ResolvedPlan | ResolvedStacks, rows: Sequence[Mapping[str, Any]] | None = None, teacher: str = ""
+) -> str:
     """A terminal view of a resolved plan: per stage, each block kept (and where it goes) or removed."""
     rows = rows if rows is not None else block_rows(resolved)
     plan = resolved.plan
@@ -45,7 +48,8 @@ def format_plan(resolved: ResolvedPlan, rows: Sequence[Mapping[str, Any]] | None
     stage = None
     for row in rows:
         parts = row["teacher"].split(".")
-        current = ".".join(parts[:2]) if parts[0] != "mid_block" else "mid_block"
+        # A U-Net block groups under its stage (down_blocks.1), a transformer block under its stack.
+        current = parts[0] if parts[0] == "mid_block" or len(parts) == 2 else ".".join(parts[:2])
         if current != stage:
             stage = current
             lines.append("")
@@ -56,20 +60,17 @@ def format_plan(resolved: ResolvedPlan, rows: Sequence[Mapping[str, Any]] | None
             if "macs" in row:
                 numbers += f"  {human(row['macs']):>8} MACs"
         lines.append(f"  {row['teacher']:<{width}}{mark:<40}{numbers}")
-    config = resolved.student_config()
     kept_removed = _count(rows)
-    lines += [
-        "",
-        f"{kept_removed[0]} blocks kept, {kept_removed[1]} removed; student: {len(config['down_block_types'])} "
-        f"stages, layers_per_block={config['layers_per_block']}, mid_block_type={config['mid_block_type']}",
-    ]
+    lines += ["", f"{kept_removed[0]} blocks kept, {kept_removed[1]} removed; {resolved.summary()}"]
     if has_numbers:
         removed = sum(r["params"] for r in rows if r["student"] is None)
         lines.append(f"removed parameters: {removed:,}")
     lines.append(
         "feature-KD pairs (teacher ↔ student): "
         + ", ".join(
-            f"{p.teacher} ↔ {p.student}" if p.teacher != p.student else p.teacher for p in resolved.feature_pairs()
+            (f"{p.teacher} ↔ {p.student}" if p.teacher != p.student else p.teacher)
+            + (f" ({p.stream})" if p.stream else "")
+            for p in resolved.feature_pairs()
         )
     )
     return "\n".join(lines)

@@ -47,14 +47,19 @@ class FeaturePair:
     Attributes:
         teacher: Module address in the teacher U-Net.
         student: Module address in the student U-Net.
-        channels: Channels of both outputs.
-        downscale: Spatial downscaling of both outputs relative to the latent.
+        channels: Channels of both outputs (the hidden width for a transformer block).
+        downscale: Spatial downscaling of both outputs relative to the latent (1 for a transformer block).
+        output: Which tensor of the modules' outputs is compared, when they return several (a joint transformer
+            block returns ``(text states, image states)``); 0 for a U-Net block's hidden state.
+        stream: The name of that output (``"image"``, ``"text"``), empty for U-Net blocks.
     """
 
     teacher: str
     student: str
     channels: int
     downscale: int
+    output: int = 0
+    stream: str = ""
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,14 @@ class ResolvedPlan:
         return tuple(pairs)
 
     # ---- descriptions -------------------------------------------------------------------------------
+    def summary(self) -> str:
+        """One line on the student's shape, for terminals."""
+        config = self.student_config()
+        return (
+            f"student: {len(config['down_block_types'])} stages, layers_per_block={config['layers_per_block']}, "
+            f"mid_block_type={config['mid_block_type']}"
+        )
+
     def explicit(self) -> Plan:
         """The same plan with every choice spelt out, so it re-resolves identically without the presets."""
         layers = tuple((s.teacher.address, s.layers) for s in (*self.down, *self.up))
@@ -249,6 +262,11 @@ def resolve(plan: Plan, teacher_config: Mapping[str, Any]) -> ResolvedPlan:
     except LayoutError as err:
         raise PlanError(plan.name, [f"the teacher does not fit: {err}"]) from None
     problems: list[str] = []
+    if plan.blocks:
+        problems.append(
+            "blocks: this rule selects the blocks of a diffusion transformer's stacks, but the teacher is a U-Net; "
+            "use down_layers / up_layers / layers / transformer_blocks"
+        )
     n = layout.num_stages
     k = plan.drop_innermost_stages
     if not isinstance(k, int) or not 0 <= k < n:
@@ -257,7 +275,7 @@ def resolve(plan: Plan, teacher_config: Mapping[str, Any]) -> ResolvedPlan:
     if plan.mid_block not in ("keep", "drop"):
         problems.append(f"mid_block='{plan.mid_block}': use 'keep' or 'drop'")
     stage_names = ", ".join(s.address for s in (*layout.down, *layout.up))
-    overrides = _match_overrides(
+    overrides = match_overrides(
         plan.layers, [s.address for s in (*layout.down, *layout.up)], "layers", stage_names, problems
     )
     dropped = {f"down_blocks.{i}" for i in range(n - k, n)} | {f"up_blocks.{i}" for i in range(k)}
@@ -299,7 +317,7 @@ def resolve(plan: Plan, teacher_config: Mapping[str, Any]) -> ResolvedPlan:
     ]
     if layout.mid_type:
         attention_addresses.append("mid_block.attentions.0")
-    block_overrides = _match_overrides(
+    block_overrides = match_overrides(
         plan.transformer_blocks,
         attention_addresses,
         "transformer_blocks",
@@ -352,7 +370,7 @@ def resolve(plan: Plan, teacher_config: Mapping[str, Any]) -> ResolvedPlan:
     return ResolvedPlan(plan, layout, down, up, mid, dict(teacher_config))
 
 
-def _match_overrides(
+def match_overrides(
     entries: tuple[tuple[str, Selector], ...],
     addresses: list[str],
     what: str,

@@ -1,13 +1,15 @@
-"""Plans: which teacher U-Net blocks a student keeps, as a few rules, and their YAML/dict form.
+"""Plans: which teacher blocks a student keeps, as a few rules, and their YAML/dict form.
 
 A :class:`Plan` is a handful of rules ("each down stage keeps its first layer", "drop the mid block") plus
 optional per-address overrides; :data:`PRESETS` names the paper's variants. :func:`bksdm.plan.resolved.resolve`
 checks a plan against one teacher's config and computes everything derived from it (student config, weight
 map, feature pairs); nothing is listed per preset. Pure: no I/O.
 
-Vocabulary (diffusers' own module addresses): a *stage* is ``down_blocks.N`` or ``up_blocks.N``; a *layer*
-of a stage is ``resnets.J`` together with ``attentions.J`` when the stage has attention; an attention holds
-a stack of ``transformer_blocks``.
+Vocabulary (diffusers' own module addresses). U-Nets: a *stage* is ``down_blocks.N`` or ``up_blocks.N``; a
+*layer* of a stage is ``resnets.J`` together with ``attentions.J`` when the stage has attention; an attention
+holds a stack of ``transformer_blocks``. Diffusion transformers (SD3, FLUX.1): a *stack* is a module list of
+blocks at the model's root, ``transformer_blocks`` (and FLUX's ``single_transformer_blocks``); the ``blocks``
+rules say which of each stack's blocks survive.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any
 
 Selector = str | tuple[int, ...]
 """Which of N items to keep: ``"all"``, ``"first"``, ``"last"``, ``"first_and_last"``, ``"first:K"``,
-``"last:K"``, or explicit indices."""
+``"last:K"``, ``"every:K"`` (indices 0, K, 2K, ...), ``"spread:M"`` or ``"spread:P%"`` (M items, or P% of them
+rounded, evenly spread with the first and the last included), or explicit indices (in YAML a list whose
+items may also be inclusive ranges ``"A..B"``)."""
 
-_SELECTOR_WORDS = ("all", "first", "last", "first_and_last", "first:K", "last:K")
+_SELECTOR_WORDS = ("all", "first", "last", "first_and_last", "first:K", "last:K", "every:K", "spread:M", "spread:P%")
 
 
 class PlanError(ValueError):
@@ -50,6 +54,9 @@ class Plan:
             pairs, e.g. ``("up_blocks.1", (0, 1))``. Indices are the teacher's.
         transformer_blocks: Which transformer blocks each kept attention keeps, as (attention address or glob,
             selector) pairs, e.g. ``("down_blocks.2.attentions.*", "first:5")``. Later entries win.
+        blocks: Diffusion transformers only: which blocks each stack keeps, as (stack address or glob, selector)
+            pairs, e.g. ``("transformer_blocks", "spread:12")``, ``("single_transformer_blocks", "every:2")``.
+            Stacks without an entry keep every block; later entries win.
     """
 
     name: str
@@ -60,6 +67,14 @@ class Plan:
     drop_innermost_stages: int = 0
     layers: tuple[tuple[str, Selector], ...] = ()
     transformer_blocks: tuple[tuple[str, Selector], ...] = ()
+    blocks: tuple[tuple[str, Selector], ...] = ()
+
+    @property
+    def unet_rules(self) -> list[str]:
+        """The U-Net fields this plan sets away from their defaults (a transformer teacher rejects them)."""
+        default = Plan(self.name)
+        names = ("down_layers", "up_layers", "mid_block", "drop_innermost_stages", "layers", "transformer_blocks")
+        return [n for n in names if getattr(self, n) != getattr(default, n)]
 
 
 PRESETS: dict[str, Plan] = {
@@ -88,6 +103,30 @@ PRESETS: dict[str, Plan] = {
         drop_innermost_stages=1,
     ),
 }
+"""The U-Net presets (and ``identity``, which fits every teacher)."""
+
+TRANSFORMER_PRESETS: dict[str, Plan] = {
+    # Every stack keeps a share of its blocks, evenly spread with its
+    # first and last block kept (the first reads the patch embedding; SD3's last is the only block whose text
+    # stream is pre-only, so an SD3 student must keep it).
+    "keep-half": Plan(
+        "keep-half", "every transformer stack keeps half of its blocks, evenly spread", blocks=(("*", "spread:50%"),)
+    ),
+    "keep-two-thirds": Plan(
+        "keep-two-thirds",
+        "every transformer stack keeps two thirds of its blocks, evenly spread",
+        blocks=(("*", "spread:67%"),),
+    ),
+    "keep-third": Plan(
+        "keep-third",
+        "every transformer stack keeps a third of its blocks, evenly spread",
+        blocks=(("*", "spread:33%"),),
+    ),
+}
+"""Presets for diffusion-transformer teachers (SD3 / SD3.5, FLUX.1)."""
+
+ALL_PRESETS: dict[str, Plan] = {**PRESETS, **TRANSFORMER_PRESETS}
+"""Every preset, by name: what ``load_plan`` and the commands accept."""
 
 
 def select(selector: Selector, n: int) -> tuple[int, ...]:
@@ -102,6 +141,12 @@ def select(selector: Selector, n: int) -> tuple[int, ...]:
             return tuple(range(n))
         if rule == "first_and_last" and not count:
             return (0, n - 1) if n > 1 else (0,)
+        if rule == "every":
+            if not count.isdigit() or int(count) < 1:
+                raise ValueError(f"'{selector}': give every:K with a whole number K >= 1")
+            return tuple(range(0, n, int(count)))
+        if rule == "spread":
+            return _spread(selector, count, n)
         if rule in ("first", "last"):
             if count and not count.isdigit():
                 raise ValueError(f"'{selector}': the count after ':' must be a whole number")
@@ -117,6 +162,38 @@ def select(selector: Selector, n: int) -> tuple[int, ...]:
     if list(indices) != sorted(set(indices)):
         raise ValueError(f"indices {list(indices)} must be increasing and distinct (the student keeps order)")
     return indices
+
+
+def _spread(selector: str, count: str, n: int) -> tuple[int, ...]:
+    """``spread:M`` / ``spread:P%``: M of n indices evenly spread, first and last included (M=1: the last)."""
+    if count.endswith("%") and count[:-1].replace(".", "", 1).isdigit():
+        share = float(count[:-1]) / 100
+        if not 0 < share <= 1:
+            raise ValueError(f"'{selector}': the share must be in (0%, 100%]")
+        m = max(1, int(n * share + 0.5))
+    elif count.isdigit() and int(count) >= 1:
+        m = int(count)
+    else:
+        raise ValueError(f"'{selector}': give spread:M with a whole number M >= 1, or spread:P%")
+    if m > n:
+        raise ValueError(f"'{selector}' asks for {m} of only {n}")
+    if m == 1:
+        return (n - 1,)
+    return tuple(sorted({round(i * (n - 1) / (m - 1)) for i in range(m)}))
+
+
+def _expand_ranges(items: list[Any]) -> tuple[int, ...] | None:
+    """A YAML index list whose items are whole numbers or inclusive ranges ``"A..B"``; None if malformed."""
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            out.append(item)
+            continue
+        lo, sep, hi = str(item).partition("..")
+        if not (sep and lo.strip().isdigit() and hi.strip().isdigit() and int(lo) <= int(hi)):
+            return None
+        out.extend(range(int(lo), int(hi) + 1))
+    return tuple(out)
 
 
 # ---- loading and saving ---------------------------------------------------------------------------------
@@ -140,10 +217,10 @@ def plan_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Plan:
     base_name = data.get("base")
     base = Plan(name=str(data.get("name", source)))
     if base_name is not None:
-        if base_name not in PRESETS:
-            problems.append(f"base: unknown preset '{base_name}'; presets are {sorted(PRESETS)}")
+        if base_name not in ALL_PRESETS:
+            problems.append(f"base: unknown preset '{base_name}'; presets are {sorted(ALL_PRESETS)}")
         else:
-            base = replace(PRESETS[base_name], name=str(data.get("name", source)))
+            base = replace(ALL_PRESETS[base_name], name=str(data.get("name", source)))
     values: dict[str, Any] = {}
     for key in ("name", "description"):
         if key in data and not isinstance(data[key], str):
@@ -162,7 +239,7 @@ def plan_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Plan:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             problems.append(f"drop_innermost_stages must be a whole number >= 0, found {value!r}")
         values["drop_innermost_stages"] = value
-    for key in ("layers", "transformer_blocks"):
+    for key in ("layers", "transformer_blocks", "blocks"):
         if key not in data:
             continue
         mapping = data[key]
@@ -180,12 +257,17 @@ def _selector(value: Any, where: str, problems: list[str]) -> Selector:
         try:
             select(value, 10**6)
         except ValueError as err:
-            if "unknown selector" in str(err) or "whole number" in str(err):
+            if "asks for" not in str(err):
                 problems.append(f"{where}: {err}")
         return value
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return tuple(value)
-    problems.append(f"{where}: expected a rule ({', '.join(_SELECTOR_WORDS)}) or a list of indices, found {value!r}")
+    if isinstance(value, (list, tuple)):
+        indices = _expand_ranges(list(value))
+        if indices is not None:
+            return indices
+    problems.append(
+        f"{where}: expected a rule ({', '.join(_SELECTOR_WORDS)}) or a list of indices and 'A..B' ranges, "
+        f"found {value!r}"
+    )
     return "all"
 
 
@@ -208,4 +290,6 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         data["layers"] = {a: out(s) for a, s in plan.layers}
     if plan.transformer_blocks:
         data["transformer_blocks"] = {a: out(s) for a, s in plan.transformer_blocks}
+    if plan.blocks:
+        data["blocks"] = {a: out(s) for a, s in plan.blocks}
     return data

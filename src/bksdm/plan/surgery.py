@@ -1,7 +1,8 @@
-"""Student surgery: build a student U-Net from a teacher and a plan, copying every kept weight.
+"""Student surgery: build a student denoiser from a teacher and a plan, copying every kept weight.
 
-The weight map comes from :meth:`ResolvedPlan.teacher_key` and is checked before anything is copied: every
-student tensor must be filled exactly once from a teacher tensor of the same shape, and one error lists
+The same for every family (:mod:`bksdm.families`): the student is the family's stock class built from the resolved
+plan's config. The weight map comes from the resolved plan's ``teacher_key`` and is checked before anything is copied:
+every student tensor must be filled exactly once from a teacher tensor of the same shape, and one error lists
 every gap. Pure: no files, no prints.
 """
 
@@ -13,10 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from torch import nn
 
-from bksdm.plan.resolved import ResolvedPlan, resolve
+from bksdm.families import family_of
+from bksdm.plan.resolved import ResolvedPlan
 from bksdm.plan.spec import Plan
+from bksdm.plan.stacks import ResolvedStacks
+
+Resolved = ResolvedPlan | ResolvedStacks
 
 Shape = tuple[int, ...]
 
@@ -74,7 +79,7 @@ class WeightMap:
 
 
 def weight_map(
-    resolved: ResolvedPlan, student_shapes: Mapping[str, Shape], teacher_shapes: Mapping[str, Shape]
+    resolved: Resolved, student_shapes: Mapping[str, Shape], teacher_shapes: Mapping[str, Shape]
 ) -> WeightMap:
     """Maps every student tensor to its teacher source and checks coverage (no tensors are touched).
 
@@ -110,30 +115,31 @@ class Surgery:
     """The result of :func:`build_student`.
 
     Attributes:
-        student: The student U-Net (a stock ``UNet2DConditionModel``), in eval mode, on the teacher's device.
+        student: The student (a stock diffusers model of the teacher's class), in eval mode, on the teacher's device.
         resolved: The resolved plan.
         weights: The checked weight map.
         init: ``"teacher"`` or ``"random"``.
     """
 
-    student: UNet2DConditionModel
-    resolved: ResolvedPlan
+    student: nn.Module
+    resolved: Resolved
     weights: WeightMap
     init: str
 
 
 def build_student(
-    teacher: UNet2DConditionModel,
-    plan: Plan | ResolvedPlan,
+    teacher: nn.Module,
+    plan: Plan | Resolved,
     *,
     init: str = "teacher",
     allow_mismatched: bool = False,
     seed: int = 0,
 ) -> Surgery:
-    """Builds the student U-Net for ``plan`` and fills it from ``teacher``.
+    """Builds the student denoiser for ``plan`` and fills it from ``teacher``.
 
     Args:
-        teacher: Any SD-layout ``UNet2DConditionModel`` (weights may live on any device).
+        teacher: A denoiser of a known family (an SD-layout ``UNet2DConditionModel``, ``SD3Transformer2DModel``,
+            ``FluxTransformer2DModel``); weights may live on any device.
         plan: A plan, or a plan already resolved against ``teacher.config``.
         init: ``"teacher"`` copies kept weights (BK-SDM); ``"random"`` leaves the student at diffusers'
             default initialisation (seeded by ``seed``), for ablations.
@@ -146,18 +152,19 @@ def build_student(
     """
     if init not in ("teacher", "random"):
         raise ValueError(f"init must be 'teacher' or 'random', got {init!r}")
-    resolved = plan if isinstance(plan, ResolvedPlan) else resolve(plan, dict(teacher.config))
+    family = family_of(teacher)
+    resolved = plan if isinstance(plan, (ResolvedPlan, ResolvedStacks)) else family.resolve(plan, dict(teacher.config))
     config = resolved.student_config()
     teacher_state = teacher.state_dict()
     with torch.device("meta"):
-        skeleton = UNet2DConditionModel.from_config(config)
+        skeleton = family.build(config)
     weights = weight_map(resolved, shapes_of(skeleton), {k: tuple(v.shape) for k, v in teacher_state.items()})
     if init == "teacher":
         weights.check(allow_mismatched=allow_mismatched)
     param = next(teacher.parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student = UNet2DConditionModel.from_config(config)
+        student = family.build(config)
     student.to(device=param.device, dtype=param.dtype)
     if init == "teacher":
         copied = {s: teacher_state[t] for s, t in weights.sources.items()}
@@ -168,7 +175,7 @@ def build_student(
     return Surgery(student, resolved, weights, init)
 
 
-def block_params(resolved: ResolvedPlan, teacher_shapes: Mapping[str, Shape]) -> dict[str, int]:
+def block_params(resolved: Resolved, teacher_shapes: Mapping[str, Shape]) -> dict[str, int]:
     """Parameters of every teacher block listed by :meth:`ResolvedPlan.block_fates` (buffers excluded).
 
     A block's count excludes its sub-blocks that are listed separately (a partly kept attention's dropped

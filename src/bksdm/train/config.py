@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bksdm.plan.spec import PRESETS
+from bksdm.plan.spec import ALL_PRESETS
 from bksdm.train.settings import (
     Range,
     Schema,
@@ -281,10 +281,10 @@ _RANGES: dict[str, Range] = {
 def _cross_checks(cfg: DistillConfig, problems: list[str]) -> None:
     """Rules that involve more than one field, or the meaning of a string."""
     m, d, lo, o, t = cfg.model, cfg.data, cfg.loss, cfg.optim, cfg.train
-    if m.student is None and m.plan not in PRESETS and not os.path.exists(m.plan):
+    if m.student is None and m.plan not in ALL_PRESETS and not os.path.exists(m.plan):
         problems.append(
-            f"model.plan: '{m.plan}' is neither a preset ({', '.join(PRESETS)}) nor an existing plan file"
-            f"{suggest(m.plan, list(PRESETS))}"
+            f"model.plan: '{m.plan}' is neither a preset ({', '.join(ALL_PRESETS)}) nor an existing plan file"
+            f"{suggest(m.plan, list(ALL_PRESETS))}"
         )
     if m.student is not None and m.init == "random":
         problems.append("model.init: 'random' conflicts with model.student (an existing student brings its weights)")

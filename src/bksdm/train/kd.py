@@ -20,7 +20,7 @@ default ones to float rounding).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
+from bksdm.families.base import Family
+from bksdm.families.unet import UNET, diffusion_target
 from bksdm.plan.resolved import FeaturePair
 from bksdm.seeding import STREAM_NOISE, sample_generator
 from bksdm.train.cpu_kernels import cpu_kernels
@@ -70,17 +72,22 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _first_tensor(output: Any, address: str) -> Tensor:
-    """The hidden state in a module's output: diffusers blocks return tuples or output objects."""
-    if isinstance(output, Tensor):
+def _tensor_at(output: Any, address: str, position: int = 0) -> Tensor:
+    """The hidden state in a module's output: diffusers blocks return tensors, tuples or output objects.
+
+    ``position`` picks one tensor of a tuple: a joint transformer block returns ``(text states, image states)``.
+    """
+    if isinstance(output, Tensor) and position == 0:
         return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+    if isinstance(output, (tuple, list)) and len(output) > position and isinstance(output[position], Tensor):
         # Down blocks return (hidden_states, res_samples); transformers with return_dict=False (sample,).
-        return output[0]
+        return output[position]
     sample = getattr(output, "sample", None)  # Transformer2DModelOutput, UNet2DConditionOutput
-    if isinstance(sample, Tensor):
+    if isinstance(sample, Tensor) and position == 0:
         return sample
-    raise TypeError(f"module {address!r} returned {type(output).__name__}, which holds no tensor to distil")
+    raise TypeError(
+        f"module {address!r} returned {type(output).__name__}, which holds no tensor at position {position} to distil"
+    )
 
 
 class FeatureTap:
@@ -100,18 +107,22 @@ class FeatureTap:
         addresses: The module addresses, in the order of :attr:`features`.
     """
 
-    def __init__(self, model: nn.Module, addresses: Sequence[str]):
+    def __init__(self, model: nn.Module, addresses: Sequence[str], outputs: Sequence[int] | None = None):
         """Finds the modules to tap (nothing is registered until the context is entered).
 
         Args:
             model: The model, wrapped or not.
             addresses: Module addresses in the unwrapped model, as diffusers names them (``down_blocks.1``,
-                ``down_blocks.2.attentions.0.proj_out``).
+                ``down_blocks.2.attentions.0.proj_out``); an address may repeat with another output position.
+            outputs: For each address, which tensor of a tuple output to record (default: the first).
 
         Raises:
             KeyError: If a module does not exist; the message names the address.
         """
         self.addresses: tuple[str, ...] = tuple(addresses)
+        self.outputs: tuple[int, ...] = tuple(outputs) if outputs is not None else (0,) * len(self.addresses)
+        if len(self.outputs) != len(self.addresses):
+            raise ValueError(f"{len(self.addresses)} addresses but {len(self.outputs)} output positions")
         inner = unwrap(model)
         self._modules: list[nn.Module] = []
         for address in self.addresses:
@@ -139,10 +150,10 @@ class FeatureTap:
         self._outputs = [None] * len(self.addresses)
 
     def _hook(self, index: int):
-        address = self.addresses[index]
+        address, position = self.addresses[index], self.outputs[index]
 
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            self._outputs[index] = _first_tensor(output, address)
+            self._outputs[index] = _tensor_at(output, address, position)
 
         return hook
 
@@ -194,37 +205,6 @@ class LossWeights:
         return self.out != 0 or self.feat != 0
 
 
-def diffusion_target(scheduler: SchedulerMixin, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """What the U-Net is trained to predict, following the scheduler's ``prediction_type``.
-
-    Args:
-        scheduler: A training scheduler (e.g. ``DDPMScheduler.from_config(pipe.scheduler.config)``).
-        latents: Clean latents x_0, (B, 4, h, w).
-        noise: The Gaussian noise added to them, (B, 4, h, w).
-        timesteps: Training timesteps, (B,).
-
-    Returns:
-        ``noise`` for epsilon-prediction; the velocity ``sqrt(a_t) * noise - sqrt(1 - a_t) * latents`` for
-        v-prediction (SD-v2 768-v), as computed by ``scheduler.get_velocity``.
-
-    Raises:
-        ValueError: For any other prediction type (named in the message).
-    """
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        if not hasattr(scheduler, "get_velocity"):
-            raise ValueError(
-                f"{type(scheduler).__name__} cannot compute v-prediction targets; "
-                "train with DDPMScheduler.from_config(teacher_scheduler.config)"
-            )
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(
-        f"unsupported prediction_type {prediction_type!r}: BK-SDM distils 'epsilon' or 'v_prediction' teachers"
-    )
-
-
 def draw_noise(
     seed: int,
     step: int,
@@ -232,6 +212,7 @@ def draw_noise(
     latent_shape: tuple[int, int, int],
     num_train_timesteps: int,
     device: torch.device | str,
+    sample_timestep: Callable[[torch.Generator], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Draws the diffusion randomness of a batch, one generator per sample.
 
@@ -246,17 +227,22 @@ def draw_noise(
         latent_shape: (C, h, w) of one latent.
         num_train_timesteps: Timesteps are uniform on ``[0, num_train_timesteps)`` (BK-SDM, Sec. 4).
         device: Where the returned tensors go (they are drawn on CPU, so every device gets the same numbers).
+        sample_timestep: Draws one timestep, shape (1,), from a generator (a family's density, e.g. the
+            transformers' logit-normal flow times); default uniform integers below ``num_train_timesteps``.
 
     Returns:
-        ``timesteps`` (B,) long, ``noise`` (B, C, h, w) float32 and ``latent_eps`` (B, C, h, w) float32; the
-        latter samples the VAE's latent distribution as ``mean + std * latent_eps``.
+        ``timesteps`` (B,) (long by default), ``noise`` (B, C, h, w) float32 and ``latent_eps`` (B, C, h, w) float32;
+        the latter samples the VAE's latent distribution as ``mean + std * latent_eps``.
     """
     if isinstance(positions, Tensor):
         positions = positions.tolist()
     timesteps, noise, latent_eps = [], [], []
     for position in positions:
         generator = sample_generator(seed, step, int(position), STREAM_NOISE)
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
+        if sample_timestep is None:
+            timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator))
+        else:
+            timesteps.append(sample_timestep(generator))
         noise.append(torch.randn(latent_shape, generator=generator))  # (C, h, w)
         latent_eps.append(torch.randn(latent_shape, generator=generator))  # (C, h, w)
     if not timesteps:
@@ -350,6 +336,7 @@ def kd_step(
     feature_pairs: Sequence[FeaturePair],
     weights: LossWeights,
     added_cond_kwargs: dict[str, Tensor] | None = None,
+    family: Family = UNET,
 ) -> dict[str, Tensor]:
     """One distillation forward: noise the latents, run teacher and student, return the losses.
 
@@ -360,56 +347,50 @@ def kd_step(
     this returns. The teacher is not run at all when ``weights.out == weights.feat == 0``.
 
     Args:
-        student: The student U-Net, possibly wrapped (DDP, accelerate, ``torch.compile``).
-        teacher: The frozen teacher U-Net, in eval mode.
-        scheduler: Training scheduler providing ``add_noise`` and the prediction type (use
-            ``DDPMScheduler.from_config(...)``: Euler-type schedulers noise latents differently).
-        latents: Clean, scaled latents, (B, 4, h, w).
-        encoder_hidden_states: Text-encoder states, (B, 77, D).
-        timesteps: (B,) long, e.g. from :func:`draw_noise`.
-        noise: (B, 4, h, w), e.g. from :func:`draw_noise`.
-        feature_pairs: Teacher/student module pairs for feature KD (``ResolvedPlan.feature_pairs()``).
+        student: The student denoiser, possibly wrapped (DDP, accelerate, ``torch.compile``).
+        teacher: The frozen teacher denoiser, in eval mode.
+        scheduler: Training scheduler: for U-Nets it provides ``add_noise`` and the prediction type (use
+            ``DDPMScheduler.from_config(...)``: Euler-type schedulers noise latents differently); for flow
+            families its config's ``num_train_timesteps``.
+        latents: Clean, scaled latents, (B, C, h, w).
+        encoder_hidden_states: Text-encoder states, (B, L, D).
+        timesteps: (B,), e.g. from :func:`draw_noise`.
+        noise: (B, C, h, w), e.g. from :func:`draw_noise`.
+        feature_pairs: Teacher/student module pairs for feature KD (the resolved plan's ``feature_pairs()``).
         weights: The lambdas.
-        added_cond_kwargs: SDXL's ``text_embeds`` (B, P) and ``time_ids`` (B, 6); None for SD-v1/v2.
+        added_cond_kwargs: The family's extra conditioning (``family.conditioning``): SDXL's ``text_embeds`` and
+            ``time_ids``, a transformer's ``pooled_projections`` (and FLUX.1-dev's ``guidance``); None for SD-v1/v2.
+        family: The denoisers' family (:mod:`bksdm.families`): how to noise, what to predict, how to call.
 
     Returns:
         The float32 scalars of :func:`kd_losses`: ``loss`` (with a graph to the student) and its terms.
     """
     latents, noise = latents.float(), noise.float()  # noising and targets in fp32 whatever the cache holds
-    noisy = scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w)
-    target = diffusion_target(scheduler, latents, noise, timesteps)  # (B, 4, h, w)
+    noisy, target = family.noise(scheduler, latents, noise, timesteps)  # (B, C, h, w) each
 
     teacher_pred: Tensor | None = None
     teacher_feats: list[Tensor] | None = None
     if weights.needs_teacher:
         dtype = _param_dtype(unwrap(teacher))
-        with torch.no_grad(), cpu_kernels(noisy.device), FeatureTap(teacher, [p.teacher for p in feature_pairs]) as tap:
-            out = teacher(
-                noisy.to(dtype),
-                timesteps,
-                encoder_hidden_states=encoder_hidden_states.to(dtype),
-                added_cond_kwargs=_cast(added_cond_kwargs, dtype),
-                return_dict=False,
-            )[0]
-            teacher_pred = out.float()  # (B, 4, h, w)
+        tap = FeatureTap(teacher, [p.teacher for p in feature_pairs], [p.output for p in feature_pairs])
+        with torch.no_grad(), cpu_kernels(noisy.device), tap:
+            out = family.call(
+                teacher, noisy.to(dtype), timesteps, encoder_hidden_states.to(dtype), _cast(added_cond_kwargs, dtype)
+            )
+            teacher_pred = out.float()  # (B, C, h, w)
             teacher_feats = [f.float() for f in tap.features]
 
     dtype = _param_dtype(unwrap(student))
     # The task-only ablation reads no student features either: no hooks at all.
-    addresses = [p.student for p in feature_pairs] if weights.needs_teacher else []
+    pairs = feature_pairs if weights.needs_teacher else []
     # Gradient checkpointing recomputes the forward during backward, outside this block: the recomputation must
     # run the kernels the first forward ran (else torch's checkpoint sees other saved tensors and raises).
     recomputed = getattr(unwrap(student), "is_gradient_checkpointing", False)
     kernels = contextlib.nullcontext() if recomputed else cpu_kernels(noisy.device)
-    with kernels, FeatureTap(student, addresses) as tap:
-        # return_dict=False: a plain tuple passes through every wrapper's output handling unchanged.
-        student_pred = student(
-            noisy.to(dtype),
-            timesteps,
-            encoder_hidden_states=encoder_hidden_states.to(dtype),
-            added_cond_kwargs=_cast(added_cond_kwargs, dtype),
-            return_dict=False,
-        )[0]  # (B, 4, h, w)
+    with kernels, FeatureTap(student, [p.student for p in pairs], [p.output for p in pairs]) as tap:
+        student_pred = family.call(
+            student, noisy.to(dtype), timesteps, encoder_hidden_states.to(dtype), _cast(added_cond_kwargs, dtype)
+        )  # (B, C, h, w)
         student_feats = tap.features
     return kd_losses(student_pred, teacher_pred, target, student_feats, teacher_feats, weights)
 

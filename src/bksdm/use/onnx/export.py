@@ -234,7 +234,7 @@ def export_onnx(
     """
     from bksdm import __version__
     from bksdm.artifacts import atomic_dir
-    from bksdm.loading import load_pipeline, load_unet_config
+    from bksdm.loading import load_denoiser_config, load_pipeline
     from bksdm.plan.prune import check_output_dir
 
     onnx, ort = require_onnx()
@@ -256,7 +256,7 @@ def export_onnx(
     components = parse_components(components)
     out = Path(out)
     check_output_dir(out, overwrite)
-    config = load_unet_config(model)  # a missing folder or hub id fails here, before any weights are read
+    config = load_denoiser_config(model)  # a missing folder or hub id fails here, before any weights are read
     if config.get("addition_embed_type") is not None:
         raise ExportError(
             f"{model} is an SDXL-style pipeline (U-Net addition_embed_type={config['addition_embed_type']!r}); "
