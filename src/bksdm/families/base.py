@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bksdm.plan.spec import Plan
+from bksdm.profiling import MacCount, count_macs
 
 
 class Family:
@@ -71,6 +72,12 @@ class Family:
     def build(self, config: Mapping[str, Any]) -> nn.Module:
         """A denoiser of this family from a config (call under ``torch.device("meta")`` for shapes only)."""
         return self.model_class.from_config(dict(config))
+
+    def step_macs(self, config: Mapping[str, Any], resolution: int, vae_scale: int, group_depth: int = 6) -> MacCount:
+        """MACs of one denoiser step at batch 1 and ``resolution`` px, counted on a weightless (meta) model."""
+        with torch.device("meta"):
+            model = self.build(config)
+        return count_macs(model, group_depth=group_depth, **self.mac_inputs(config, resolution, "meta", vae_scale))
 
 
 def logit_normal(generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> float:
