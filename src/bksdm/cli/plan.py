@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bksdm.plan.spec import ALL_PRESETS
+from bksdm.plan.spec import ALL_PRESETS, PRESETS, TRANSFORMER_PRESETS
 
 __all__ = ["add_plan", "add_prune"]
 
@@ -22,15 +22,16 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
     """
     p = sub.add_parser(
         "prune",
-        help="remove U-Net blocks from a teacher and write a student pipeline folder",
-        description="Build a student U-Net from a teacher by a plan, copy the kept weights, and write a complete "
-        "diffusers pipeline (teacher's tokenizer, text encoder, VAE, scheduler + student U-Net) with "
-        "a report of what was removed.",
+        help="remove denoiser blocks (U-Net or transformer) from a teacher and write a student pipeline folder",
+        description="Build a student denoiser (a U-Net, or an SD3 / FLUX.1 transformer) from a teacher by a plan, "
+        "copy the kept weights, and write a complete diffusers pipeline (the teacher's tokenizers, text encoders, "
+        "VAE, scheduler + the student denoiser) with a report of what was removed.",
     )
     p.add_argument(
         "--teacher",
         default=None,
-        help="hub id or local folder of a diffusers SD / SDXL pipeline (default: the bundled shapes teacher)",
+        help="hub id or local folder of a diffusers SD / SDXL / SD3 / FLUX.1 pipeline "
+        "(default: the bundled shapes teacher)",
     )
     p.add_argument(
         "--plan", default="bk-small", help=f"preset ({', '.join(ALL_PRESETS)}) or plan YAML (default bk-small)"
@@ -56,6 +57,7 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
 def _run_prune(args: argparse.Namespace) -> int:
     from bksdm.loading import parse_dtype
     from bksdm.plan.prune import prune
+    from bksdm.plan.render import DENOISER_LABELS
 
     report = prune(
         args.teacher,
@@ -67,11 +69,15 @@ def _run_prune(args: argparse.Namespace) -> int:
         save_dtype=parse_dtype(args.save_dtype),
         seed=args.seed,
     )
-    t, s = report["unet"]["teacher"], report["unet"]["student"]
+    denoiser = report["denoiser"]
+    label = DENOISER_LABELS[denoiser["attribute"]]
+    t, s = denoiser["teacher"], denoiser["student"]
     removed = sum(1 for r in report["blocks"] if r["student"] is None)
     print(f"student written to {args.out} (plan {report['plan']['name']}, {removed} blocks removed)")
-    print(f"  U-Net params {t['params']:,} -> {s['params']:,} ({100 * (1 - s['params'] / t['params']):.1f}% fewer)")
-    print(f"  U-Net MACs/step @{report['resolution']}px {t['macs'] / 1e9:.2f}G -> {s['macs'] / 1e9:.2f}G")
+    print(f"  {label} params {t['params']:,} -> {s['params']:,} ({100 * (1 - s['params'] / t['params']):.1f}% fewer)")
+    print(f"  {label} MACs/step @{report['resolution']}px {t['macs'] / 1e9:.2f}G -> {s['macs'] / 1e9:.2f}G")
+    if report.get("resolution_note"):
+        print(f"  (MACs at {report['resolution_note']})")
     print(f"  report: {args.out}/prune_report.md")
     return 0
 
@@ -84,14 +90,18 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     """
     p = sub.add_parser("plan", help="inspect plans")
     plan_sub = p.add_subparsers(dest="plan_command", required=True)
-    show = plan_sub.add_parser("show", help="print the blocks a plan keeps and removes, per stage")
+    show = plan_sub.add_parser(
+        "show", help="print the blocks a plan keeps and removes, per U-Net stage or transformer stack"
+    )
     show.add_argument("plan", help=f"preset ({', '.join(ALL_PRESETS)}), plan YAML, or a student folder")
     where = show.add_mutually_exclusive_group()
     where.add_argument("--arch", default=None, help="architecture preset to resolve against (default sd-v1.4)")
-    where.add_argument("--teacher", default=None, help="hub id or local folder whose U-Net config to use")
+    where.add_argument(
+        "--teacher", default=None, help="hub id or local folder whose denoiser config (U-Net or transformer) to use"
+    )
     show.add_argument("--json", action="store_true", help="print the resolved plan as JSON")
     show.set_defaults(func=_run_plan_show)
-    listing = plan_sub.add_parser("list", help="list the presets")
+    listing = plan_sub.add_parser("list", help="list the presets, U-Net and transformer ones apart")
     listing.set_defaults(func=_run_plan_list)
 
 
@@ -104,5 +114,11 @@ def _run_plan_show(args: argparse.Namespace) -> int:
 
 
 def _run_plan_list(args: argparse.Namespace) -> int:
-    print("\n".join(f"{name:<10} {plan.description}" for name, plan in ALL_PRESETS.items()))
+    from bksdm.plan.render import format_presets
+
+    groups = {
+        "U-Net presets (SD-v1.x, SD-v2.x, SDXL)": PRESETS,
+        "transformer presets (SD3, SD3.5, FLUX.1; identity fits them too)": TRANSFORMER_PRESETS,
+    }
+    print(format_presets(groups))
     return 0

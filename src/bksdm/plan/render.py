@@ -6,7 +6,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bksdm.plan.resolved import ResolvedPlan
+from bksdm.plan.spec import Plan
 from bksdm.plan.stacks import ResolvedStacks
+
+DENOISER_LABELS = {"unet": "U-Net", "transformer": "transformer"}
+"""How reports name a denoiser, by its pipeline attribute."""
 
 
 def human(n: float, unit: str = "") -> str:
@@ -35,14 +39,20 @@ def block_rows(
 
 
 def format_plan(
-    resolved: ResolvedPlan | ResolvedStacks, rows: Sequence[Mapping[str, Any]] | None = None, teacher: str = ""
+    resolved: ResolvedPlan | ResolvedStacks,
+    rows: Sequence[Mapping[str, Any]] | None = None,
+    teacher: str = "",
+    macs_at: str = "",
 ) -> str:
-    """A terminal view of a resolved plan: per stage, each block kept (and where it goes) or removed."""
+    """A terminal view of a resolved plan: per stage (U-Net) or stack (transformer), each block kept (and where it
+    goes) or removed; ``macs_at`` says at what resolution the rows' MACs were counted."""
     rows = rows if rows is not None else block_rows(resolved)
     plan = resolved.plan
     lines = [f"plan {plan.name}" + (f": {plan.description}" if plan.description else "")]
     if teacher:
         lines.append(f"teacher {teacher}")
+    if macs_at and "macs" in rows[0]:
+        lines.append(macs_at)
     width = max(len(r["teacher"]) for r in rows) + 2
     has_numbers = "params" in rows[0]
     stage = None
@@ -81,6 +91,17 @@ def _count(rows: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
     return kept, len(rows) - kept
 
 
+def _pairs_table(pairs: Sequence[Mapping[str, Any]]) -> str:
+    """Feature-KD pairs as a markdown table; a ``stream`` column when the pairs name one (transformer blocks)."""
+    streams = any(p.get("stream") for p in pairs)
+    header = ["teacher module", "student module", "channels", "scale"] + (["stream"] if streams else [])
+    rows = []
+    for p in pairs:
+        row = [f"`{p['teacher']}`", f"`{p['student']}`", p["channels"], f"1/{p['downscale']}"]
+        rows.append(row + ([p.get("stream") or ""] if streams else []))
+    return markdown_table(header, rows)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -88,37 +109,57 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_presets(groups: Mapping[str, Mapping[str, Plan]]) -> str:
+    """The presets, one line each, under a heading per group (``bksdm plan list``)."""
+    width = max(len(name) for presets in groups.values() for name in presets) + 2
+    blocks = []
+    for heading, presets in groups.items():
+        blocks.append("\n".join([f"{heading}:", *(f"  {n:<{width}}{p.description}" for n, p in presets.items())]))
+    return "\n\n".join(blocks)
+
+
 def prune_markdown(report: Mapping[str, Any]) -> str:
-    """The human-readable prune report (``prune_report.md``) from the JSON report's content."""
-    t, s = report["unet"]["teacher"], report["unet"]["student"]
+    """The human-readable prune report (``prune_report.md``) from the JSON report's content.
+
+    Rows are labelled by the denoiser (``U-Net`` or ``transformer``); the attention-products row says "not
+    counted" when the MAC counter saw no attention call it knows (FLUX.1's attention class).
+    """
+    denoiser = report.get("denoiser") or {"attribute": "unet", **report["unet"]}
+    label = DENOISER_LABELS.get(denoiser["attribute"], denoiser["attribute"])
+    t, s = denoiser["teacher"], denoiser["student"]
 
     def ratio(a: int, b: int) -> str:
         return f"{100 * (1 - b / a):.1f}% smaller" if a else ""
 
+    if t["macs_with_attention"] > t["macs"]:
+        with_attention = [
+            human(t["macs_with_attention"]),
+            human(s["macs_with_attention"]),
+            ratio(t["macs_with_attention"], s["macs_with_attention"]),
+        ]
+    else:
+        with_attention = ["not counted", "not counted", ""]
     totals = markdown_table(
         ["", "teacher", "student", "change"],
         [
-            ["U-Net parameters", f"{t['params']:,}", f"{s['params']:,}", ratio(t["params"], s["params"])],
+            [f"{label} parameters", f"{t['params']:,}", f"{s['params']:,}", ratio(t["params"], s["params"])],
             [
-                f"U-Net MACs / step @{report['resolution']}px (conv+linear)",
+                f"{label} MACs / step @{report['resolution']}px (conv+linear)",
                 human(t["macs"]),
                 human(s["macs"]),
                 ratio(t["macs"], s["macs"]),
             ],
+            [f"{label} MACs / step incl. attention products", *with_attention],
             [
-                "U-Net MACs / step incl. attention products",
-                human(t["macs_with_attention"]),
-                human(s["macs_with_attention"]),
-                ratio(t["macs_with_attention"], s["macs_with_attention"]),
-            ],
-            [
-                "whole model parameters (U-Net + text encoders + VAE decoder)",
+                f"whole model parameters ({label} + text encoders + VAE decoder)",
                 f"{report['whole']['teacher']:,}",
                 f"{report['whole']['student']:,}",
                 ratio(report["whole"]["teacher"], report["whole"]["student"]),
             ],
         ],
     )
+    if report.get("resolution_note"):
+        totals += f"\n\nMACs are counted at {report['resolution_note']}."
     blocks = markdown_table(
         ["teacher block", "in the student", "params", "MACs"],
         [
@@ -135,13 +176,7 @@ def prune_markdown(report: Mapping[str, Any]) -> str:
         ["config key", "teacher", "student"],
         [[f"`{k}`", f"`{v[0]}`", f"`{v[1]}`"] for k, v in report["config_changes"].items()],
     )
-    pairs = markdown_table(
-        ["teacher module", "student module", "channels", "scale"],
-        [
-            [f"`{p['teacher']}`", f"`{p['student']}`", p["channels"], f"1/{p['downscale']}"]
-            for p in report["feature_pairs"]
-        ],
-    )
+    pairs = _pairs_table(report["feature_pairs"])
     w = report["weights"]
     random_note = (
         f" {len(w['random_init'])} student tensors start from random weights (shape differs): "
