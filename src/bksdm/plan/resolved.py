@@ -180,6 +180,46 @@ class ResolvedPlan:
             pairs.append(FeaturePair(t.address, stage.student_address, t.channels, scale))
         return tuple(pairs)
 
+    def self_attention_pairs(self) -> tuple[FeaturePair, ...]:
+        """Feature pairs at the self-attention outputs (``attn1``) of every kept transformer block.
+
+        KOALA (Lee et al., 2023) found self-attention features the most useful to distil when compressing SDXL. As for
+        transformer stacks, a kept block stands for the run of teacher blocks up to the next kept one, so student
+        block B of an attention is matched with the teacher's block at the end of that run (the attention's last
+        block for the last kept one). Outermost down stage first, then the mid block, then the up stages.
+        """
+        from bksdm.plan.stacks import run_ends  # stacks builds on this module's FeaturePair
+
+        def pairs_of(t_attention: str, s_attention: str, kept: tuple[int, ...], depth: int, channels: int, scale: int):
+            for b, end in enumerate(run_ends(kept, depth)):
+                yield FeaturePair(
+                    f"{t_attention}.transformer_blocks.{end}.attn1",
+                    f"{s_attention}.transformer_blocks.{b}.attn1",
+                    channels,
+                    scale,
+                    stream="self-attention",
+                )
+
+        pairs: list[FeaturePair] = []
+        n = self.layout.num_stages
+        for stage in self.down:
+            t = stage.teacher
+            for j, (layer, kept) in enumerate(zip(stage.layers, stage.blocks, strict=True)):
+                if t.has_attention:
+                    at = (f"{t.address}.attentions.{layer}", f"{stage.student_address}.attentions.{j}")
+                    pairs += pairs_of(*at, kept, t.depths[layer], t.channels, 2**t.index)
+        if self.mid:
+            last = self.layout.down[-1]
+            at = ("mid_block.attentions.0", "mid_block.attentions.0")
+            pairs += pairs_of(*at, self.mid, self.layout.mid_depth, last.channels, 2 ** (n - 1))
+        for stage in self.up:
+            t = stage.teacher
+            for j, (layer, kept) in enumerate(zip(stage.layers, stage.blocks, strict=True)):
+                if t.has_attention:
+                    at = (f"{t.address}.attentions.{layer}", f"{stage.student_address}.attentions.{j}")
+                    pairs += pairs_of(*at, kept, t.depths[layer], t.channels, 2 ** (n - 1 - t.index))
+        return tuple(pairs)
+
     # ---- descriptions -------------------------------------------------------------------------------
     def summary(self) -> str:
         """One line on the student's shape, for terminals."""
