@@ -12,8 +12,12 @@ from thop, which also charges 4 ops per element of every ``nn.LayerNorm`` (not `
 reproduces all four published figures to the last digit (338.75G, 339.24G, 6.55G, 1240.08G), so the small
 gap is normalisation, not a missing convolution or linear layer.
 
+Attention products are counted for diffusers' ``Attention`` (U-Nets, VAEs, SD3's joint blocks, where image and
+text tokens attend together), FLUX's ``FluxAttention`` (not an ``Attention`` subclass: joint over text + image in the
+double blocks, plain over the concatenated sequence in the single blocks), CLIP's and T5's encoder attention.
+
 Counting works on ``meta``-device models, where only shapes flow through the forward pass: the MACs of
-SDXL's 2.6B-parameter U-Net are traced without allocating its weights.
+SDXL's 2.6B-parameter U-Net or FLUX.1's 12B transformer are traced without allocating their weights.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_flux import FluxAttention
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPAttention
+from transformers.models.t5.modeling_t5 import T5Attention
 
 __all__ = [
     "LatencyStat",
@@ -126,7 +132,7 @@ def _conv_linear_macs(module: nn.Module, output: torch.Tensor) -> int:
     return output.numel() * (module.in_channels // module.groups) * kernel_area
 
 
-def _diffusers_attention_macs(module: Attention, args: tuple, kwargs: dict) -> int:
+def _diffusers_attention_macs(module: Attention | FluxAttention, args: tuple, kwargs: dict) -> int:
     hidden = args[0] if args else kwargs["hidden_states"]
     context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
     if hidden.ndim == 4:  # (B, C, H, W) from the VAE's mid-block attention: H*W query tokens
@@ -134,9 +140,13 @@ def _diffusers_attention_macs(module: Attention, args: tuple, kwargs: dict) -> i
     else:  # (B, L, C)
         batch, query_len = hidden.shape[0], hidden.shape[1]
     key_len = query_len if context is None else context.shape[1]
-    if context is not None and module.added_kv_proj_dim is not None and not module.only_cross_attention:
+    added_kv = module.added_kv_proj_dim is not None and not getattr(module, "only_cross_attention", False)
+    if context is not None and added_kv:
         # Added-KV attention attends to the context tokens and the image tokens together.
         key_len = context.shape[1] + query_len
+        if getattr(module, "add_q_proj", None) is not None:
+            # Joint attention (SD3's and FLUX's double blocks): the text tokens are queries too.
+            query_len = key_len
     head_dim = module.inner_dim // module.heads
     # QK^T and AV each cost batch x heads x query_len x key_len x head_dim.
     return 2 * batch * module.heads * query_len * key_len * head_dim
@@ -148,6 +158,21 @@ def _clip_attention_macs(module: CLIPAttention, args: tuple, kwargs: dict) -> in
     return 2 * batch * module.num_heads * length * length * module.head_dim
 
 
+def _t5_attention_macs(module: T5Attention, args: tuple, kwargs: dict) -> int:
+    hidden = args[0] if args else kwargs["hidden_states"]  # (B, L, d_model)
+    context = args[2] if len(args) > 2 else kwargs.get("key_value_states")  # None in the encoder
+    key_len = hidden.shape[1] if context is None else context.shape[1]
+    return 2 * hidden.shape[0] * module.n_heads * hidden.shape[1] * key_len * module.key_value_proj_dim
+
+
+_ATTENTIONS: tuple[tuple[type[nn.Module], Callable[[Any, tuple, dict], int]], ...] = (
+    (Attention, _diffusers_attention_macs),
+    (FluxAttention, _diffusers_attention_macs),
+    (CLIPAttention, _clip_attention_macs),
+    (T5Attention, _t5_attention_macs),
+)
+
+
 def count_macs(
     module: nn.Module,
     *args: Any,
@@ -157,11 +182,11 @@ def count_macs(
 ) -> MacCount:
     """Count the MACs of one forward pass with hooks, the way the BK-SDM paper does.
 
-    Runs ``module(*args, **kwargs)`` (or ``module.<method>(*args, **kwargs)``) once under
-    ``torch.no_grad()``. Convolutions (1-, 2- and 3-D) and linear layers are counted by their output
-    shape; diffusers ``Attention`` and transformers ``CLIPAttention`` calls add their matrix products to
-    ``attention``. Each call is counted, so a module used twice counts twice. The hooks are removed
-    afterwards, also when the forward raises.
+    Runs ``module(*args, **kwargs)`` (or ``module.<method>(*args, **kwargs)``) once under ``torch.no_grad()``.
+    Convolutions (1-, 2- and 3-D) and linear layers are counted by their output shape; the attention calls of
+    diffusers (``Attention``, ``FluxAttention``) and transformers (``CLIPAttention``, ``T5Attention``) add their
+    matrix products to ``attention``. Each call is counted, so a module used twice counts twice. The hooks are
+    removed afterwards, also when the forward raises.
 
     Args:
         module: The model; may live on the ``meta`` device.
@@ -202,12 +227,10 @@ def count_macs(
             group = _group(name, group_depth)
             if isinstance(sub, (nn.Linear, *_CONVS)):
                 handles.append(sub.register_forward_hook(conv_linear_hook(group)))
-            elif isinstance(sub, Attention):
-                hook = attention_hook(group, _diffusers_attention_macs)
-                handles.append(sub.register_forward_pre_hook(hook, with_kwargs=True))
-            elif isinstance(sub, CLIPAttention):
-                hook = attention_hook(group, _clip_attention_macs)
-                handles.append(sub.register_forward_pre_hook(hook, with_kwargs=True))
+            for kind, macs_fn in _ATTENTIONS:
+                if isinstance(sub, kind):
+                    hook = attention_hook(group, macs_fn)
+                    handles.append(sub.register_forward_pre_hook(hook, with_kwargs=True))
         call = module if method == "forward" else getattr(module, method)
         with torch.no_grad():
             call(*args, **kwargs)

@@ -1,13 +1,14 @@
-"""``bksdm profile``: argument parsing; the job is :func:`bksdm.eval.profile.profile_pipeline`, the table
+"""``bksdm profile``: argument parsing; the job is :func:`bksdm.eval.profile_job.profile_pipeline`, the table
 :func:`bksdm.eval.tables.format_profile`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
-from bksdm.plan.archs import ARCHS
+from bksdm.plan.archs import ALL_ARCHS
 from bksdm.plan.spec import ALL_PRESETS
 
 __all__ = ["add_profile", "run_profile"]
@@ -22,10 +23,11 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "profile",
         help="params, MACs, latency and peak memory of a pipeline or an architecture preset",
-        description="Count parameters and MACs per component (text encoder(s), U-Net, VAE decoder) and time "
-        "them: one U-Net step with and without classifier-free guidance, and per image for --steps steps. "
-        "Give a diffusers pipeline folder or hub id, or --arch for a real architecture with random weights "
-        "(no download). --plan profiles the student a plan makes of the U-Net.",
+        description="Count parameters and MACs per component (text encoder(s), denoiser -- U-Net or transformer "
+        "--, VAE decoder) and time them: one denoiser step with and without classifier-free guidance, and per image "
+        "for --steps steps. Give a diffusers pipeline folder or hub id, or --arch for a real architecture with "
+        "random weights (no download; the transformers, SD3 to FLUX.1, are best counted with --no-latency). "
+        "--plan profiles the student a plan makes of the denoiser.",
     )
     source = p.add_mutually_exclusive_group()
     source.add_argument(
@@ -37,10 +39,13 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--arch",
         default=None,
-        help=f"architecture preset with random weights: {', '.join(ARCHS)}",
+        help=f"architecture preset with random weights: {', '.join(ALL_ARCHS)}",
     )
     p.add_argument(
-        "--plan", default=None, help=f"apply a plan to the U-Net first: preset ({', '.join(ALL_PRESETS)}) or YAML"
+        "--plan",
+        default=None,
+        help=f"apply a plan to the denoiser first: preset ({', '.join(ALL_PRESETS)}) or YAML (U-Net rules for a "
+        "U-Net, blocks: rules for a transformer)",
     )
     p.add_argument(
         "--resolution", type=int, default=None, help="image side in pixels (default: the model's native one)"
@@ -65,8 +70,7 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
 
 def run_profile(args: argparse.Namespace) -> int:
     """Handle ``bksdm profile``: measure, then print a table or JSON (and write ``--out``)."""
-    from bksdm.eval.profile import ProfileOptions, profile_pipeline
-    from bksdm.eval.tables import format_profile
+    from bksdm.eval.profile_job import ProfileOptions, profile_pipeline
 
     def progress(message: str) -> None:
         print(f"bksdm profile: {message} ...", file=sys.stderr, flush=True)
@@ -85,5 +89,31 @@ def run_profile(args: argparse.Namespace) -> int:
         onnx=args.onnx,
     )
     result = profile_pipeline(options, out=args.out, on_stage=progress)
-    print(json.dumps(result, indent=2, allow_nan=False) if args.json else format_profile(result))
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else _table(result))
     return 0
+
+
+def _table(result: dict) -> str:
+    """The profile as a table.
+
+    ``format_profile`` reads the U-Net keys and labels. Until it reads the ``denoiser_*`` keys itself, a transformer's
+    result goes through it with its ``denoiser_*`` figures under those keys, and the component column is relabelled
+    ("transformer") and realigned here.
+    """
+    from bksdm.eval.tables import format_profile
+
+    if "unet_params" in result:
+        return format_profile(result)
+    as_unet = dict(result)
+    for key, value in result.items():
+        if key.startswith("denoiser_"):
+            as_unet["unet_" + key.removeprefix("denoiser_")] = value
+    lines = format_profile(as_unet).splitlines()
+    table = range(lines.index("") + 1, lines.index("", lines.index("") + 1))  # header and component rows
+    width = max(len(re.split(r"\s{2,}", lines[i])[0]) for i in table)  # the label column's width
+    labels = {i: lines[i][:width].rstrip().replace("U-Net", "transformer") for i in table}
+    new_width = max(len(label) for label in labels.values())
+    for i, label in labels.items():
+        lines[i] = (label.ljust(new_width) + lines[i][width:]).rstrip()
+    tokens = " / ".join(str(e["tokens"]) for e in result["text_encoders"].values())
+    return "\n".join(lines).replace("U-Net", "transformer").replace("encoders: 77 tokens", f"encoders: {tokens} tokens")

@@ -7,6 +7,10 @@ them with random weights has exactly the published shapes and parameter counts. 
 block removal, count parameters and MACs, and test surgery on the real shapes with no network access and,
 on the ``meta`` device, no memory.
 
+:data:`ARCHS` holds the U-Net architectures; the diffusion transformers (SD3, SD3.5, FLUX.1) are in
+:mod:`bksdm.plan.dit_archs`. :func:`get_arch` finds both (:data:`ALL_ARCHS`), and the builders take either kind;
+the text encoders' configs are shared with the transformers from :mod:`bksdm.plan.text_archs`.
+
 Parameter counts (measured by building each model from these configs, and checked by the tests):
 
 ===========================  =============
@@ -15,11 +19,11 @@ component                    parameters
 SD-v1.4 / v1.5 U-Net         859,520,964
 SD-v2.1(-base) U-Net         865,910,724
 SDXL-base U-Net              2,567,463,684
-CLIP ViT-L/14 text           123,060,480
-OpenCLIP ViT-H/14 text (v2)  340,387,840
-OpenCLIP ViT-bigG/14 text    694,659,840  (with its 1280x1280 text projection)
 VAE decoder                  49,490,179   (``decoder`` alone; ``post_quant_conv`` adds 20)
 ===========================  =============
+
+and the text encoders' in :mod:`bksdm.plan.text_archs` (CLIP ViT-L/14 123,060,480; OpenCLIP-H 340,387,840; bigG
+694,659,840).
 
 The configs are shared module-level objects: treat them as read-only and ``copy.deepcopy`` one before
 editing it (the ``build_*`` functions never mutate them).
@@ -39,9 +43,17 @@ import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
+from bksdm.families import family_of
+from bksdm.plan.dit_archs import TRANSFORMER_ARCHS, TransformerArch
+from bksdm.plan.text_archs import CLIP_VIT_L_TEXT, OPENCLIP_BIGG_TEXT, OPENCLIP_H_TEXT
+
 __all__ = [
+    "ALL_ARCHS",
     "ARCHS",
+    "AnyArch",
     "Arch",
+    "TransformerArch",
+    "build_denoiser",
     "build_scheduler",
     "build_text_encoders",
     "build_unet",
@@ -80,6 +92,16 @@ class Arch:
     def latent_size(self) -> int:
         """Side of the latent at the native resolution (the VAE downsamples by 8)."""
         return self.resolution // 8
+
+    @property
+    def denoiser_config(self) -> dict[str, Any]:
+        """The denoiser's config (the U-Net's), under the name every architecture kind answers to."""
+        return self.unet_config
+
+
+AnyArch = Arch | TransformerArch
+"""A U-Net or a diffusion-transformer architecture: both have ``denoiser_config``, ``text_encoder_configs``,
+``text_encoder_classes``, ``vae_config``, ``scheduler_config``, ``resolution`` and ``latent_size``."""
 
 
 # --- U-Nets -------------------------------------------------------------------------------------------
@@ -174,57 +196,6 @@ _SDXL_UNET: dict[str, Any] = {
     "use_linear_projection": True,
 }
 
-# --- Text encoders ------------------------------------------------------------------------------------
-
-_CLIP_TEXT_COMMON: dict[str, Any] = {
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    # eos_token_id 2 makes transformers pool at the argmax token id (the legacy behaviour these
-    # checkpoints were trained with), not at the first id equal to the eos id.
-    "eos_token_id": 2,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "pad_token_id": 1,
-    "vocab_size": 49408,
-}
-
-# openai/clip-vit-large-patch14, text tower: used by SD-v1.x and as SDXL's first encoder.
-_CLIP_VIT_L_TEXT: dict[str, Any] = {
-    **_CLIP_TEXT_COMMON,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "projection_dim": 768,
-}
-
-# OpenCLIP ViT-H/14 text tower as shipped with SD-v2: the last of its 24 layers is dropped (SD-v2 uses the
-# penultimate layer's output), hence 23.
-_OPENCLIP_H_TEXT: dict[str, Any] = {
-    **_CLIP_TEXT_COMMON,
-    "hidden_act": "gelu",
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_attention_heads": 16,
-    "num_hidden_layers": 23,
-    "projection_dim": 512,
-}
-
-# OpenCLIP ViT-bigG/14 text tower (SDXL text_encoder_2), with its projection for the pooled embedding.
-_OPENCLIP_BIGG_TEXT: dict[str, Any] = {
-    **_CLIP_TEXT_COMMON,
-    "hidden_act": "gelu",
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "num_attention_heads": 20,
-    "num_hidden_layers": 32,
-    "projection_dim": 1280,
-}
-
 # --- VAEs ---------------------------------------------------------------------------------------------
 
 _SD_VAE: dict[str, Any] = {
@@ -279,7 +250,7 @@ _SDXL_EULER = {
 _SD_V1 = Arch(
     name="sd-v1.4",
     unet_config=_SD_V1_UNET,
-    text_encoder_configs={"text_encoder": _CLIP_VIT_L_TEXT},
+    text_encoder_configs={"text_encoder": CLIP_VIT_L_TEXT},
     text_encoder_classes={"text_encoder": "CLIPTextModel"},
     vae_config=_SD_VAE,
     scheduler_config=_PNDM_EPS,
@@ -293,7 +264,7 @@ ARCHS: dict[str, Arch] = {
     "sd-v2.1-base": Arch(
         name="sd-v2.1-base",
         unet_config=_SD_V2_BASE_UNET,
-        text_encoder_configs={"text_encoder": _OPENCLIP_H_TEXT},
+        text_encoder_configs={"text_encoder": OPENCLIP_H_TEXT},
         text_encoder_classes={"text_encoder": "CLIPTextModel"},
         vae_config={**_SD_VAE, "sample_size": 768},
         scheduler_config=_PNDM_EPS,
@@ -302,7 +273,7 @@ ARCHS: dict[str, Arch] = {
     "sd-v2.1": Arch(
         name="sd-v2.1",
         unet_config=_SD_V2_UNET,
-        text_encoder_configs={"text_encoder": _OPENCLIP_H_TEXT},
+        text_encoder_configs={"text_encoder": OPENCLIP_H_TEXT},
         text_encoder_classes={"text_encoder": "CLIPTextModel"},
         vae_config={**_SD_VAE, "sample_size": 768},
         scheduler_config=_DDIM_V,
@@ -311,7 +282,7 @@ ARCHS: dict[str, Arch] = {
     "sdxl-base": Arch(
         name="sdxl-base",
         unet_config=_SDXL_UNET,
-        text_encoder_configs={"text_encoder": _CLIP_VIT_L_TEXT, "text_encoder_2": _OPENCLIP_BIGG_TEXT},
+        text_encoder_configs={"text_encoder": CLIP_VIT_L_TEXT, "text_encoder_2": OPENCLIP_BIGG_TEXT},
         text_encoder_classes={
             "text_encoder": "CLIPTextModel",
             "text_encoder_2": "CLIPTextModelWithProjection",
@@ -324,25 +295,30 @@ ARCHS: dict[str, Arch] = {
 }
 
 
-def get_arch(name: str) -> Arch:
+ALL_ARCHS: dict[str, AnyArch] = {**ARCHS, **TRANSFORMER_ARCHS}
+"""Every architecture :func:`get_arch` knows: the U-Nets of :data:`ARCHS`, then the diffusion transformers."""
+
+
+def get_arch(name: str) -> AnyArch:
     """Look up an architecture by name.
 
     Args:
-        name: One of the keys of :data:`ARCHS` (case-insensitive), e.g. ``"sd-v1.4"`` or ``"sdxl-base"``.
+        name: One of the keys of :data:`ALL_ARCHS` (case-insensitive), e.g. ``"sd-v1.4"``, ``"sdxl-base"`` or
+            ``"flux.1-dev"``.
 
     Returns:
-        The architecture.
+        The architecture: an :class:`Arch` (U-Net) or a :class:`~bksdm.plan.dit_archs.TransformerArch`.
 
     Raises:
         ValueError: If the name is unknown; the message lists the known names.
     """
-    arch = ARCHS.get(name.strip().lower())
+    arch = ALL_ARCHS.get(name.strip().lower())
     if arch is None:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHS))}")
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ALL_ARCHS))}")
     return arch
 
 
-def _as_arch(arch: Arch | str) -> Arch:
+def _as_arch(arch: AnyArch | str) -> AnyArch:
     return get_arch(arch) if isinstance(arch, str) else arch
 
 
@@ -364,8 +340,17 @@ def build_unet(
 
     Returns:
         The U-Net, in eval mode.
+
+    Raises:
+        ValueError: For a transformer architecture (build it with :func:`build_denoiser`).
     """
-    config = dict(arch_or_config) if isinstance(arch_or_config, Mapping) else _as_arch(arch_or_config).unet_config
+    if isinstance(arch_or_config, Mapping):
+        config = dict(arch_or_config)
+    else:
+        arch = _as_arch(arch_or_config)
+        if not isinstance(arch, Arch):
+            raise ValueError(f"{arch.name} has a transformer, not a U-Net: build it with build_denoiser")
+        config = arch.unet_config
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(copy.deepcopy(config))
     if dtype is not None:
@@ -373,24 +358,53 @@ def build_unet(
     return unet.eval()
 
 
+def build_denoiser(
+    arch_or_config: AnyArch | str | Mapping[str, Any],
+    device: torch.device | str = "meta",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Build any architecture's denoiser (U-Net or transformer) with random weights, by its family.
+
+    Args:
+        arch_or_config: An architecture, its name, or a denoiser config (a U-Net's, or a transformer's with
+            ``_class_name``), e.g. a student config derived from a plan.
+        device: Where to allocate the parameters (``meta``: shapes only, nothing allocated).
+        dtype: Parameter dtype; ``None`` keeps float32.
+
+    Returns:
+        The denoiser, in eval mode.
+
+    Raises:
+        UnknownFamilyError: A config of no family bksdm knows.
+    """
+    source = arch_or_config if isinstance(arch_or_config, Mapping) else _as_arch(arch_or_config).denoiser_config
+    config = copy.deepcopy(dict(source))
+    with torch.device(device):
+        model = family_of(config).build(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
 def build_text_encoders(
-    arch: Arch | str, device: torch.device | str = "meta", dtype: torch.dtype | None = None
+    arch: AnyArch | str, device: torch.device | str = "meta", dtype: torch.dtype | None = None
 ) -> dict[str, nn.Module]:
     """Build the architecture's text encoder(s) with random weights.
 
     Args:
-        arch: An :class:`Arch` or an architecture name.
+        arch: An architecture or an architecture name.
         device: Where to allocate the parameters.
         dtype: Parameter dtype; ``None`` keeps float32.
 
     Returns:
-        Modules keyed by pipeline component name (``"text_encoder"``, ``"text_encoder_2"``), in eval mode.
+        Modules keyed by pipeline component name (``"text_encoder"``, ``"text_encoder_2"``, SD3's
+        ``"text_encoder_3"``), in eval mode.
     """
     arch = _as_arch(arch)
     encoders: dict[str, nn.Module] = {}
     for component, kwargs in arch.text_encoder_configs.items():
         model_cls = getattr(transformers, arch.text_encoder_classes[component])
-        config = transformers.CLIPTextConfig(**copy.deepcopy(kwargs))
+        config = model_cls.config_class(**copy.deepcopy(kwargs))  # CLIPTextConfig or T5Config
         with torch.device(device):
             model = model_cls(config)
         if dtype is not None:
@@ -399,7 +413,9 @@ def build_text_encoders(
     return encoders
 
 
-def build_vae(arch: Arch | str, device: torch.device | str = "meta", dtype: torch.dtype | None = None) -> AutoencoderKL:
+def build_vae(
+    arch: AnyArch | str, device: torch.device | str = "meta", dtype: torch.dtype | None = None
+) -> AutoencoderKL:
     """Build the architecture's VAE (encoder and decoder) with random weights.
 
     Args:
@@ -418,14 +434,15 @@ def build_vae(arch: Arch | str, device: torch.device | str = "meta", dtype: torc
     return vae.eval()
 
 
-def build_scheduler(arch: Arch | str) -> diffusers.SchedulerMixin:
+def build_scheduler(arch: AnyArch | str) -> diffusers.SchedulerMixin:
     """Build the noise scheduler the architecture's public repository ships.
 
     Args:
-        arch: An :class:`Arch` or an architecture name.
+        arch: An architecture or an architecture name.
 
     Returns:
-        A diffusers scheduler (PNDM, DDIM or Euler, per the repository) configured like the original.
+        A diffusers scheduler (PNDM, DDIM, Euler or flow-matching Euler, per the repository) configured like the
+        original.
     """
     arch = _as_arch(arch)
     config = copy.deepcopy(arch.scheduler_config)
