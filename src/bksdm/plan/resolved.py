@@ -188,7 +188,6 @@ class ResolvedPlan:
         block B of an attention is matched with the teacher's block at the end of that run (the attention's last
         block for the last kept one). Outermost down stage first, then the mid block, then the up stages.
         """
-        from bksdm.plan.stacks import run_ends  # stacks builds on this module's FeaturePair
 
         def pairs_of(t_attention: str, s_attention: str, kept: tuple[int, ...], depth: int, channels: int, scale: int):
             for b, end in enumerate(run_ends(kept, depth)):
@@ -288,6 +287,15 @@ def _map_transformer_block(tail: str, kept: tuple[int, ...]) -> str:
     if not match or int(match.group(1)) >= len(kept):
         return tail
     return f"transformer_blocks.{kept[int(match.group(1))]}.{match.group(2)}"
+
+
+def run_ends(kept: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """The last teacher block of the run each kept block replaces: up to the next kept one, the last to the end.
+
+    ``kept=(0, 2, 5)`` of 6 blocks gives ``(1, 4, 5)``: student block 0 stands for teacher blocks 0-1, block 1 for
+    2-4, block 2 for block 5. Removed blocks before the first kept one have no student block standing for them.
+    """
+    return tuple(nxt - 1 for nxt in kept[1:]) + (depth - 1,)
 
 
 def resolve(plan: Plan, teacher_config: Mapping[str, Any]) -> ResolvedPlan:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from bksdm.plan.resolved import FeaturePair, match_overrides
+from bksdm.plan.resolved import FeaturePair, match_overrides, run_ends
 from bksdm.plan.spec import Plan, PlanError, select
 
 
@@ -117,15 +117,6 @@ class ResolvedStacks:
 
 
 _BLOCK_KEY = re.compile(r"^([a-z_]+)\.(\d+)\.(.+)$")
-
-
-def run_ends(kept: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    """The last teacher block of the run each kept block replaces: up to the next kept one, the last to the end.
-
-    ``kept=(0, 2, 5)`` of 6 blocks gives ``(1, 4, 5)``: student block 0 stands for teacher blocks 0-1, block 1 for
-    2-4, block 2 for block 5. Removed blocks before the first kept one have no student block standing for them.
-    """
-    return tuple(nxt - 1 for nxt in kept[1:]) + (depth - 1,)
 
 
 def resolve_stacks(plan: Plan, config: Mapping[str, Any], rules: StackRules, family: str) -> ResolvedStacks:
