@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 
 from bksdm.plan.archs import ALL_ARCHS
@@ -94,26 +93,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def _table(result: dict) -> str:
-    """The profile as a table.
-
-    ``format_profile`` reads the U-Net keys and labels. Until it reads the ``denoiser_*`` keys itself, a transformer's
-    result goes through it with its ``denoiser_*`` figures under those keys, and the component column is relabelled
-    ("transformer") and realigned here.
-    """
+    """The profile as a table (:func:`bksdm.eval.tables.format_profile`, which labels the denoiser by family)."""
     from bksdm.eval.tables import format_profile
 
-    if "unet_params" in result:
-        return format_profile(result)
-    as_unet = dict(result)
-    for key, value in result.items():
-        if key.startswith("denoiser_"):
-            as_unet["unet_" + key.removeprefix("denoiser_")] = value
-    lines = format_profile(as_unet).splitlines()
-    table = range(lines.index("") + 1, lines.index("", lines.index("") + 1))  # header and component rows
-    width = max(len(re.split(r"\s{2,}", lines[i])[0]) for i in table)  # the label column's width
-    labels = {i: lines[i][:width].rstrip().replace("U-Net", "transformer") for i in table}
-    new_width = max(len(label) for label in labels.values())
-    for i, label in labels.items():
-        lines[i] = (label.ljust(new_width) + lines[i][width:]).rstrip()
-    tokens = " / ".join(str(e["tokens"]) for e in result["text_encoders"].values())
-    return "\n".join(lines).replace("U-Net", "transformer").replace("encoders: 77 tokens", f"encoders: {tokens} tokens")
+    return format_profile(result)

@@ -79,20 +79,23 @@ def format_profile(result: dict[str, Any]) -> str:
         return cells
 
     r = result
+    # U-Nets keep their unet_* keys; every family has denoiser_* (transformers only those).
+    den = "U-Net" if r.get("family", "unet") == "unet" else "transformer"
+    k = "unet" if "unet_params" in r else "denoiser"
     rows = [
         row(name, enc["params"], enc["macs"], enc["macs_with_attention"], enc, "latency")
         for name, enc in r["text_encoders"].items()
     ]
-    rows.append(row("U-Net step", r["unet_params"], r["unet_macs"], r["unet_macs_with_attention"], r, "unet_step"))
+    rows.append(row(f"{den} step", r[f"{k}_params"], r[f"{k}_macs"], r[f"{k}_macs_with_attention"], r, f"{k}_step"))
     # MACs scale linearly with the batch, so the guided step (batch 2) costs exactly twice.
     rows.append(
         row(
-            "U-Net step, CFG (batch 2)",
+            f"{den} step, CFG (batch 2)",
             None,
-            2 * r["unet_macs"],
-            2 * r["unet_macs_with_attention"],
+            2 * r[f"{k}_macs"],
+            2 * r[f"{k}_macs_with_attention"],
             r,
-            "unet_step_cfg",
+            f"{k}_step_cfg",
         )
     )
     if r.get("onnx"):
@@ -119,7 +122,7 @@ def format_profile(result: dict[str, Any]) -> str:
             "vae_decode",
         )
     )
-    rows.append(["whole (U-Net + text + VAE dec.)", f"{r['whole_params']:,}"] + [""] * (len(header) - 2))
+    rows.append([f"whole ({den} + text + VAE dec.)", f"{r['whole_params']:,}"] + [""] * (len(header) - 2))
 
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
@@ -141,7 +144,7 @@ def format_profile(result: dict[str, Any]) -> str:
             f"{_seconds(result['image_cfg_s'])} with classifier-free guidance"
         )
         lines += [
-            f"  composed from separately timed components: text encoders + {steps} x U-Net step + VAE decode",
+            f"  composed from separately timed components: text encoders + {steps} x {den} step + VAE decode",
             "  (guidance: 2 text-encoder calls, batch-2 steps); apart, as --arch presets have no tokenizer",
             f"  {result['warmup']} warm-up + {result['repeats']} timed calls per component; medians (min)",
         ]
@@ -159,8 +162,9 @@ def format_profile(result: dict[str, Any]) -> str:
     else:
         lines.append("latency: not measured (--no-latency)")
     lines.append(f"device: {result['device']}, {result['dtype']}, torch {result['torch_version']}")
+    tokens = " / ".join(str(e.get("tokens", 77)) for e in r["text_encoders"].values()) or "77"
     lines += [
-        "MACs: one forward at batch 1 (U-Net: one step; text encoders: 77 tokens); 'conv+linear' is the",
+        f"MACs: one forward at batch 1 ({den}: one step; text encoders: {tokens} tokens); 'conv+linear' is the",
         "  BK-SDM paper's count, 'incl. attention' adds the attention products QK^T and AV",
     ]
     return "\n".join(lines)
