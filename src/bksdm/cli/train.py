@@ -62,13 +62,21 @@ def add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "cache",
         help="encode a data set once (VAE latents + text embeddings) so distill skips the encoders",
-        description="Encode model.teacher's VAE latent distributions (both flips when data.random_flip) and text "
-        "embeddings of data.train into shards; then train with data.cache=OUT. Reads the same recipe as distill.",
+        description="Encode model.teacher's VAE latent distributions (both flips when data.random_flip) and the text "
+        "states of all its text encoders (SDXL: both CLIPs + pooled; SD3: CLIP-L, CLIP-G and T5; FLUX.1: T5 + CLIP's "
+        "pooled) for data.train into shards; then train with data.cache=OUT. Reads the same recipe as distill. The "
+        "size on disk is printed and recorded in OUT/cache.json.",
     )
     p.add_argument("--out", required=True, help="cache folder (an interrupted run resumes)")
     p.add_argument("--config", default=None, help="the distill recipe whose model and data sections to use")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.train=DIR")
-    p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32", "bf16"), help="storage dtype (fp16)")
+    p.add_argument(
+        "--dtype",
+        default="fp16",
+        choices=("fp16", "fp32", "bf16"),
+        help="storage dtype of latents and text states (fp16: half of fp32's disk, which T5-XXL's 4096-wide states "
+        "fill fastest; fp32: training equals training from the images bit for bit)",
+    )
     p.add_argument("--shard-size", type=int, default=1024, help="source records per shard (1024)")
     p.add_argument(
         "--batch-size",
@@ -81,13 +89,13 @@ def add_cache(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from bksdm.train.cache import build_cache
+    from bksdm.train.cache import build_cache, describe_sizes
     from bksdm.train.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     meta = build_cache(cfg, args.out, shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype)
     print(
-        f"cached {meta['num_samples']} samples ({meta['num_skipped']} skipped) in {meta['num_shards']} shards: "
-        f"{args.out}; train with data.cache={args.out}"
+        f"cached {meta['num_samples']} samples ({meta['num_skipped']} skipped) in {meta['num_shards']} shards, "
+        f"{describe_sizes(meta['bytes'])}: {args.out}; train with data.cache={args.out}"
     )
     return 0

@@ -1,7 +1,8 @@
 """Training batches for the distillation loop, from images (encoded on the fly) or from a ``bksdm cache``.
 
 Either way the loop receives, per micro step of this process, the VAE latent distribution, the text states
-(and SDXL's added conditioning), and the samples' positions in the global batch, which key their noise.
+and the family's added conditioning (SDXL's pooled embedding and time ids, SD3's / FLUX's pooled projections and
+FLUX.1-dev's guidance), and the samples' positions in the global batch, which key their noise.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from bksdm.train.cache import CachedDataset, _columns
 from bksdm.train.data import DistillDataset, GlobalBatchSampler, ImageTransform, WebDatasetSource, collate, open_source
-from bksdm.train.encoders import encode_images, encode_text, sdxl_time_ids
+from bksdm.train.encoders import encode_images
 
 
 def _collate_cached(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -27,15 +28,15 @@ def _collate_cached(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def make_loader(cfg, rank: int, world_size: int, start_micro_step: int) -> DataLoader:
+def make_loader(cfg, rank: int, world_size: int, start_micro_step: int, family: str | None = None) -> DataLoader:
     """The DataLoader of this process: cached, map-style images, or webdataset shards.
 
     Micro step ``m`` of the run is global batch ``m`` of the sampler (``batch_size × world_size`` samples);
-    this process loads its contiguous slice.
+    this process loads its contiguous slice. ``family`` (the teacher's, e.g. ``"sd3"``) is checked against a cache's.
     """
     d, t = cfg.data, cfg.train
     if d.cache:
-        dataset = CachedDataset(d.cache, t.seed, random_flip=d.random_flip, resolution=d.resolution)
+        dataset = CachedDataset(d.cache, t.seed, random_flip=d.random_flip, resolution=d.resolution, family=family)
         collate_fn = _collate_cached
     else:
         if not d.train:
@@ -71,10 +72,11 @@ def _has_forkserver() -> bool:
 
 
 def prepare_batch(batch: dict[str, Any], models, cfg, device: torch.device) -> dict[str, Any]:
-    """Turns a loader batch into the loop's inputs: ``mean``, ``std``, ``text``, positions, micro step."""
+    """Turns a loader batch into the loop's inputs: ``mean``, ``std``, ``text``, positions, micro step, and the
+    family's ``added_cond_kwargs`` when it has any (SDXL, the transformers)."""
     if "pixel_values" in batch:  # images: run the frozen encoders now
         mean, std = encode_images(models.pipe.vae, batch["pixel_values"].to(device))
-        text, pooled = encode_text(batch["caption"], models.text, device)
+        text, pooled = models.family.encode_prompt(models.pipe, list(batch["caption"]), device)
     else:
         mean, std, text, pooled = batch["mean"], batch["std"], batch["text"], batch.get("pooled")
     out = {
@@ -85,16 +87,16 @@ def prepare_batch(batch: dict[str, Any], models, cfg, device: torch.device) -> d
         "micro_step": int(batch["step"][0]),
         "skipped": len(batch["skipped"]),
     }
-    if pooled is not None:
-        out["added_cond_kwargs"] = {
-            "text_embeds": pooled.to(device),
-            "time_ids": sdxl_time_ids(mean.shape[0], cfg.data.resolution, device),
-        }
+    added = models.family.conditioning(pooled, cfg.data.resolution, device, models.teacher.config)
+    if added is not None:
+        out["added_cond_kwargs"] = added
     return out
 
 
 def batch_stream(cfg, models, accelerator, start_micro_step: int) -> Iterator[dict[str, Any]]:
     """Endless prepared micro batches of this process, starting at ``start_micro_step``."""
-    loader = make_loader(cfg, accelerator.process_index, accelerator.num_processes, start_micro_step)
+    loader = make_loader(
+        cfg, accelerator.process_index, accelerator.num_processes, start_micro_step, family=models.family.name
+    )
     for batch in loader:
         yield prepare_batch(batch, models, cfg, accelerator.device)

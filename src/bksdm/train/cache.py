@@ -2,14 +2,21 @@
 
 The VAE encoder alone is about a third of a training step's MACs at 512 px (REFERENCE.md: 541G of the
 encoder against ~1.6T for the teacher and student U-Net passes with their backward), and the text encoder
-runs for every sample too; a cache removes both from the loop. What is stored is exactly what
-:mod:`bksdm.train.encoders` returns, so training on the cache equals training on the images (bit for bit in
-float32). With flipping on, both flip variants are stored and the per-sample flip decision of the trainer
-picks one.
+runs for every sample too; a cache removes both from the loop. For the transformer teachers the text encoders
+weigh more still: SD3 runs two CLIPs and T5-XXL (4.8B parameters), FLUX.1 CLIP-L and T5-XXL, every step. What is
+stored is exactly what :func:`bksdm.train.encoders.encode_images` and the family's ``encode_prompt``
+(:mod:`bksdm.families`) return, so training on the cache equals training on the images (bit for bit in float32).
+With flipping on, both flip variants are stored and the per-sample flip decision of the trainer picks one.
+
+The text states are what the teacher's pipeline feeds its denoiser: SD-v1/v2 one CLIP's states; SDXL both CLIPs'
+penultimate states and the pooled embedding; SD3 CLIP-L and CLIP-G concatenated, padded to T5's width, with
+T5's states appended, and both CLIPs' pooled projections; FLUX.1 T5's states and CLIP-L's pooled output. T5-XXL's
+states are 4096 wide, 2.7 MB a sample for SD3 (333 tokens) and 4.2 MB for FLUX.1-dev (512 tokens) in fp16, which is
+why the default storage dtype is fp16; the sizes on disk are reported in ``cache.json`` and the log.
 
 Layout of a cache folder::
 
-    cache.json                 what was encoded, by which teacher, at which resolution; counts
+    cache.json                 what was encoded, by which teacher (and family), at which resolution; counts; sizes
     shard-00000.safetensors    mean, std[, mean_flip, std_flip], text[, pooled]  (N rows each)
     shard-00000.json           captions and record ids of the rows; the source index range it covers
     ...
@@ -34,11 +41,13 @@ from tqdm.auto import tqdm
 
 from bksdm import __version__
 from bksdm.artifacts import atomic_file, write_text
-from bksdm.loading import load_pipeline, parse_dtype, teacher_or_default
+from bksdm.families import family_of
+from bksdm.loading import load_denoiser_config, load_pipeline, parse_dtype, teacher_or_default
+from bksdm.plan.render import human
 from bksdm.seeding import STREAM_DATA, sample_generator
 from bksdm.train.config import DistillConfig
 from bksdm.train.data import BadRecordError, ImageTransform, SampleRef, load_sample, open_source, require_usable
-from bksdm.train.encoders import TextEncoders, encode_images, encode_text, freeze
+from bksdm.train.encoders import encode_images, freeze, text_encoder_modules
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +91,7 @@ def build_cache(
     dtype: str = "fp16",
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Encodes ``cfg.data.train`` with ``cfg.model.teacher``'s VAE and text encoder(s) into ``out``.
+    """Encodes ``cfg.data.train`` with ``cfg.model.teacher``'s VAE and text encoders into ``out``.
 
     Args:
         cfg: The distillation config (model.teacher, data.train, resolution, crop, flip, columns are read).
@@ -90,11 +99,12 @@ def build_cache(
         shard_size: Source records per shard.
         batch_size: Encoder batch size; None sizes it to the memory available (at most
             :data:`MAX_AUTO_BATCH`, see :func:`auto_batch_size`).
-        dtype: Storage dtype: ``fp16`` (half the disk) or ``fp32`` (bit-exact with uncached training).
+        dtype: Storage dtype of every tensor: ``fp16`` (half the disk; the default, for T5-XXL's 4096-wide states
+            above all), ``bf16``, or ``fp32`` (bit-exact with uncached training).
         device: Where to run the encoders (default: cuda if available).
 
     Returns:
-        The cache's metadata (also written to ``out/cache.json``).
+        The cache's metadata (also written to ``out/cache.json``), with its size on disk under ``bytes``.
     """
     if batch_size is not None and batch_size < 1:
         raise CacheError(f"--batch-size {batch_size}: must be >= 1 (or left out to size it to the memory)")
@@ -132,10 +142,15 @@ def build_cache(
             raise CacheError(f"{out} holds a cache made with other settings {changed}; use another folder")
     _write_json(previous, {**meta, "complete": False})
 
-    # Only what the cache encodes with: the teacher's U-Net (3.4 GB at SD size) is never loaded.
-    pipe = load_pipeline(teacher, device=device, unet=None)
-    text = TextEncoders.from_pipeline(pipe)
-    freeze(pipe.vae, *text.encoders)
+    # Only what the cache encodes with: the teacher's denoiser (3.4 GB for SD's U-Net, 24 GB for FLUX.1's
+    # transformer) is never loaded, only its config, on the meta device (no memory): FLUX's prompt length depends on
+    # it (512 T5 tokens for the guidance-distilled FLUX.1-dev, 256 for schnell).
+    denoiser_config = load_denoiser_config(teacher)
+    family = family_of(denoiser_config)
+    pipe = load_pipeline(teacher, device=device, **{family.denoiser: None})
+    with torch.device("meta"):
+        setattr(pipe, family.denoiser, family.build(denoiser_config))
+    freeze(pipe.vae, *text_encoder_modules(pipe))
     if batch_size is None:
         batch_size = auto_batch_size(pipe.vae, cfg.data.resolution, device)
         logger.info("encoder batch size %d (sized to the memory available)", batch_size)
@@ -169,7 +184,7 @@ def build_cache(
             encoded["mean"], encoded["std"] = encode_images(pipe.vae, pixels)
             if cfg.data.random_flip:
                 encoded["mean_flip"], encoded["std_flip"] = encode_images(pipe.vae, pixels.flip(-1))
-            encoded["text"], pooled = encode_text([s["caption"] for s in good], text, device)
+            encoded["text"], pooled = family.encode_prompt(pipe, [s["caption"] for s in good], device)
             if pooled is not None:
                 encoded["pooled"] = pooled
             for key, value in encoded.items():
@@ -185,16 +200,53 @@ def build_cache(
         rows += len(captions)
         skipped += shard_skipped
     require_usable(rows, skipped, str(cfg.data.train))  # an all-bad data set is an error, not an empty cache
+    sizes = cache_sizes(out, num_shards, rows)
+    pooled_stored = "pooled" in sizes["per_sample_by_key"]
     meta.update(
         complete=True,
         num_samples=rows,
         num_skipped=len(skipped),
         num_shards=num_shards,
+        family=family.name,
         scaling_factor=pipe.vae.config.scaling_factor,
-        sdxl=text.is_sdxl,
+        shift_factor=pipe.vae.config.get("shift_factor"),
+        sdxl=family.name == "unet" and pooled_stored,  # read by caches' readers before families existed
+        pooled=pooled_stored,
+        bytes=sizes,
     )
     _write_json(previous, meta)
+    logger.info("cache of %d samples: %s", rows, describe_sizes(sizes))
     return meta
+
+
+_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+
+
+def cache_sizes(folder: Path, num_shards: int, num_samples: int) -> dict[str, Any]:
+    """The cache's size on disk: ``total`` bytes of its shards, ``per_sample`` (total / samples, headers and
+    captions included) and ``per_sample_by_key``, the bytes of one row of each stored tensor (flips included)."""
+    files = [folder / f"shard-{i:05d}{suffix}" for i in range(num_shards) for suffix in (".safetensors", ".json")]
+    total = sum(f.stat().st_size for f in files if f.is_file())
+    by_key: dict[str, int] = {}
+    with safe_open(str(files[0]), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            tensor = handle.get_slice(key)
+            row = 1
+            for side in tensor.get_shape()[1:]:
+                row *= side
+            by_key[key] = row * _DTYPE_BYTES[tensor.get_dtype()]
+    return {"total": total, "per_sample": total / max(num_samples, 1), "per_sample_by_key": by_key}
+
+
+def describe_sizes(sizes: dict[str, Any]) -> str:
+    """One line: ``1.9MB on disk, 80.3KB a sample (text 13.9KB, latents 65.5KB)``."""
+    by_key = sizes["per_sample_by_key"]
+    text = by_key.get("text", 0) + by_key.get("pooled", 0)
+    latents = sum(v for k, v in by_key.items() if k.startswith(("mean", "std")))
+    return (
+        f"{human(sizes['total'], 'B')} on disk, {human(sizes['per_sample'], 'B')} a sample "
+        f"(text {human(text, 'B')}, latents {human(latents, 'B')})"
+    )
 
 
 MAX_AUTO_BATCH = 16
@@ -240,7 +292,14 @@ class CachedDataset(Dataset):
     (the first number of the slot's data generator), so cached and uncached runs see the same samples.
     """
 
-    def __init__(self, folder: str | os.PathLike, seed: int, random_flip: bool = True, resolution: int | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        seed: int,
+        random_flip: bool = True,
+        resolution: int | None = None,
+        family: str | None = None,
+    ):
         self.folder = Path(folder)
         meta_path = self.folder / CACHE_FILE
         if not meta_path.is_file():
@@ -248,6 +307,12 @@ class CachedDataset(Dataset):
         self.meta = json.loads(meta_path.read_text())
         if not self.meta.get("complete"):
             raise CacheError(f"the cache in {folder} is incomplete; rerun `bksdm cache` to finish it")
+        cached_family = self.meta.get("family", "unet")  # caches made before transformer teachers: U-Net ones
+        if family is not None and cached_family != family:
+            raise CacheError(
+                f"the cache in {folder} holds the text states of a {cached_family} teacher, but this teacher is a "
+                f"{family} one: cache the data set again with this teacher"
+            )
         if resolution is not None and self.meta["resolution"] != resolution:
             raise CacheError(f"the cache was made at {self.meta['resolution']} px but data.resolution={resolution}")
         if random_flip and not self.meta["flips"]:
@@ -291,7 +356,7 @@ class CachedDataset(Dataset):
             "flipped": flipped,
             "skipped": [],
         }
-        if self.meta.get("sdxl"):
+        if self.meta.get("pooled", self.meta.get("sdxl")):
             item["pooled"] = self._get(where.shard, "pooled", where.row)
         return item
 

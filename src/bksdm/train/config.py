@@ -54,14 +54,17 @@ class ModelConfig:
     """Which teacher to distil and how the student is made from it."""
 
     teacher: str | None = None
-    """Teacher pipeline: a Hugging Face hub id or a local diffusers folder. Paper: ``CompVis/stable-diffusion-v1-4``
-    (and ``stabilityai/stable-diffusion-2-1-base`` / ``-2-1`` for the v2 models). None: left to the trainer."""
+    """Teacher pipeline: a Hugging Face hub id or a local diffusers folder, with a U-Net (SD-v1/v2, SDXL) or a
+    diffusion transformer (SD3 / SD3.5, FLUX.1). Paper: ``CompVis/stable-diffusion-v1-4`` (and
+    ``stabilityai/stable-diffusion-2-1-base`` / ``-2-1`` for the v2 models). None: left to the trainer."""
     plan: str = "bk-small"
-    """Which blocks the student keeps: a preset (``bk-base``, ``bk-small``, ``bk-tiny``, ``identity``) or a plan
-    YAML file. Paper: one of the three BK presets. Ignored when ``student`` is set."""
+    """Which blocks the student keeps: a preset (U-Nets: ``bk-base``, ``bk-small``, ``bk-tiny``; transformers:
+    ``keep-half``, ``keep-two-thirds``, ``keep-third``; any: ``identity``) or a plan YAML file. Paper: one of the
+    three BK presets. Ignored when ``student`` is set (unless the student folder records no plan)."""
     student: str | None = None
-    """An existing student to continue from (a pipeline folder written by ``bksdm prune``, or a U-Net folder);
-    when set it replaces plan-based surgery. None (paper): build the student from ``teacher`` and ``plan``."""
+    """An existing student to continue from (a pipeline folder written by ``bksdm prune``, or its ``unet/`` or
+    ``transformer/`` folder); when set it replaces plan-based surgery. None (paper): build the student from
+    ``teacher`` and ``plan``."""
     init: str = "teacher"
     """Start of the kept blocks: ``teacher`` (copy the teacher's weights; paper) or ``random`` (an ablation)."""
     allow_partial_init: bool = False
@@ -162,8 +165,9 @@ class TrainConfig:
     mixed_precision: str = "fp16"
     """Autocast precision of the student: ``no``, ``fp16`` or ``bf16``. Paper: fp16."""
     teacher_dtype: str = "auto"
-    """Dtype the frozen teacher (and VAE, text encoder) runs in: ``auto`` (the mixed-precision dtype, fp32 when
-    ``mixed_precision`` is ``no``; what the official code does), ``fp32``, ``fp16`` or ``bf16``."""
+    """Dtype the frozen teacher (and VAE, text encoders) runs in: ``auto`` (the mixed-precision dtype, fp32 when
+    ``mixed_precision`` is ``no``; what the official code does), ``fp32``, ``fp16`` or ``bf16`` (what SD3.5 and
+    FLUX.1 teachers were released in; a 12B FLUX.1 teacher takes 24 GB in bf16, 48 GB in fp32)."""
     gradient_checkpointing: bool = True
     """Recompute student activations in the backward pass to save memory. Paper: True."""
     seed: int = 1234
@@ -200,7 +204,8 @@ class TrainConfig:
     validation_steps: int = 25
     """Denoising steps per validation image. Paper's evaluation: 25."""
     validation_guidance: float = 7.5
-    """Classifier-free guidance scale of validation images. Paper's evaluation: 7.5."""
+    """Classifier-free guidance scale of validation images. Paper's evaluation: 7.5. FLUX.1-dev takes it as its
+    embedded guidance value instead (its model card uses 3.5); FLUX.1-schnell ignores it."""
     trackers: list[str] = field(default_factory=list)
     """Experiment trackers to log to, any of ``tensorboard`` and ``wandb``; empty logs to the console only."""
     attention: str = "sdpa"

@@ -4,6 +4,11 @@ All side effects of training live here: loading, accelerate, files, logging. The
 :func:`bksdm.train.kd.kd_step`. The loop reads top to bottom; each optimizer step is ``accumulation`` micro
 steps, and micro step ``m`` always trains on the same samples with the same noise (``bksdm.seeding``), whatever
 the number of processes, so a resumed or re-sharded run takes the same steps.
+
+Every teacher family (:mod:`bksdm.families`: SD-v1/v2/SDXL U-Nets, SD3 / SD3.5 and FLUX.1 transformers) takes the
+same loop: the family says how to resolve the plan, encode prompts, draw timesteps, noise, call the denoiser and
+what to predict. The denoiser's weights live in the pipeline's own subfolder (``unet/`` or ``transformer/``), in
+checkpoints (with ``unet_ema/`` or ``transformer_ema/``) as in the final ``student/`` pipeline.
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from bksdm.artifacts import atomic_dir
+from bksdm.families import denoiser_of, family_of
+from bksdm.families.base import Family
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
-from bksdm.plan.resolved import resolve
+from bksdm.plan.render import DENOISER_LABELS
 from bksdm.plan.surgery import build_student
 from bksdm.train.batches import batch_stream
 from bksdm.train.checkpoints import (
@@ -43,14 +50,14 @@ from bksdm.train.checkpoints import (
     write_checkpoint,
 )
 from bksdm.train.config import DistillConfig, OptimConfig, config_to_dict, save_config
-from bksdm.train.encoders import TextEncoders, sample_latents, vae_dtype
+from bksdm.train.encoders import sample_latents, text_encoder_modules, vae_dtype
 from bksdm.train.kd import LossWeights, draw_noise, ema_update, kd_step
 from bksdm.train.runtime import LossWindow, TrainingStopped, make_accelerator, peak_memory_mb, stop_on_sigterm
 from bksdm.train.validation import Validator, plot_losses
 
 logger = get_logger(__name__)
 
-__all__ = ["TrainingSetupError", "distill", "load_models", "make_optimizer"]
+__all__ = ["TrainingSetupError", "distill", "load_models", "make_optimizer", "timestep_sampler", "training_scheduler"]
 
 WEIGHTS = "diffusion_pytorch_model"  # diffusers' weight file stem
 RUN_ENTRIES = ("config.yaml", "student", "loss_curve.png", "validation")  # a distill run's own entries in its folder
@@ -64,13 +71,38 @@ class TrainingSetupError(ValueError):
 class Models:
     """Everything the loop needs from the teacher pipeline and the student."""
 
-    pipe: Any  # the teacher pipeline (its tokenizer/encoders/VAE are shared with the saved student)
-    teacher: UNet2DConditionModel
-    student: UNet2DConditionModel
-    text: TextEncoders
-    scheduler: DDPMScheduler
+    pipe: Any  # the teacher pipeline (its tokenizers/encoders/VAE are shared with the saved student)
+    family: Family  # the denoisers' family: plan, prompt encoding, timesteps, target, call
+    teacher: torch.nn.Module  # the pipeline's denoiser (UNet2DConditionModel, SD3/Flux transformer)
+    student: torch.nn.Module  # a stock model of the teacher's class
+    scheduler: SchedulerMixin  # the training scheduler (:func:`training_scheduler`)
     feature_pairs: tuple
     plan_source: str
+
+    @property
+    def folder(self) -> str:
+        """The denoiser's subfolder in pipelines and checkpoints: ``unet`` or ``transformer``."""
+        return self.family.denoiser
+
+
+def training_scheduler(family: Family, config) -> SchedulerMixin:
+    """The scheduler the loop noises latents with, from the teacher scheduler's config.
+
+    U-Nets: ``DDPMScheduler`` (its ``add_noise`` and prediction type; Euler-type inference schedulers noise latents
+    differently). Flow families: ``FlowMatchEulerDiscreteScheduler``, the SD3 / FLUX pipelines' own, whose config
+    (``shift``, ``use_dynamic_shifting``, ``num_train_timesteps``) the family reads to draw and apply timesteps.
+    """
+    if family.objective == "diffusion":
+        return DDPMScheduler.from_config(config)
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+def timestep_sampler(family: Family, scheduler: SchedulerMixin, latent_shape: tuple[int, int, int]):
+    """``draw_noise``'s ``sample_timestep`` for a family: None for U-Nets (draw_noise's uniform integers, BK-SDM's
+    setting), the family's density for flow families (SD3's shifted logit-normal, FLUX's resolution-shifted one)."""
+    if family.objective == "diffusion":
+        return None
+    return lambda generator: family.sample_timestep(generator, scheduler.config, latent_shape)
 
 
 def make_optimizer(params, o: OptimConfig, lr: float) -> torch.optim.Optimizer:
@@ -86,11 +118,17 @@ def make_optimizer(params, o: OptimConfig, lr: float) -> torch.optim.Optimizer:
 def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dtype) -> Models:
     """Loads the teacher pipeline, builds (or loads) the student, and freezes every teacher part."""
     pipe = load_pipeline(teacher_or_default(cfg.model.teacher))  # no teacher given: the bundled shapes teacher
-    teacher = pipe.unet
+    teacher = denoiser_of(pipe)
+    family = family_of(teacher)
     if cfg.model.student:
         folder = Path(cfg.model.student)
-        unet_dir = folder / "unet" if (folder / "unet").is_dir() else folder
-        student = UNet2DConditionModel.from_pretrained(unet_dir)
+        denoiser_dir = folder / family.denoiser if (folder / family.denoiser).is_dir() else folder
+        if not (denoiser_dir / "config.json").is_file():
+            raise TrainingSetupError(
+                f"model.student={folder}: holds neither {family.denoiser}/ nor a config.json; the {family.name} "
+                f"teacher needs a folder written by `bksdm prune` (or its {family.denoiser}/)"
+            )
+        student = family.model_class.from_pretrained(denoiser_dir)
         plan = load_plan(folder if (folder / PLAN_FILE).is_file() else cfg.model.plan)
         plan_source = str(folder)
     else:
@@ -99,29 +137,30 @@ def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dt
             teacher, plan, init=cfg.model.init, allow_mismatched=cfg.model.allow_partial_init, seed=cfg.train.seed
         )
         student, plan_source = surgery.student, cfg.model.plan
-    pairs = resolve(plan, dict(teacher.config)).feature_pairs()
-    for module in [teacher, pipe.vae, *TextEncoders.from_pipeline(pipe).encoders]:
+    pairs = family.resolve(plan, dict(teacher.config)).feature_pairs()
+    for module in [teacher, pipe.vae, *text_encoder_modules(pipe)]:
         module.requires_grad_(False)
         module.eval()
         module.to(device=device, dtype=weight_dtype)
     pipe.vae.to(vae_dtype(pipe.vae, weight_dtype))  # fp32 where fp16 would overflow
     student.to(device)
     student.train()
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return Models(pipe, teacher, student, TextEncoders.from_pipeline(pipe), scheduler, pairs, plan_source)
+    scheduler = training_scheduler(family, pipe.scheduler.config)
+    return Models(pipe, family, teacher, student, scheduler, pairs, plan_source)
 
 
 def save_checkpoint(
     accelerator: Accelerator, cfg: DistillConfig, models: Models, ema, step: int, out: Path, optimizer, lr_scheduler
 ) -> Path:
-    """A resumable checkpoint (:mod:`bksdm.train.checkpoints`): the student in ``unet/``, the EMA weights in
-    ``unet_ema/`` (both stock diffusers folders), the optimizer and schedule, the resolved config."""
+    """A resumable checkpoint (:mod:`bksdm.train.checkpoints`): the student in ``unet/`` (``transformer/``), the EMA
+    weights in ``unet_ema/`` (``transformer_ema/``), both stock diffusers folders, the optimizer and schedule, the
+    resolved config."""
     student = accelerator.unwrap_model(models.student)
 
     def write_files(folder: Path) -> None:
-        student.save_pretrained(folder / "unet")
+        student.save_pretrained(folder / models.folder)
         if ema is not None:
-            save_ema_weights(ema, student, folder / "unet_ema")
+            save_ema_weights(ema, student, folder / f"{models.folder}_ema")
         save_config(cfg, folder / "config.yaml")
 
     return write_checkpoint(
@@ -146,12 +185,15 @@ def resume_from(accelerator: Accelerator, checkpoint: Path, models: Models, ema,
     """
     state = read_checkpoint(checkpoint, "distill", {"ema": ema is not None})
     student = accelerator.unwrap_model(models.student)
-    load_module(student, read_weights(checkpoint / "unet", WEIGHTS), "student U-Net")
+    what = f"student {DENOISER_LABELS[models.folder]}"
+    load_module(student, read_weights(checkpoint / models.folder, WEIGHTS), what)
     if ema is not None:
-        stored = read_weights(checkpoint / "unet_ema", WEIGHTS)
+        stored = read_weights(checkpoint / f"{models.folder}_ema", WEIGHTS)
         names = [name for name, _ in student.named_parameters()]
         if set(names) - set(stored):
-            raise CheckpointError(f"checkpoint {checkpoint}: unet_ema/ does not hold every student parameter")
+            raise CheckpointError(
+                f"checkpoint {checkpoint}: {models.folder}_ema/ does not hold every student parameter"
+            )
         shadow = [stored[name].to(p.device, p.dtype) for name, p in zip(names, ema.shadow_params, strict=True)]
         ema.load_state_dict({**state["extra"]["ema"], "shadow_params": shadow})
     restore_training_state(checkpoint, state, optimizer, lr_scheduler)
@@ -162,11 +204,13 @@ def save_ema_weights(ema, student: torch.nn.Module, folder: Path) -> None:
     """The EMA weights as a stock diffusers folder of the student's class, written straight from the EMA's tensors.
 
     (``EMAModel.save_pretrained`` first builds a second student to copy them into: 1.8 GB more at the end of every
-    checkpoint at SD size, which took a 256-px distill run past 18 GB.) The U-Net has no buffers: its parameters
-    are its whole state dict. The EMA's counters go to ``trainer_state.json``.
+    checkpoint at SD size, which took a 256-px distill run past 18 GB.) The EMA averages parameters only; the
+    student's persistent buffers (SD3's fixed sin-cos ``pos_embed``; a U-Net has none) are written as they are. The
+    EMA's counters go to ``trainer_state.json``.
     """
     names = [name for name, _ in student.named_parameters()]
     tensors = {name: p.detach().contiguous() for name, p in zip(names, ema.shadow_params, strict=True)}
+    tensors.update({k: v.detach().contiguous() for k, v in student.state_dict().items() if k not in tensors})
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / f"{WEIGHTS}.safetensors"), metadata={"format": "pt"})
     student.save_config(folder)
@@ -177,16 +221,18 @@ def _ema_scalars(ema) -> dict[str, Any]:
 
 
 def save_student(accelerator: Accelerator, models: Models, ema, out: Path) -> Path:
-    """The final output: a complete pipeline (teacher's encoders/VAE/scheduler + student U-Net, EMA if on).
+    """The final output: a complete pipeline of the teacher's class (its encoders/VAE/scheduler + the student
+    denoiser, EMA if on), loadable by the stock ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ...
 
     With EMA the pipeline holds the EMA weights; the raw weights of the last step stay in the last checkpoint's
-    ``unet/``. Written atomically: a crash or a full disk leaves the checkpoints and no half pipeline.
+    ``unet/`` (``transformer/``). Written atomically: a crash or a full disk leaves the checkpoints and no half
+    pipeline.
     """
     student = accelerator.unwrap_model(models.student)
     if ema is not None:
         ema.copy_to(student.parameters())
     pipe = models.pipe
-    pipe.unet = student
+    setattr(pipe, models.folder, student)  # pipe.unet / pipe.transformer: model_index.json follows
     pipe.to(torch.float32)
     target = out / "student"
     with atomic_dir(target) as partial:
@@ -202,7 +248,8 @@ def distill(cfg: DistillConfig) -> Path:
     out = Path(cfg.train.output_dir)
     if cfg.model.student and not Path(cfg.model.student).is_dir():
         raise TrainingSetupError(
-            f"model.student={cfg.model.student}: no such folder; give a folder written by `bksdm prune` (or its unet/)"
+            f"model.student={cfg.model.student}: no such folder; give a folder written by `bksdm prune` (or its "
+            "unet/ or transformer/)"
         )
     checkpoint = find_checkpoint(out, cfg.train.resume)  # before any work: a bad path fails now
     stale = claim_output(out, resume=cfg.train.resume, overwrite=cfg.train.overwrite, markers=RUN_ENTRIES)
@@ -224,6 +271,11 @@ def distill(cfg: DistillConfig) -> Path:
     models = load_models(cfg, accelerator.device, weight_dtype)
     if cfg.train.gradient_checkpointing:
         models.student.enable_gradient_checkpointing()
+    if cfg.train.attention == "default" and models.folder != "unet":
+        raise TrainingSetupError(
+            "train.attention=default is the U-Net's classic attention processor; a transformer student keeps its "
+            "own joint-attention processors (use train.attention=sdpa)"
+        )
     if cfg.train.attention == "default":  # the classic attention processor, e.g. to compare against SDPA
         from diffusers.models.attention_processor import AttnProcessor
 
@@ -243,7 +295,7 @@ def distill(cfg: DistillConfig) -> Path:
         ema = EMAModel(
             models.student.parameters(),
             decay=cfg.train.ema_decay,
-            model_cls=UNet2DConditionModel,
+            model_cls=models.family.model_class,
             model_config=models.student.config,
         )
         ema.to(accelerator.device)
@@ -277,15 +329,20 @@ def distill(cfg: DistillConfig) -> Path:
         while step < cfg.train.max_steps:
             batch = next(batches)  # one micro batch of this process: latents' distribution, text states, positions
             with accelerator.accumulate(models.student):
+                latent_shape = tuple(batch["mean"].shape[1:])  # (C, h, w)
                 timesteps, noise, eps = draw_noise(
                     cfg.train.seed,
                     batch["micro_step"],
                     batch["positions"],
-                    tuple(batch["mean"].shape[1:]),
+                    latent_shape,
                     models.scheduler.config.num_train_timesteps,
                     accelerator.device,
+                    sample_timestep=timestep_sampler(models.family, models.scheduler, latent_shape),
                 )
-                latents = sample_latents(batch["mean"], batch["std"], eps, models.pipe.vae.config.scaling_factor)
+                vae = models.pipe.vae.config
+                latents = sample_latents(
+                    batch["mean"], batch["std"], eps, vae.scaling_factor, shift_factor=vae.get("shift_factor")
+                )  # (B, C, h, w)
                 losses = kd_step(
                     models.student,
                     models.teacher,
@@ -297,6 +354,7 @@ def distill(cfg: DistillConfig) -> Path:
                     models.feature_pairs,
                     weights,
                     batch.get("added_cond_kwargs"),
+                    family=models.family,
                 )
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients and o.max_grad_norm > 0:

@@ -1,7 +1,8 @@
 """The frozen encoders of a Stable Diffusion pipeline, as the trainer and the cache both call them.
 
-``bksdm cache`` stores what these functions return and ``bksdm distill`` either reads it back or calls them
-again, so the two paths give the same training inputs (bit for bit when the cache is stored in float32).
+``bksdm cache`` stores what these functions (and a family's ``encode_prompt``, :mod:`bksdm.families`) return and
+``bksdm distill`` either reads it back or calls them again, so the two paths give the same training inputs (bit for
+bit when the cache is stored in float32).
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ class TextEncoders:
         tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
         encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
         return cls([t for t in tokenizers if t is not None], [e for e in encoders if e is not None])
+
+
+TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+"""Pipeline attributes of text encoders: one (SD-v1/v2), two (SDXL's CLIPs; FLUX's CLIP-L and T5) or three (SD3)."""
+
+
+def text_encoder_modules(pipe) -> list[torch.nn.Module]:
+    """Every text encoder a pipeline holds, in attribute order (the frozen parts besides its VAE and denoiser)."""
+    modules = (getattr(pipe, name, None) for name in TEXT_ENCODER_ATTRS)
+    return [m for m in modules if isinstance(m, torch.nn.Module)]
 
 
 def freeze(*modules: torch.nn.Module | None) -> None:
@@ -99,9 +110,24 @@ def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[tor
     return dist.mean.float(), dist.std.float()
 
 
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """A scaled latent drawn from the VAE distribution with given standard-normal ``eps`` (B, 4, h, w)."""
-    return (mean + std * eps.to(mean.device)) * scaling_factor
+def sample_latents(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    eps: torch.Tensor,
+    scaling_factor: float,
+    *,
+    shift_factor: float | None = None,
+) -> torch.Tensor:
+    """A normalised latent drawn from the VAE distribution with given standard-normal ``eps`` (B, C, h, w).
+
+    ``(mean + std * eps - shift_factor) * scaling_factor``, as the pipelines invert it when decoding: SD3's and FLUX's
+    VAEs have a ``shift_factor`` in their config (0.0609 and 0.1159), SD-v1/v2/SDXL's have none (None or 0: no shift,
+    the latent is exactly ``(mean + std * eps) * scaling_factor`` as before).
+    """
+    latents = mean + std * eps.to(mean.device)
+    if shift_factor:
+        latents = latents - shift_factor
+    return latents * scaling_factor
 
 
 def sdxl_time_ids(batch: int, resolution: int, device: torch.device | str) -> torch.Tensor:

@@ -1,4 +1,10 @@
-"""Training-time pictures: teacher-vs-student grids on fixed prompts and seeds, and the loss curves."""
+"""Training-time pictures: teacher-vs-student grids on fixed prompts and seeds, and the loss curves.
+
+The grids are drawn by the teacher's own pipeline class with the denoiser swapped (``unet`` or ``transformer``), at
+the training resolution passed as ``height`` / ``width`` (FLUX's pipeline would otherwise draw 1024 px). FLUX.1-dev
+takes ``validation_guidance`` as its embedded guidance value (it has no classifier-free guidance); schnell ignores
+it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from bksdm.train.encoders import text_encoder_modules
 
 logger = logging.getLogger(__name__)
 
@@ -38,21 +46,21 @@ class Validator:
         self.dir = out / "validation"
         self.teacher_images: list[Image.Image] | None = None
 
-    def _generate(self, unet) -> list[Image.Image]:
+    def _generate(self, denoiser) -> list[Image.Image]:
         import inspect
 
         t = self.cfg.train
         base = self.models.pipe
-        kwargs = {**base.components, "unet": unet}
+        kwargs = {**base.components, self.models.family.denoiser: denoiser}
         if "requires_safety_checker" in inspect.signature(type(base).__init__).parameters:
             kwargs["requires_safety_checker"] = False
         pipe = type(base)(**kwargs)
         pipe.set_progress_bar_config(disable=True)
         images = []
-        dtype = next(unet.parameters()).dtype
+        dtype = self._precision(denoiser)
         for i, prompt in enumerate(t.validation_prompts):
             generator = torch.Generator("cpu").manual_seed(t.validation_seed + i)
-            with torch.autocast(unet.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.autocast(denoiser.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 result = pipe(
                     prompt,
                     num_inference_steps=t.validation_steps,
@@ -63,6 +71,17 @@ class Validator:
                 )
             images.append(result.images[0])
         return images
+
+    def _precision(self, denoiser) -> torch.dtype:
+        """The autocast dtype of a grid: the lowest precision among the denoiser and the frozen VAE and text encoders.
+
+        A teacher in bf16 or fp16 (``train.teacher_dtype``) brings its encoders with it, whose states an fp32 student
+        cannot take outside autocast ("mat1 and mat2 must have the same dtype"); both rows then run under the same
+        autocast. All in fp32: no autocast, as before.
+        """
+        parts = [denoiser, self.models.pipe.vae, *text_encoder_modules(self.models.pipe)]
+        dtypes = {p.dtype for m in parts for p in m.parameters() if p.is_floating_point()}
+        return next((d for d in (torch.float16, torch.bfloat16) if d in dtypes), torch.float32)
 
     @torch.no_grad()
     def run(self, student, step: int) -> Path:
