@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor, nn
 
 from bksdm.plan.spec import Plan
@@ -49,6 +50,14 @@ class Family:
         """One training timestep (shape (1,)) drawn from ``generator`` alone."""
         raise NotImplementedError
 
+    def training_scheduler(self, config: Mapping[str, Any]):
+        """The scheduler the training loop noises latents with, made from the teacher scheduler's config."""
+        raise NotImplementedError
+
+    def timestep_sampler(self, scheduler_config: Mapping[str, Any], latent_shape):
+        """``draw_noise``'s ``sample_timestep`` for this family (None: draw_noise's uniform integer timesteps)."""
+        return lambda generator: self.sample_timestep(generator, scheduler_config, latent_shape)
+
     def noise(self, scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         """``(noisy latents, training target)`` for clean latents, their noise and timesteps, all (B, C, h, w)."""
         raise NotImplementedError
@@ -57,8 +66,13 @@ class Family:
         """The denoiser's prediction, in the latents' shape (B, C, h, w); ``model`` may be wrapped (DDP)."""
         raise NotImplementedError
 
-    def encode_prompt(self, pipe, captions: list[str], device) -> tuple[Tensor, Tensor | None]:
-        """The frozen text encoders' output for captions, as the pipeline computes it: (states, pooled or None)."""
+    def encode_prompt(
+        self, pipe, captions: list[str], device, model_config: Mapping[str, Any] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The frozen text encoders' output for captions, as the pipeline computes it: (states, pooled or None).
+
+        ``model_config`` is the denoiser's config where the pipeline holds no denoiser (the cache never loads it).
+        """
         raise NotImplementedError
 
     def conditioning(self, pooled: Tensor | None, resolution: int, device, model_config: Mapping[str, Any]):
@@ -93,6 +107,11 @@ class FlowMatching(Family):
     """
 
     objective = "flow"
+
+    def training_scheduler(self, config: Mapping[str, Any]):
+        """The SD3 / FLUX pipelines' own ``FlowMatchEulerDiscreteScheduler``, whose config (``shift``,
+        ``use_dynamic_shifting``, ``num_train_timesteps``) the family reads to draw and apply timesteps."""
+        return FlowMatchEulerDiscreteScheduler.from_config(dict(config))
 
     def shift(self, u: float, scheduler_config: Mapping[str, Any], latent_shape) -> float:
         """SD3's constant shift: s = shift * u / (1 + (shift - 1) * u) (``shift`` from the scheduler config)."""

@@ -95,8 +95,8 @@ class FluxFamily(FlowMatching):
         return unpack(tokens, h, w)  # (B, 16, h, w)
 
     @torch.no_grad()
-    def encode_prompt(self, pipe, captions: list[str], device) -> tuple[Tensor, Tensor | None]:
-        guided = bool(pipe.transformer.config.guidance_embeds) if getattr(pipe, "transformer", None) else True
+    def encode_prompt(self, pipe, captions: list[str], device, model_config=None) -> tuple[Tensor, Tensor | None]:
+        guided = bool((model_config or pipe.transformer.config).get("guidance_embeds"))
         length = min(T5_TOKENS[guided], pipe.tokenizer_2.model_max_length)
         states, pooled, _ = pipe.encode_prompt(
             prompt=list(captions), prompt_2=None, device=torch.device(device), num_images_per_prompt=1,

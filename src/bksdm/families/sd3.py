@@ -77,7 +77,7 @@ class SD3Family(FlowMatching):
         )[0]
 
     @torch.no_grad()
-    def encode_prompt(self, pipe, captions: list[str], device) -> tuple[Tensor, Tensor | None]:
+    def encode_prompt(self, pipe, captions: list[str], device, model_config=None) -> tuple[Tensor, Tensor | None]:
         length = T5_TOKENS
         if getattr(pipe, "tokenizer_3", None) is not None:
             length = min(T5_TOKENS, pipe.tokenizer_3.model_max_length)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import SchedulerMixin, UNet2DConditionModel
+from diffusers import DDPMScheduler, SchedulerMixin, UNet2DConditionModel
 from torch import Tensor, nn
 
 from bksdm.families.base import Family
@@ -69,6 +69,13 @@ class UNetFamily(Family):
     def sample_timestep(self, generator: torch.Generator, scheduler_config: Mapping[str, Any], latent_shape) -> Tensor:
         return torch.randint(0, int(scheduler_config["num_train_timesteps"]), (1,), generator=generator)
 
+    def training_scheduler(self, config: Mapping[str, Any]):
+        """``DDPMScheduler``: its ``add_noise`` and prediction type (Euler-type schedulers noise differently)."""
+        return DDPMScheduler.from_config(dict(config))
+
+    def timestep_sampler(self, scheduler_config: Mapping[str, Any], latent_shape):
+        return None  # draw_noise's uniform integers on [0, num_train_timesteps): BK-SDM's setting
+
     def noise(self, scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
         return scheduler.add_noise(latents, noise, timesteps), diffusion_target(scheduler, latents, noise, timesteps)
 
@@ -76,7 +83,7 @@ class UNetFamily(Family):
         # return_dict=False: a plain tuple passes through every wrapper's output handling unchanged.
         return model(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=extra, return_dict=False)[0]
 
-    def encode_prompt(self, pipe, captions: list[str], device) -> tuple[Tensor, Tensor | None]:
+    def encode_prompt(self, pipe, captions: list[str], device, model_config=None) -> tuple[Tensor, Tensor | None]:
         return encode_text(captions, TextEncoders.from_pipeline(pipe), device)
 
     def conditioning(self, pooled: Tensor | None, resolution: int, device, model_config: Mapping[str, Any]):

@@ -143,13 +143,11 @@ def build_cache(
     _write_json(previous, {**meta, "complete": False})
 
     # Only what the cache encodes with: the teacher's denoiser (3.4 GB for SD's U-Net, 24 GB for FLUX.1's
-    # transformer) is never loaded, only its config, on the meta device (no memory): FLUX's prompt length depends on
-    # it (512 T5 tokens for the guidance-distilled FLUX.1-dev, 256 for schnell).
+    # transformer) is never loaded, only its config: FLUX's prompt length depends on it (512 T5 tokens for the
+    # guidance-distilled FLUX.1-dev, 256 for schnell).
     denoiser_config = load_denoiser_config(teacher)
     family = family_of(denoiser_config)
     pipe = load_pipeline(teacher, device=device, **{family.denoiser: None})
-    with torch.device("meta"):
-        setattr(pipe, family.denoiser, family.build(denoiser_config))
     freeze(pipe.vae, *text_encoder_modules(pipe))
     if batch_size is None:
         batch_size = auto_batch_size(pipe.vae, cfg.data.resolution, device)
@@ -184,7 +182,7 @@ def build_cache(
             encoded["mean"], encoded["std"] = encode_images(pipe.vae, pixels)
             if cfg.data.random_flip:
                 encoded["mean_flip"], encoded["std_flip"] = encode_images(pipe.vae, pixels.flip(-1))
-            encoded["text"], pooled = family.encode_prompt(pipe, [s["caption"] for s in good], device)
+            encoded["text"], pooled = family.encode_prompt(pipe, [s["caption"] for s in good], device, denoiser_config)
             if pooled is not None:
                 encoded["pooled"] = pooled
             for key, value in encoded.items():

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``OUT/checkpoints/checkpoint-NNNNNNN``::
 
-    unet/, unet_ema/, text_encoder/, pytorch_lora_weights.safetensors
+    unet/, unet_ema/ (transformer/, transformer_ema/ for SD3 / FLUX students), text_encoder/,
+    pytorch_lora_weights.safetensors
                                 the recipe's weights in diffusers' own format (loadable as they are); the
                                 trainer reads them back on resume, they are never stored a second time
     training_state.safetensors  the optimizer's tensors and the RNG state of the main process

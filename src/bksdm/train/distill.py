@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, SchedulerMixin
+from diffusers import SchedulerMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
@@ -57,7 +57,7 @@ from bksdm.train.validation import Validator, plot_losses
 
 logger = get_logger(__name__)
 
-__all__ = ["TrainingSetupError", "distill", "load_models", "make_optimizer", "timestep_sampler", "training_scheduler"]
+__all__ = ["TrainingSetupError", "distill", "load_models", "make_optimizer"]
 
 WEIGHTS = "diffusion_pytorch_model"  # diffusers' weight file stem
 RUN_ENTRIES = ("config.yaml", "student", "loss_curve.png", "validation")  # a distill run's own entries in its folder
@@ -75,7 +75,7 @@ class Models:
     family: Family  # the denoisers' family: plan, prompt encoding, timesteps, target, call
     teacher: torch.nn.Module  # the pipeline's denoiser (UNet2DConditionModel, SD3/Flux transformer)
     student: torch.nn.Module  # a stock model of the teacher's class
-    scheduler: SchedulerMixin  # the training scheduler (:func:`training_scheduler`)
+    scheduler: SchedulerMixin  # the training scheduler (``family.training_scheduler``)
     feature_pairs: tuple
     plan_source: str
 
@@ -83,26 +83,6 @@ class Models:
     def folder(self) -> str:
         """The denoiser's subfolder in pipelines and checkpoints: ``unet`` or ``transformer``."""
         return self.family.denoiser
-
-
-def training_scheduler(family: Family, config) -> SchedulerMixin:
-    """The scheduler the loop noises latents with, from the teacher scheduler's config.
-
-    U-Nets: ``DDPMScheduler`` (its ``add_noise`` and prediction type; Euler-type inference schedulers noise latents
-    differently). Flow families: ``FlowMatchEulerDiscreteScheduler``, the SD3 / FLUX pipelines' own, whose config
-    (``shift``, ``use_dynamic_shifting``, ``num_train_timesteps``) the family reads to draw and apply timesteps.
-    """
-    if family.objective == "diffusion":
-        return DDPMScheduler.from_config(config)
-    return FlowMatchEulerDiscreteScheduler.from_config(config)
-
-
-def timestep_sampler(family: Family, scheduler: SchedulerMixin, latent_shape: tuple[int, int, int]):
-    """``draw_noise``'s ``sample_timestep`` for a family: None for U-Nets (draw_noise's uniform integers, BK-SDM's
-    setting), the family's density for flow families (SD3's shifted logit-normal, FLUX's resolution-shifted one)."""
-    if family.objective == "diffusion":
-        return None
-    return lambda generator: family.sample_timestep(generator, scheduler.config, latent_shape)
 
 
 def make_optimizer(params, o: OptimConfig, lr: float) -> torch.optim.Optimizer:
@@ -145,7 +125,7 @@ def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dt
     pipe.vae.to(vae_dtype(pipe.vae, weight_dtype))  # fp32 where fp16 would overflow
     student.to(device)
     student.train()
-    scheduler = training_scheduler(family, pipe.scheduler.config)
+    scheduler = family.training_scheduler(pipe.scheduler.config)
     return Models(pipe, family, teacher, student, scheduler, pairs, plan_source)
 
 
@@ -337,7 +317,7 @@ def distill(cfg: DistillConfig) -> Path:
                     latent_shape,
                     models.scheduler.config.num_train_timesteps,
                     accelerator.device,
-                    sample_timestep=timestep_sampler(models.family, models.scheduler, latent_shape),
+                    sample_timestep=models.family.timestep_sampler(models.scheduler.config, latent_shape),
                 )
                 vae = models.pipe.vae.config
                 latents = sample_latents(
