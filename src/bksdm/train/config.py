@@ -116,6 +116,10 @@ class LossConfig:
     """Weight of output KD: student prediction vs teacher prediction. Paper: 1.0."""
     lambda_feat: float = 1.0
     """Weight of feature KD: summed MSE between matched student and teacher block outputs. Paper: 1.0."""
+    feature_sites: str = "blocks"
+    """Where feature KD reads: ``blocks`` (paper: every kept stage's output; a transformer's kept blocks, both
+    streams) or ``self_attention`` (U-Nets: every kept transformer block's self-attention output, KOALA's choice for
+    SDXL students)."""
 
 
 @dataclass
@@ -251,6 +255,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.teacher_dtype": ("auto", "fp32", "fp16", "bf16"),
     "train.trackers": ("tensorboard", "wandb"),
     "train.attention": ("sdpa", "default"),
+    "loss.feature_sites": ("blocks", "self_attention"),
 }
 
 _SEED_RANGE = (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)")

@@ -117,7 +117,14 @@ def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dt
             teacher, plan, init=cfg.model.init, allow_mismatched=cfg.model.allow_partial_init, seed=cfg.train.seed
         )
         student, plan_source = surgery.student, cfg.model.plan
-    pairs = family.resolve(plan, dict(teacher.config)).feature_pairs()
+    resolved = family.resolve(plan, dict(teacher.config))
+    if cfg.loss.feature_sites == "self_attention" and not hasattr(resolved, "self_attention_pairs"):
+        raise TrainingSetupError(
+            f"loss.feature_sites=self_attention reads a U-Net's self-attention layers; the {family.name} teacher's "
+            "kept blocks are matched as they are (use loss.feature_sites=blocks)"
+        )
+    sites = cfg.loss.feature_sites == "self_attention"
+    pairs = resolved.self_attention_pairs() if sites else resolved.feature_pairs()
     for module in [teacher, pipe.vae, *text_encoder_modules(pipe)]:
         module.requires_grad_(False)
         module.eval()
