@@ -6,23 +6,8 @@ same message: the option, the value and the fix. Found by trying bad values on e
 guidance off without a word (and wrote a bare ``NaN`` into settings.json), and ``--height 100000`` allocated
 until the kernel killed the process at 18.7 GB.
 
-The size ceiling is an estimate of the memory one pipeline call needs at that size and batch, compared with
-what the device has free once the weights are loaded. Measured on the SD-v1.4 architecture (fp32, 2-core CPU,
-torch 2.13, diffusers 0.42; peak RSS above the loaded weights):
-
-=========================================  ==========  ===================================
-call                                       measured    :func:`generation_bytes`'s term
-=========================================  ==========  ===================================
-VAE decode, 1 x 256 px                     331 MiB     9 x 128 x 256^2 x 4 B = 288 MiB
-VAE decode, 4 x 256 px                     915 MiB     1152 MiB
-VAE decode, 1 x 512 px                     1046 MiB    1152 MiB
-U-Net step, 512 px, batch 2 (guidance)     407 MiB     48 x 320 x 64^2 x 2 x 4 B = 480 MiB
-=========================================  ==========  ===================================
-
-The VAE decoder's full-resolution activations dominate; the attention maps (batch x heads x (h*w/64)^2) are
-never materialised by PyTorch's ``scaled_dot_product_attention``, which diffusers uses by default (measured:
-a 2 x 8 x 4096^2 fp32 map is 1 GiB, the SDPA call peaked 15 MiB above its inputs), so they count only when the
-U-Net runs an attention processor that builds them.
+The size ceiling compares the memory one pipeline call needs at that size and batch with what the device has free
+once the weights are loaded (:mod:`bksdm.memory`, which holds the estimates and their measurements).
 """
 
 from __future__ import annotations
@@ -36,6 +21,17 @@ from typing import Any
 
 import torch
 
+# check_memory and largest_batch call the estimates through this module's names; the estimates lived here before
+# bksdm.memory and are still imported from here (train/cache.py, eval/profile.py).
+from bksdm.memory import (
+    available_memory,
+    generation_bytes,
+    gib,
+    pipeline_bytes,
+    unet_activation_bytes,
+    vae_activation_bytes,
+)
+
 __all__ = [
     "SAMPLING_TABLE",
     "SamplingDefaults",
@@ -44,21 +40,24 @@ __all__ = [
     "check_batch_size",
     "check_guidance",
     "check_memory",
+    "check_negative_prompt",
     "check_side",
     "check_steps",
     "check_strength",
+    "classifier_free",
+    "embedded_guidance",
     "generation_bytes",
     "largest_batch",
+    "latent_patch",
+    "pipe_kind",
     "pipeline_bytes",
     "sampling_defaults",
+    "sampling_kind",
+    "side_factor",
+    "steps_run",
     "unet_activation_bytes",
     "vae_activation_bytes",
 ]
-
-UNET_TENSORS_PER_CHANNEL = 48
-"""U-Net activations alive at once, in units of (first-stage channels x latent pixels x batch): 39 measured."""
-VAE_TENSORS_PER_CHANNEL = 9
-"""VAE decoder/encoder activations alive at once, in units of (first-stage channels x pixels x batch): 8 measured."""
 
 
 class SamplingError(ValueError):
@@ -72,32 +71,79 @@ class SamplingDefaults:
     steps: int
     guidance_scale: float
     height: int | None = None
-    """None: the model's native size (its U-Net's sample size times the VAE's factor)."""
+    """None: the model's native size (its denoiser's sample size times the VAE's factor)."""
     width: int | None = None
     strength: float = 0.8
     """img2img only: how far the input is noised."""
     source: str = "bksdm.sampling.SAMPLING_TABLE"
+    embedded_guidance: bool = False
+    """The guidance scale is an input of the denoiser (FLUX.1), not classifier-free guidance: the denoiser's batch
+    is not doubled and there is no negative prompt."""
 
 
-SAMPLING_TABLE = {
-    "text-to-image": SamplingDefaults(steps=25, guidance_scale=7.5),  # the BK-SDM paper's evaluation
-    "image-to-image": SamplingDefaults(steps=50, guidance_scale=7.5, strength=0.8),  # diffusers' img2img defaults
+SAMPLING_TABLE: dict[tuple[str, str], SamplingDefaults] = {
+    ("text-to-image", "unet"): SamplingDefaults(25, 7.5),  # the BK-SDM paper's evaluation
+    ("image-to-image", "unet"): SamplingDefaults(50, 7.5),  # diffusers' StableDiffusionImg2ImgPipeline defaults
+    # SD3 / SD3.5: StableDiffusion3Pipeline's own defaults (28 steps, CFG 7.0; its __call__ in diffusers 0.42, as
+    # diffusers' SD3 docs), StableDiffusion3Img2ImgPipeline's 50 steps. Size: the transformer's sample_size x 8.
+    ("text-to-image", "sd3"): SamplingDefaults(28, 7.0),
+    ("image-to-image", "sd3"): SamplingDefaults(50, 7.0),
+    # FLUX.1-dev (guidance-distilled): FluxPipeline's defaults, 28 steps and guidance 3.5, the value fed to its
+    # guidance embedding (diffusers' FLUX docs); img2img the same (FluxImg2ImgPipeline's own 7.0 is no value dev
+    # was distilled at). Its transformer records no sample_size: 1024 px is what FluxPipeline draws by default.
+    ("text-to-image", "flux"): SamplingDefaults(28, 3.5, 1024, 1024, embedded_guidance=True),
+    ("image-to-image", "flux"): SamplingDefaults(28, 3.5, embedded_guidance=True),
+    # FLUX.1-schnell (timestep-distilled, no guidance embedding): 4 steps, guidance 0 (diffusers' FLUX docs).
+    ("text-to-image", "flux-schnell"): SamplingDefaults(4, 0.0, 1024, 1024, embedded_guidance=True),
+    ("image-to-image", "flux-schnell"): SamplingDefaults(4, 0.0, embedded_guidance=True),
 }
-"""Defaults for a model that records none, per task."""
+"""Defaults for a model that records none, per (task, :func:`sampling_kind`); strength 0.8 for every model."""
 
 
-def sampling_defaults(model: str | os.PathLike | None = None, task: str = "text-to-image") -> SamplingDefaults:
-    """The settings ``model`` records in its ``bksdm_toy.json`` (steps, guidance, size), else the table's for ``task``.
+KIND_NAMES = {"unet": "SD / SDXL", "sd3": "SD3", "flux": "FLUX.1-dev", "flux-schnell": "FLUX.1-schnell"}
+"""The models each :func:`sampling_kind` stands for, in words (for help texts)."""
+
+
+def table_help(task: str, setting: str) -> str:
+    """One setting of :data:`SAMPLING_TABLE` for every kind of model, for an option's help: ``"25 for SD / SDXL,
+    28 for SD3, ..."``."""
+    return ", ".join(f"{getattr(SAMPLING_TABLE[(task, k)], setting):g} for {name}" for k, name in KIND_NAMES.items())
+
+
+def sampling_kind(denoiser: Any) -> str:
+    """The :data:`SAMPLING_TABLE` row of a denoiser (module or config): its family's name (:mod:`bksdm.families`),
+    ``"flux-schnell"`` for a FLUX.1 transformer without guidance embedding.
+
+    Raises:
+        UnknownFamilyError: A denoiser of no family bksdm knows.
+    """
+    from bksdm.families import family_of
+
+    name = family_of(denoiser).name
+    config = denoiser.config if isinstance(denoiser, torch.nn.Module) else denoiser
+    return "flux-schnell" if name == "flux" and not config.get("guidance_embeds", True) else name
+
+
+def sampling_defaults(
+    model: str | os.PathLike | None = None, task: str = "text-to-image", denoiser: Any = None
+) -> SamplingDefaults:
+    """The settings ``model`` records in its ``bksdm_toy.json`` (steps, guidance, size), else the table's for
+    ``task`` and the model's denoiser.
 
     The shapes-world teachers record the guidance and steps they sample best with; a hub id or a folder without
     the record gets :data:`SAMPLING_TABLE`. ``strength`` always comes from the table.
+
+    Args:
+        model: The model's folder or hub id.
+        task: ``"text-to-image"`` or ``"image-to-image"``.
+        denoiser: The model's denoiser config (:func:`bksdm.loading.load_denoiser_config`) or module; None: a U-Net.
 
     Raises:
         SamplingError: The record is not readable JSON.
     """
     from bksdm.artifacts import MODEL_RECORD_FILE
 
-    base = SAMPLING_TABLE[task]
+    base = SAMPLING_TABLE[(task, "unet" if denoiser is None else sampling_kind(denoiser))]
     file = Path(model) / MODEL_RECORD_FILE if model is not None else None
     if file is None or not file.is_file():
         return base
@@ -115,6 +161,50 @@ def sampling_defaults(model: str | os.PathLike | None = None, task: str = "text-
         width=recorded.get("width"),
         source=str(file),
     )
+
+
+def pipe_kind(pipe) -> str:
+    """:func:`sampling_kind` of a loaded pipeline's denoiser; ``"unet"`` for any pipeline with a U-Net (also one
+    whose U-Net is wrapped or compiled, which the family registry would not name)."""
+    from bksdm.families import denoiser_of
+
+    return "unet" if isinstance(getattr(pipe, "unet", None), torch.nn.Module) else sampling_kind(denoiser_of(pipe))
+
+
+def latent_patch(pipe) -> int:
+    """Latent pixels per token side: 1 for a U-Net, 2 for SD3 (2x2 patches) and FLUX.1 (latents packed 2x2)."""
+    return 1 if pipe_kind(pipe) == "unet" else 2
+
+
+def side_factor(pipe) -> int:
+    """What an image side must be a multiple of: the VAE's factor x :func:`latent_patch` (8 for SD, 16 for SD3 and
+    FLUX.1, whose pipelines refuse (SD3) or silently round (FLUX) other sizes)."""
+    return int(pipe.vae_scale_factor) * latent_patch(pipe)
+
+
+def embedded_guidance(pipe) -> bool:
+    """Whether ``pipe``'s guidance scale is an input of its denoiser (FLUX.1): see
+    :attr:`SamplingDefaults.embedded_guidance`."""
+    return SAMPLING_TABLE[("text-to-image", pipe_kind(pipe))].embedded_guidance
+
+
+def classifier_free(pipe, guidance_scale: float) -> bool:
+    """Whether a call at ``guidance_scale`` runs classifier-free guidance, doubling the denoiser's batch: above 1,
+    except with :func:`embedded_guidance`."""
+    return guidance_scale > 1 and not embedded_guidance(pipe)
+
+
+def check_negative_prompt(negative_prompt: str | None, embedded: bool, option: str = "--negative-prompt") -> None:
+    """Refuse a negative prompt for a model with embedded guidance: FluxPipeline would ignore it without a word.
+
+    Raises:
+        SamplingError: A negative prompt for a FLUX.1 model.
+    """
+    if negative_prompt and embedded:
+        raise SamplingError(
+            f"{option}: FLUX.1 models take no negative prompt (their guidance scale is an input of the transformer, "
+            "not classifier-free guidance, and the pipeline would ignore it); leave it out"
+        )
 
 
 def check_steps(steps: Any, option: str = "--steps", max_steps: int | None = None) -> int:
@@ -146,7 +236,8 @@ def check_scheduler_steps(scheduler: Any, steps: int, option: str = "--steps") -
     """
     check_steps(steps, option)
     total = int(scheduler.config.get("num_train_timesteps", 0) or 0)
-    if total <= 0:
+    # Flow-matching schedulers (SD3, FLUX.1) space sigmas in (0, 1] and index no noise table: any count works.
+    if total <= 0 or type(scheduler).__name__.startswith("FlowMatch"):
         return steps
     fits = steps <= total  # beyond it, schedules repeat timesteps (PNDM: 5000 steps all at t=1)
     if fits:
@@ -205,31 +296,45 @@ def check_batch_size(batch_size: Any, option: str = "--batch-size") -> int:
     return batch_size
 
 
-def check_side(value: Any, option: str, factor: int | None = None) -> int:
-    """An image side in pixels: a positive int and, when ``factor`` is given, a multiple of it.
+def check_side(value: Any, option: str, factor: int | None = None, patch: int = 1) -> int:
+    """An image side in pixels: a positive int and, when ``factor`` is given, a multiple of ``factor x patch``.
 
     Args:
         value: The side.
         option: The option's name, for the message (``--height``).
         factor: The VAE's scale factor (8 for SD): latents are ``side / factor`` wide.
+        patch: The denoiser's :func:`latent_patch` (2 for the transformers).
 
     Raises:
         SamplingError: Not a positive whole number, or not a multiple of ``factor``.
     """
+    what = f"the VAE's factor {factor}"
+    if factor and patch > 1:
+        what = f"{factor * patch} (the VAE's factor {factor} x the transformer's {patch}x{patch} latent patches)"
+        factor *= patch
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         hint = f", a multiple of {factor}" if factor else ""
         raise SamplingError(f"{option} {value}: give a positive size in pixels{hint}, e.g. 512")
     if factor and value % factor:
         lower, upper = value - value % factor, value - value % factor + factor
         fix = f"{lower} or {upper}" if lower else f"{upper}"
-        raise SamplingError(f"{option} {value} is not a multiple of the VAE's factor {factor}; give {fix}")
+        raise SamplingError(f"{option} {value} is not a multiple of {what}; give {fix}")
     return value
 
 
-def check_strength(strength: Any, steps: int, option: str = "--strength") -> float:
+def steps_run(steps: int, strength: float, kind: str = "unet") -> int:
+    """How many of ``steps`` denoising steps an img2img call at ``strength`` runs, as diffusers' ``get_timesteps``
+    counts them: ``int(steps x strength)`` for SD's pipelines (``kind`` ``"unet"``); for the flow pipelines (SD3,
+    FLUX.1) ``steps - int(steps - steps x strength)``, which rounds up (10 steps at 0.25: 3, not 2)."""
+    if kind == "unet":
+        return int(steps * strength)
+    return steps - int(max(steps - min(steps * strength, steps), 0))
+
+
+def check_strength(strength: Any, steps: int, option: str = "--strength", kind: str = "unet") -> float:
     """An img2img strength in (0, 1] that leaves at least one of ``steps`` denoising steps to run.
 
-    The pipeline runs the last ``int(steps * strength)`` of ``steps`` steps.
+    The pipeline runs the last :func:`steps_run` of ``steps`` steps (``kind``: the model's :func:`sampling_kind`).
 
     Raises:
         SamplingError: ``steps`` < 1, ``strength`` not a finite number in (0, 1], or no step left to run.
@@ -239,7 +344,7 @@ def check_strength(strength: Any, steps: int, option: str = "--strength") -> flo
         raise SamplingError(f"{option} {strength}: give a number in (0, 1], e.g. 0.8")
     if not 0.0 < strength <= 1.0:
         raise SamplingError(f"{option} must be in (0, 1] (0: keep the image, 1: ignore it), got {strength}")
-    if int(steps * strength) < 1:
+    if steps_run(steps, strength, kind) < 1:
         raise SamplingError(
             f"{option} {strength} with --steps {steps} runs int({steps} x {strength}) = 0 denoising steps; "
             f"raise {option} to at least {1 / steps:g} or --steps to at least {int(1 / strength) + 1}"
@@ -248,156 +353,6 @@ def check_strength(strength: Any, steps: int, option: str = "--strength") -> flo
 
 
 # ------------------------------------------------------------------------------------------------- memory
-
-
-def unet_activation_bytes(
-    unet_config: Any, latent_pixels: int, batch: int, dtype_bytes: int = 4, *, attention_maps: bool = False
-) -> int:
-    """Bytes of activations one U-Net call holds at its peak (estimate; see the module's table).
-
-    Args:
-        unet_config: The U-Net's config (a mapping or a diffusers config object).
-        latent_pixels: Latent height x width.
-        batch: The U-Net's batch (twice the images under classifier-free guidance).
-        dtype_bytes: Bytes per element.
-        attention_maps: Whether attention materialises its (batch, heads, tokens, tokens) maps.
-    """
-    unet = dict(unet_config)
-    channels = list(unet["block_out_channels"])
-    total = UNET_TENSORS_PER_CHANNEL * channels[0] * latent_pixels * batch * dtype_bytes
-    if attention_maps:
-        heads = unet.get("num_attention_heads") or unet.get("attention_head_dim") or 8
-        heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(channels)
-        stages = [i for i, kind in enumerate(unet["down_block_types"]) if "Attn" in kind]
-        # scores and their softmax, per stage; the stages run one after the other
-        total += max((2 * batch * heads[i] * (latent_pixels / 4**i) ** 2 * dtype_bytes for i in stages), default=0)
-    return int(total)
-
-
-def vae_activation_bytes(vae_config: Any, height: int, width: int, batch: int, dtype_bytes: int = 4) -> int:
-    """Bytes of activations one VAE decode (or encode) of ``batch`` images holds at its peak (estimate)."""
-    channels = dict(vae_config)["block_out_channels"][0]
-    return int(VAE_TENSORS_PER_CHANNEL * channels * height * width * batch * dtype_bytes)
-
-
-def generation_bytes(
-    unet_config: Any,
-    vae_config: Any,
-    height: int,
-    width: int,
-    batch: int,
-    *,
-    guidance: bool,
-    unet_dtype_bytes: int = 4,
-    vae_dtype_bytes: int = 4,
-    attention_maps: bool = False,
-) -> int:
-    """Bytes of activations one pipeline call needs above its weights (estimate; see the module's table).
-
-    The U-Net steps and the VAE decode (or encode, for img2img) run one after the other, so the peak is the
-    larger of the two, plus the decoded images.
-
-    Args:
-        unet_config, vae_config: The pipeline's U-Net and VAE configs (mappings or diffusers config objects).
-        height, width: Image size in pixels.
-        batch: Images per call.
-        guidance: Whether classifier-free guidance runs (it doubles the U-Net's batch).
-        unet_dtype_bytes, vae_dtype_bytes: Bytes per element of each network's activations.
-        attention_maps: Whether the U-Net's attention materialises its maps (not with PyTorch's SDPA).
-
-    Returns:
-        The estimate in bytes.
-    """
-    factor = 2 ** (len(dict(vae_config)["block_out_channels"]) - 1)
-    latent_pixels = (height // factor) * (width // factor)
-    unet = unet_activation_bytes(
-        unet_config, latent_pixels, batch * (2 if guidance else 1), unet_dtype_bytes, attention_maps=attention_maps
-    )
-    vae = vae_activation_bytes(vae_config, height, width, batch, vae_dtype_bytes)
-    images = 3 * height * width * batch * (4 + 4 + 1)  # the decoded float tensor, its numpy copy, 8-bit pixels
-    return max(unet, vae) + images
-
-
-def available_memory(device: torch.device | str) -> tuple[int, str]:
-    """Bytes a computation on ``device`` can still allocate, and where that figure comes from.
-
-    CUDA: the driver's free memory plus what PyTorch holds cached but unused. CPU: the kernel's
-    ``MemAvailable`` (free memory plus what the page cache can give back), lowered to a cgroup's remaining
-    limit inside a container that has one.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        free, _ = torch.cuda.mem_get_info(index)
-        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
-        return int(free + cached), f"free on cuda:{index}"
-    available, source = _mem_available()
-    limit = _cgroup_room()
-    if limit is not None and limit < available:
-        return limit, "left under this container's memory limit"
-    return available, source
-
-
-def _mem_available() -> tuple[int, str]:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024, "available on this machine"
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free on this machine"
-    except (ValueError, OSError, AttributeError):
-        return 2**62, "unknown (not checked)"
-
-
-def _cgroup_room() -> int | None:
-    """Bytes left under a cgroup v2 memory limit, or None without one."""
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-    except (OSError, ValueError):
-        return None
-    if limit == "max":
-        return None
-    try:
-        return max(int(limit) - used, 0)
-    except ValueError:
-        return None
-
-
-def _attention_maps(unet) -> bool:
-    """Whether some attention processor of ``unet`` builds its maps (every one but PyTorch's SDPA / xFormers)."""
-    processors = getattr(unet, "attn_processors", {}) or {}
-    return any(not (type(p).__name__.endswith("2_0") or "XFormers" in type(p).__name__) for p in processors.values())
-
-
-def _dtype_bytes(module) -> int:
-    try:
-        return next(module.parameters()).element_size()
-    except (StopIteration, AttributeError):
-        return 4
-
-
-def pipeline_bytes(pipe, height: int, width: int, batch: int, guidance: bool) -> int:
-    """:func:`generation_bytes` for a loaded diffusers pipeline (its configs, dtypes and attention processors).
-
-    The VAE counts in fp32 when its config asks for an upcast (``force_upcast``) and the pipeline runs in fp16.
-    """
-    vae_bytes = _dtype_bytes(pipe.vae)
-    if vae_bytes == 2 and getattr(pipe.vae.config, "force_upcast", False):
-        vae_bytes = 4
-    return generation_bytes(
-        pipe.unet.config,
-        pipe.vae.config,
-        height,
-        width,
-        batch,
-        guidance=guidance,
-        unet_dtype_bytes=_dtype_bytes(pipe.unet),
-        vae_dtype_bytes=vae_bytes,
-        attention_maps=_attention_maps(pipe.unet),
-    )
 
 
 def check_memory(
@@ -425,7 +380,7 @@ def check_memory(
     else:
         fix = "give a smaller size"
     raise SamplingError(
-        f"{what} at batch {batch} needs about {_gib(need)} of memory for its activations, but {_gib(free)} is "
+        f"{what} at batch {batch} needs about {gib(need)} of memory for its activations, but {gib(free)} is "
         f"{source}; {fix}"
     )
 
@@ -441,7 +396,3 @@ def largest_batch(pipe, height: int, width: int, batch: int, guidance: bool, dev
         else:
             high = middle - 1
     return low
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"

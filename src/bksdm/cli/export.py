@@ -26,7 +26,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         "works as is) to ONNX in the folder layout of optimum's ORTStableDiffusionPipeline and diffusers' "
         "OnnxStableDiffusionPipeline, run each in ONNX Runtime and in PyTorch on the same random inputs at two "
         "shapes, and report the largest absolute difference (also in OUT/export_report.json). Exit status 1 when "
-        "a network misses --tolerance (the files are kept for inspection). Needs pip install 'bksdm[onnx]'.",
+        "a network misses --tolerance (the files are kept for inspection). Needs pip install 'bksdm[onnx]'. SDXL, "
+        "SD3 and FLUX.1 pipelines are refused before any weights are read, with a pointer to Hugging Face optimum "
+        "(optimum-cli export onnx), which exports them.",
     )
     onnx.add_argument(
         "--model", default=None, help="diffusers pipeline folder or hub id (default: the bundled shapes teacher)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from bksdm.eval.prompts import PromptFileError
+from bksdm.sampling import table_help
 
 __all__ = ["add_coco_prompts", "add_generate", "run_coco_prompts", "run_generate"]
 
@@ -27,7 +28,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--unet",
         default=None,
         help="use this U-Net instead of the model's: a student pipeline folder (with unet/), a U-Net folder "
-        "(with config.json) or a hub id whose unet/ to load",
+        "(with config.json) or a hub id whose unet/ to load (U-Net models only; a transformer student is a whole "
+        "pipeline: give it as --model)",
     )
     p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line), .json, .jsonl or .csv")
     p.add_argument("--out", required=True, help="output folder (resumed when it holds a run with the same settings)")
@@ -41,25 +43,27 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--steps",
         type=int,
         default=None,
-        help="denoising steps (default: the model's recorded setting, as the shapes teachers have, else 25 as in "
-        "the paper)",
+        help="denoising steps (default: the model's recorded setting, as the shapes teachers have, else "
+        f"{table_help('text-to-image', 'steps')}; 25 is the paper's)",
     )
     p.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale, 1 (or 0) for none, else above 1 (default: the model's recorded "
-        "setting, as the shapes teachers have, else 7.5 as in the paper)",
+        help="classifier-free guidance scale, 1 (or 0) for none, else above 1; for FLUX.1 the value fed to its "
+        "guidance embedding (default: the model's recorded setting, as the shapes teachers have, else "
+        f"{table_help('text-to-image', 'guidance_scale')}; 7.5 is the paper's)",
     )
     p.add_argument(
         "--height",
         type=int,
         default=None,
-        help="image height, a multiple of the VAE's factor (8 for SD) (default: the model's native size); a size "
+        help="image height, a multiple of the VAE's factor (8 for SD; 16 for SD3 and FLUX.1, whose latents go in "
+        "2x2 patches) (default: the model's native size; 1024 for FLUX.1, whose transformer records none); a size "
         "whose estimated memory exceeds what is free is refused before any work",
     )
     p.add_argument("--width", type=int, default=None, help="image width, as --height (default: the native size)")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for every image (not for FLUX.1)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8)")
     p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses prompt_seed(seed, i) (default 0)")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bksdm.sampling import SAMPLING_TABLE
+from bksdm.sampling import SAMPLING_TABLE, table_help
 from bksdm.use.img2img_job import Img2ImgOptions, run_img2img
 
-_DEFAULTS = SAMPLING_TABLE["image-to-image"]  # for a model that records no sampling settings
+_DEFAULTS = SAMPLING_TABLE[("image-to-image", "unet")]  # its strength is every model's
 
 __all__ = ["add_img2img", "run_img2img_command"]
 
@@ -27,16 +27,22 @@ def add_img2img(sub: argparse._SubParsersAction) -> None:
         "img2img",
         help="translate an image or a folder of images towards a prompt (SDEdit), with a teacher or a student",
         description="Noise each input image's latent to --strength and denoise it under --prompt with the stock "
-        "diffusers img2img pipeline (SDEdit). --model is any SD / SDXL pipeline (a student folder from bksdm prune "
-        "or distill works as is); --unet swaps a student U-Net into it. Each image has its own seed, derived from "
-        "--seed and its index in the sorted folder, so results do not depend on --batch-size.",
+        "diffusers img2img pipeline (SDEdit). --model is any SD / SDXL / SD3 / FLUX.1 pipeline (a student folder "
+        "from bksdm prune or distill works as is); --unet swaps a student U-Net into a U-Net model. Each image has "
+        "its own seed, derived from --seed and its index in the sorted folder, so results do not depend on "
+        "--batch-size.",
     )
     p.add_argument(
         "--model",
         default=None,
         help="diffusers pipeline folder or hub id (default: the bundled shapes teacher)",
     )
-    p.add_argument("--unet", default=None, help="student U-Net to use instead: a pipeline folder or a U-Net folder")
+    p.add_argument(
+        "--unet",
+        default=None,
+        help="student U-Net to use instead: a pipeline folder or a U-Net folder (U-Net models only; a transformer "
+        "student is a whole pipeline: give it as --model)",
+    )
     p.add_argument("--image", required=True, help="an image file, or a folder of images (its top level)")
     p.add_argument("--prompt", required=True, help="what the output should show")
     p.add_argument("--negative-prompt", default=None, help="what it should not show")
@@ -56,14 +62,15 @@ def add_img2img(sub: argparse._SubParsersAction) -> None:
         "--steps",
         type=int,
         default=None,
-        help=f"steps of the full schedule, int(steps x strength) of them run (default: the model's recorded "
-        f"setting, else {_DEFAULTS.steps})",
+        help="steps of the full schedule, about steps x strength of them run (default: the model's recorded "
+        f"setting, else {table_help('image-to-image', 'steps')})",
     )
     p.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale (default: the model's recorded setting, else {_DEFAULTS.guidance_scale})",
+        help="classifier-free guidance scale, for FLUX.1 its embedded guidance (default: the model's recorded "
+        f"setting, else {table_help('image-to-image', 'guidance_scale')})",
     )
     p.add_argument(
         "--scheduler",

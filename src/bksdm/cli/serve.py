@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bksdm.sampling import table_help
+
 __all__ = ["add_serve", "run_serve"]
 
 
@@ -55,11 +57,25 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--port", type=_port, default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument(
-        "--steps", type=int, default=None, help="denoising steps (default: the shapes teacher's own, else 25)"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"denoising steps (default: the shapes teacher's own, else {table_help('text-to-image', 'steps')})",
     )
     p.add_argument(
-        "--guidance", type=float, default=None, help="guidance scale (default: the shapes teacher's own, else 7.5)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale, for FLUX.1 its embedded guidance (default: the shapes teacher's own, else "
+        f"{table_help('text-to-image', 'guidance_scale')})",
     )
+    p.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="image height (default: the shapes teacher's own, else the teacher's native size; 1024 for FLUX.1)",
+    )
+    p.add_argument("--width", type=int, default=None, help="image width, as --height")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up of each model at start")
@@ -79,7 +95,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from bksdm.use.serve.server import binding_warning
 
     teacher = teacher_or_default(args.teacher)
-    settings = default_sampling(teacher, args.steps, args.guidance)
+    settings = default_sampling(teacher, args.steps, args.guidance, args.height, args.width)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     warning = binding_warning(args.host)

@@ -4,8 +4,10 @@ Each image's initial latent comes from its own generator seeded by ``(base seed,
 does not depend on the batch size or on which process made it (the official BK-SDM evaluation drew all latents
 from one generator, so its FID changed with the batch size: REFERENCE.md, "Evaluation protocol").
 
-:func:`generate_folder` is the job of ``bksdm generate``: it loads a stock diffusers pipeline (optionally with a
-student U-Net swapped in), gives prompt ``i`` the seed ``prompt_seed(seed, i)`` and generates in batches. Launched
+:func:`generate_folder` is the job of ``bksdm generate``: it loads a stock diffusers pipeline -- SD-v1/v2 or SDXL
+(optionally with a student U-Net swapped in), SD3 / SD3.5 or FLUX.1 (a transformer student is a whole pipeline) --,
+gives prompt ``i`` the seed ``prompt_seed(seed, i)`` and generates in batches, with the sampling defaults of the
+model's pipeline class when the options leave them out (:data:`bksdm.sampling.SAMPLING_TABLE`). Launched
 with ``accelerate launch``, each process takes every N-th missing image. Every image is written under a hidden
 partial name and renamed (:func:`bksdm.artifacts.atomic_file`), so a killed run or a full disk leaves only whole
 images; running the same job again skips them and makes the rest (an image that is there but does not read is
@@ -23,13 +25,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from bksdm.eval.prompts import PromptRecord
-from bksdm.sampling import check_batch_size, check_guidance, check_scheduler_steps, check_side
+from bksdm.sampling import (
+    check_batch_size,
+    check_guidance,
+    check_negative_prompt,
+    check_scheduler_steps,
+    check_side,
+    embedded_guidance,
+    latent_patch,
+)
 from bksdm.seeding import mix_seed
 
 __all__ = [
@@ -37,6 +48,7 @@ __all__ = [
     "GenerateSummary",
     "generate_folder",
     "generate_images",
+    "model_denoiser",
     "prompt_seed",
     "resize_image",
 ]
@@ -60,6 +72,36 @@ def prompt_seed(base_seed: int, index: int) -> int:
     return mix_seed(base_seed, index) % 2**32
 
 
+def model_denoiser(
+    model: str | os.PathLike, unet: str | os.PathLike | None = None, option: str = "--model"
+) -> dict[str, Any]:
+    """The config of ``model``'s denoiser (no weights read), and a check that ``unet`` may replace it.
+
+    What the sampling commands read before loading anything: the denoiser's family picks the sampling defaults
+    (:func:`bksdm.sampling.sampling_defaults`), and only a U-Net model takes a ``--unet``: a transformer student
+    (SD3, FLUX.1) is a whole stock pipeline, given as the model itself. ``option`` names ``model`` in messages.
+
+    Raises:
+        TeacherNotFoundError: ``model`` is not a pipeline folder, or a hub id that cannot be read.
+        UnetError: ``unet`` is given for a transformer model.
+    """
+    from bksdm.families import family_of
+    from bksdm.loading import TeacherNotFoundError, UnetError, check_pipeline_ref, load_denoiser_config
+
+    try:
+        check_pipeline_ref(model)
+        config = load_denoiser_config(model)
+    except TeacherNotFoundError as err:
+        raise TeacherNotFoundError(f"{option}: {err}") from None
+    family = family_of(config)
+    if unet is not None and family.denoiser != "unet":
+        raise UnetError(
+            f"--unet {unet}: {model} is a {config.get('_class_name', family.name)} model, which has no U-Net to "
+            f"replace; a transformer student (from bksdm prune or distill) is a whole pipeline: give it as {option}"
+        )
+    return config
+
+
 @torch.no_grad()
 def generate_images(
     pipe,
@@ -77,14 +119,15 @@ def generate_images(
     """One image per prompt, each from its own seeded generator, in batches.
 
     Args:
-        pipe: A diffusers text-to-image pipeline (SD or SDXL).
+        pipe: A diffusers text-to-image pipeline (SD, SDXL, SD3 or FLUX.1).
         prompts: The prompts.
         seeds: One seed per prompt.
         steps: Denoising steps.
-        guidance_scale: Classifier-free guidance scale (1 or 0 turn guidance off).
+        guidance_scale: Classifier-free guidance scale (1 or 0 turn guidance off); for FLUX.1 the value fed to its
+            guidance embedding.
         batch_size: Prompts per pipeline call; results do not depend on it.
-        height, width: Image size (default: the pipeline's native size).
-        negative_prompt: Optional negative prompt for every image.
+        height, width: Image size (default: the pipeline's native size; FluxPipeline's is 1024).
+        negative_prompt: Optional negative prompt for every image (not for FLUX.1).
         progress: Show a progress bar over batches.
 
     Returns:
@@ -92,17 +135,18 @@ def generate_images(
 
     Raises:
         SamplingError: Steps below 1, a guidance scale that is not finite, negative or between 0 and 1, a batch
-            size below 1, or a side that is not a positive multiple of the VAE's factor (see
-            :mod:`bksdm.sampling`).
+            size below 1, a side that is not a positive multiple of the VAE's factor (x 2 for a transformer) (see
+            :mod:`bksdm.sampling`), or a negative prompt for FLUX.1.
         ValueError: Not as many seeds as prompts.
     """
     check_scheduler_steps(pipe.scheduler, steps, "steps")
     check_guidance(guidance_scale, "guidance_scale")
     check_batch_size(batch_size, "batch_size")
+    check_negative_prompt(negative_prompt, embedded_guidance(pipe), "negative_prompt")
     factor = getattr(pipe, "vae_scale_factor", None)
     for option, side in (("height", height), ("width", width)):
         if side is not None:
-            check_side(side, option, factor)
+            check_side(side, option, factor, latent_patch(pipe))
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     images: list[Image.Image] = []
@@ -132,8 +176,8 @@ class GenerateOptions:
     """What :func:`generate_folder` makes: one image per prompt of ``prompts`` in the folder ``out``.
 
     Every ``None`` means the default the option's help names: the bundled shapes teacher, the model's own
-    scheduler and native size, the model's recorded sampling settings else the paper's
-    (:func:`bksdm.sampling.sampling_defaults`), fp16 on CUDA and fp32 elsewhere, CUDA when available.
+    scheduler and native size (1024 for FLUX.1), the model's recorded sampling settings else the table's for its
+    pipeline class (:func:`bksdm.sampling.sampling_defaults`), fp16 on CUDA and fp32 elsewhere, CUDA when available.
     """
 
     prompts: str | os.PathLike | Sequence[str | PromptRecord]
@@ -143,7 +187,8 @@ class GenerateOptions:
     model: str | None = None
     """A diffusers pipeline folder or hub id."""
     unet: str | None = None
-    """A U-Net to use instead of the model's (see :func:`bksdm.loading.load_pipeline_with_unet`)."""
+    """A U-Net to use instead of the model's (see :func:`bksdm.loading.load_pipeline_with_unet`); U-Net models
+    only."""
     scheduler: str | None = None
     """A diffusers scheduler class name, e.g. ``PNDMScheduler`` (the paper's)."""
     steps: int | None = None
@@ -225,7 +270,8 @@ def generate_folder(options: GenerateOptions, *, progress: bool = True) -> Gener
         GenerateError: A folder made otherwise, broken records, or images missing after the run.
         PromptFileError: The prompt file is missing or malformed.
         SamplingError: A sampling option that cannot work (steps, guidance, size, batch, memory).
-        TeacherNotFoundError, UnetError: The model or U-Net cannot be found, or the U-Net does not fit.
+        TeacherNotFoundError, UnetError: The model or U-Net cannot be found, the U-Net does not fit, or a U-Net is
+            given for a transformer model.
         WriteFailed: An output could not be written.
     """
     import diffusers
@@ -235,17 +281,20 @@ def generate_folder(options: GenerateOptions, *, progress: bool = True) -> Gener
     from bksdm.artifacts import PARTIAL_SUFFIX
     from bksdm.eval import image_folder as folder
     from bksdm.loading import dtype_name, load_pipeline_with_unet, resolve_device, resolve_dtype, teacher_or_default
-    from bksdm.sampling import check_memory, check_steps, sampling_defaults
+    from bksdm.sampling import check_memory, check_steps, classifier_free, sampling_defaults
 
     model = teacher_or_default(options.model)
+    # The denoiser's config (no weights read) tells its family: the sampling defaults, and whether --unet applies.
+    denoiser = model_denoiser(model, options.unet)
     # A model folder that records its sampling settings (the shapes teachers) gets them; others the table's.
-    defaults = sampling_defaults(model)
+    defaults = sampling_defaults(model, denoiser=denoiser)
     steps = options.steps if options.steps is not None else defaults.steps
     guidance = options.guidance if options.guidance is not None else defaults.guidance_scale
     # Every option that needs no model is checked before anything is loaded or written.
     check_steps(steps)
     check_guidance(guidance)
     check_batch_size(options.batch_size)
+    check_negative_prompt(options.negative_prompt, defaults.embedded_guidance)
     for option, side in (("--height", options.height), ("--width", options.width), ("--resize", options.resize)):
         if side is not None:
             check_side(side, option)
@@ -266,7 +315,7 @@ def generate_folder(options: GenerateOptions, *, progress: bool = True) -> Gener
     pipe = load_pipeline_with_unet(model, options.unet, dtype=dtype, device=device, scheduler=options.scheduler)
     if not options.safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
-    settings = _settings_of(options, pipe, model, steps, guidance, dtype_name(dtype))
+    settings = _settings_of(options, pipe, model, steps, guidance, dtype_name(dtype), defaults.height)
     out = Path(options.out)
     names = [folder.image_name(i, len(prompts)) for i in range(len(prompts))]
     # Every process checks and lists the folder before anyone writes to it, so all see the same state.
@@ -283,7 +332,8 @@ def generate_folder(options: GenerateOptions, *, progress: bool = True) -> Gener
                     logger.warning("%s does not read (%s): drawing it again", out / name, problem)
     size = f"--height {settings.height} --width {settings.width}"
     per_call = max(1, min(options.batch_size, len(todo[state.process_index :: state.num_processes])))
-    check_memory(pipe, settings.height, settings.width, per_call, settings.guidance_scale > 1, device, what=size)
+    cfg = classifier_free(pipe, settings.guidance_scale)
+    check_memory(pipe, settings.height, settings.width, per_call, cfg, device, what=size)
     state.wait_for_everyone()
 
     started = time.time()
@@ -353,18 +403,25 @@ def generate_folder(options: GenerateOptions, *, progress: bool = True) -> Gener
     )
 
 
-def _settings_of(options: GenerateOptions, pipe, model: str, steps: int, guidance: float, dtype: str):
-    """The settings record of this run: every option, with the model's defaults filled in and checked."""
-    from bksdm.eval.image_folder import GenerateError, GenerationSettings, canonical
+def _settings_of(
+    options: GenerateOptions, pipe, model: str, steps: int, guidance: float, dtype: str, default_side: int | None
+):
+    """The settings record of this run: every option, with the model's defaults filled in and checked.
 
-    sample_size = pipe.unet.config.sample_size
-    native = sample_size * pipe.vae_scale_factor if isinstance(sample_size, int) else None
+    The size: the options', else the native one (the denoiser's ``sample_size`` x the VAE's factor), else
+    ``default_side`` (FLUX.1's transformer records no size: the table's 1024).
+    """
+    from bksdm.eval.image_folder import GenerateError, GenerationSettings, canonical
+    from bksdm.families import denoiser_of
+
+    sample_size = denoiser_of(pipe).config.get("sample_size")
+    native = sample_size * pipe.vae_scale_factor if isinstance(sample_size, int) else default_side
     height = native if options.height is None else options.height  # (0 is a size to refuse, not "the default")
     width = native if options.width is None else options.width
     if height is None or width is None:
         raise GenerateError("the model has no single native size: pass --height and --width")
-    check_side(height, "--height", pipe.vae_scale_factor)
-    check_side(width, "--width", pipe.vae_scale_factor)
+    check_side(height, "--height", pipe.vae_scale_factor, latent_patch(pipe))
+    check_side(width, "--width", pipe.vae_scale_factor, latent_patch(pipe))
     check_scheduler_steps(pipe.scheduler, steps)
     return GenerationSettings(
         model=canonical(model),

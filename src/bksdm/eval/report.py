@@ -6,7 +6,8 @@ Inputs, per model ``NAME``:
   usually holding ``evaluation.json`` from ``bksdm evaluate``; or directly an evaluation JSON file;
 - ``--evaluation NAME=FILE`` (optional): the evaluation JSON when it is elsewhere;
 - ``--pipeline NAME=REF`` (optional): the pipeline to profile (folder or hub id); by default the model (and
-  the student U-Net, ``--unet``) recorded in the folder's ``settings.json``.
+  the student U-Net, ``--unet``) recorded in the folder's ``settings.json``; a U-Net or a transformer (SD3,
+  FLUX.1) pipeline, whose denoiser's figures fill the same columns (``denoiser_params``, ``denoiser_macs``).
 
 Outputs in ``OUT``: ``report.md``, ``report.html``, ``report.json`` (every number), ``grid.png`` (one row per
 model, one column per prompt, on prompts *and seeds* every model shares, so differences are the model's) and
@@ -145,7 +146,11 @@ def collect_model(name: str, source: str, evaluation: str | None, pipeline: str 
 
 
 def _profile(entry: dict[str, Any], options: ReportOptions) -> dict[str, Any] | None:
-    """Params / MACs (and latency) of the model's pipeline, with its student U-Net when one was swapped in."""
+    """Params / MACs (and latency) of the model's pipeline, with its student U-Net when one was swapped in.
+
+    Any denoiser family: :func:`bksdm.eval.components.load_components` builds the pipeline's denoiser (U-Net or
+    transformer) and :func:`bksdm.eval.profile.profile_components` counts it by its family.
+    """
     import torch
 
     from bksdm.eval.components import load_components
@@ -158,7 +163,7 @@ def _profile(entry: dict[str, Any], options: ReportOptions) -> dict[str, Any] | 
     if unet_ref is not None and (Path(unet_ref) / "model_index.json").is_file():
         ref, unet_ref = unet_ref, None  # a student pipeline folder: profile it whole
     parts = load_components(model=ref, materialize=options.latency, device=options.device)
-    if unet_ref is not None:
+    if unet_ref is not None:  # generate takes --unet for U-Net models only
         from diffusers import UNet2DConditionModel
 
         folder = Path(unet_ref)
@@ -173,6 +178,10 @@ def _profile(entry: dict[str, Any], options: ReportOptions) -> dict[str, Any] | 
         latency=options.latency, steps=options.steps, device=device,
     )  # fmt: skip
     result["pipeline"] = ref if unet_ref is None else f"{ref} + U-Net {unet_ref}"
+    if "unet_params" in result:  # a U-Net's figures under the names every family's have
+        result.setdefault("family", "unet")
+        result.setdefault("denoiser_params", result["unet_params"])
+        result.setdefault("denoiser_macs", result["unet_macs"])
     return result
 
 
@@ -187,11 +196,17 @@ _COLUMNS: list[tuple[str, str, str, Callable[[float], str]]] = [
     ("kid", "KID ↓", "eval", lambda v: f"{v:.4f}"),
     ("shapes_prompt_accuracy", "prompt accuracy ↑", "eval", lambda v: f"{v:.3f}"),
     ("shapes_frechet_distance", "shapes Fréchet ↓", "eval", lambda v: f"{v:.2f}"),
-    ("unet_params", "U-Net params", "profile", lambda v: f"{int(v):,}"),
-    ("unet_macs", "U-Net MACs/step", "profile", lambda v: human(v)),
+    ("denoiser_params", "denoiser params", "profile", lambda v: f"{int(v):,}"),
+    ("denoiser_macs", "denoiser MACs/step", "profile", lambda v: human(v)),
     ("whole_params", "whole params", "profile", lambda v: f"{int(v):,}"),
     ("image_cfg_s", "s/image (CFG)", "profile", lambda v: f"{v:.3f}"),
 ]
+
+
+def _label(label: str, entries: list[dict[str, Any]]) -> str:
+    """A column's label; the denoiser's read "U-Net" when every profiled model has one."""
+    families = {e["profile"].get("family") for e in entries if e.get("profile")}
+    return label.replace("denoiser", "U-Net") if families == {"unet"} else label
 
 
 def _value(entry: dict[str, Any], key: str, source: str) -> float | None:
@@ -203,7 +218,7 @@ def _value(entry: dict[str, Any], key: str, source: str) -> float | None:
 def _summary(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], list[str]]:
     """Header, rows and keys of the columns at least one model has."""
     present = [c for c in _COLUMNS if any(_value(e, c[0], c[2]) is not None for e in entries)]
-    header = ["model", *[c[1] for c in present], "images"]
+    header = ["model", *[_label(c[1], entries) for c in present], "images"]
     rows = []
     base = entries[0]
     for e in entries:
@@ -237,7 +252,7 @@ def _chart(entries: list[dict[str, Any]], keys: list[str], path: Path) -> Path |
         values = [_value(e, key, source) for e in entries]
         ax.bar(range(len(names)), [v if v is not None else 0 for v in values], color="#4c72b0")
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
-        ax.set_title(label, fontsize=10)
+        ax.set_title(_label(label, entries), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
@@ -265,7 +280,8 @@ def _grid(entries: list[dict[str, Any]], columns: int, path: Path) -> list[tuple
     shared = [k for k in by_key[0] if all(k in m for m in by_key[1:])]
     if not shared:
         return []
-    picks = [shared[round(i * (len(shared) - 1) / max(1, columns - 1))] for i in range(min(columns, len(shared)))]
+    count = min(columns, len(shared))  # spread over the shared prompts (with fewer than --columns: all of them)
+    picks = [shared[round(i * (len(shared) - 1) / max(1, count - 1))] for i in range(count)]
     picks = list(dict.fromkeys(picks))
     first = _open_rgb(by_key[0][picks[0]].file)
     side = min(256, max(first.size)) if first is not None else 256

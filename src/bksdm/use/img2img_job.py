@@ -5,12 +5,13 @@ prints the summary). The job owns the files: it lists the inputs, reads them (sk
 ones), calls :func:`bksdm.use.img2img.translate` batch by batch and writes PNGs plus, for a folder, an
 ``img2img.json`` record of the settings and of every image's seed.
 
-An input is processed at its own size (rounded down to a multiple of the VAE's factor) unless ``size`` resizes
-it. One smaller than the factor, or so large that translating it alone would need more memory than is free (an
-8000x8000 photo needs about 276 GiB with SD-v1.4), is refused naming the file: an error for a single image file,
-skipped and counted in a folder. A batch of large images that does not fit runs in smaller pipeline calls,
-which changes no image (each has its own generator). Every output is written under a partial name and renamed
-(:func:`bksdm.artifacts.atomic_file`), so a full disk leaves the earlier outputs whole and no half image.
+An input is processed at its own size (rounded down to a multiple of the model's size factor: the VAE's 8, x 2 for
+SD3 and FLUX.1) unless ``size`` resizes it. One smaller than the factor, or so large that translating it alone would
+need more memory than is free (an 8000x8000 photo needs about 276 GiB with SD-v1.4), is refused naming the file: an
+error for a single image file, skipped and counted in a folder. A batch of large images that does not fit runs in
+smaller pipeline calls, which changes no image (each has its own generator). Every output is written under a partial
+name and renamed (:func:`bksdm.artifacts.atomic_file`), so a full disk leaves the earlier outputs whole and no half
+image.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ from bksdm.sampling import (
     check_batch_size,
     check_guidance,
     check_memory,
+    check_negative_prompt,
+    classifier_free,
     largest_batch,
     sampling_defaults,
+    sampling_kind,
+    side_factor,
+    steps_run,
 )
 from bksdm.use.img2img import Img2ImgError, check_strength, image_seed, img2img_pipeline, translate
 
@@ -73,15 +79,17 @@ class Img2ImgOptions:
     model: str | os.PathLike | None = None
     """A diffusers pipeline folder or hub id; None: the bundled shapes teacher."""
     unet: str | os.PathLike | None = None
-    """A student U-Net to use instead of the model's (a pipeline folder, a U-Net folder or a hub id)."""
+    """A student U-Net to use instead of the model's (a pipeline folder, a U-Net folder or a hub id); U-Net models
+    only (a transformer student is a whole pipeline: give it as ``model``)."""
     negative_prompt: str | None = None
     """What the outputs should not show."""
-    strength: float = SAMPLING_TABLE["image-to-image"].strength
+    strength: float = SAMPLING_TABLE[("image-to-image", "unet")].strength
     """0 < strength <= 1: how far each input is noised (low keeps it, high follows the prompt)."""
     steps: int | None = None
     """Steps of the full schedule (``int(steps * strength)`` of them run); None: the model's recorded setting."""
     guidance: float | None = None
-    """Classifier-free guidance scale; None: the model's recorded setting."""
+    """Classifier-free guidance scale (FLUX.1: its embedded guidance); None: the model's recorded setting, else the
+    table's for its denoiser (:data:`bksdm.sampling.SAMPLING_TABLE`)."""
     scheduler: str | None = None
     """A diffusers scheduler class name (e.g. ``EulerDiscreteScheduler``); None: the model's own."""
     seed: int = 0
@@ -114,11 +122,9 @@ class Img2ImgSummary:
     """The guidance scale used."""
     strength: float = 0.0
     """The strength used."""
-
-    @property
-    def steps_run(self) -> int:
-        """Denoising steps each image went through: ``int(steps * strength)``."""
-        return int(self.steps * self.strength)
+    steps_run: int = 0
+    """Denoising steps each image went through (:func:`bksdm.sampling.steps_run`: ``int(steps * strength)`` for
+    SD's pipelines, rounded up for SD3's and FLUX's)."""
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -200,17 +206,20 @@ def read_input(path: Path, size: tuple[int, int] | None = None) -> Image.Image:
 
 
 def check_input(path: Path, image: Image.Image, pipe, guidance: bool, device: torch.device) -> None:
-    """Refuse an input the pipeline cannot translate: a side below the VAE's factor, or too large for memory.
+    """Refuse an input the pipeline cannot translate: a side below its size factor, or too large for memory.
+
+    ``guidance``: whether classifier-free guidance doubles the denoiser's batch
+    (:func:`bksdm.sampling.classifier_free`).
 
     Raises:
         Img2ImgError: The message names the file, its size and the fix.
     """
-    factor = int(pipe.vae_scale_factor)
+    factor = side_factor(pipe)
     width, height = image.size
     if min(width, height) < factor:
         raise Img2ImgError(
             f"{path}: {width}x{height} pixels is too small: img2img needs at least {factor} pixels a side (the "
-            f"VAE's factor); use a larger image or --size"
+            f"model's size factor); use a larger image or --size"
         )
     try:
         rounded = (height - height % factor, width - width % factor)
@@ -281,18 +290,23 @@ def run_img2img(options: Img2ImgOptions, *, on_skip: Callable[[str], None] | Non
         TeacherNotFoundError: ``model`` is neither a pipeline folder nor a reachable hub repo.
         WriteFailed: An output could not be written (the earlier ones are whole).
     """
+    from bksdm.eval.generate import model_denoiser
     from bksdm.loading import resolve_device, resolve_dtype, teacher_or_default
 
     skip = on_skip or logger.warning
     model = teacher_or_default(options.model)
     inputs = find_inputs(options.image)
     size = parse_size(options.size)
-    defaults = sampling_defaults(model, "image-to-image")  # the model's recorded settings, else 50 / 7.5
+    denoiser = model_denoiser(model, options.unet)  # its config: the family, no weights read
+    kind = sampling_kind(denoiser)
+    # The model's recorded settings, else the table's for its denoiser (U-Net: 50 / 7.5).
+    defaults = sampling_defaults(model, "image-to-image", denoiser)
     steps = options.steps if options.steps is not None else defaults.steps
     guidance = options.guidance if options.guidance is not None else defaults.guidance_scale
-    check_strength(options.strength, steps)
+    check_strength(options.strength, steps, kind)
     check_guidance(guidance)
     check_batch_size(options.batch_size)
+    check_negative_prompt(options.negative_prompt, defaults.embedded_guidance)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     folder, targets, single_file = _plan_outputs(inputs, Path(options.out), options.overwrite)
@@ -301,13 +315,20 @@ def run_img2img(options: Img2ImgOptions, *, on_skip: Callable[[str], None] | Non
         read_input(inputs[0], size)  # a single named file that cannot be read is an error, not a skip
 
     pipe = img2img_pipeline(model, options.unet, dtype=dtype, device=device, scheduler=options.scheduler)
-    run = Img2ImgSummary(inputs=len(inputs), steps=steps, guidance_scale=guidance, strength=options.strength)
+    cfg = classifier_free(pipe, guidance)
+    run = Img2ImgSummary(
+        inputs=len(inputs),
+        steps=steps,
+        guidance_scale=guidance,
+        strength=options.strength,
+        steps_run=steps_run(steps, options.strength, kind),
+    )
     for start in range(0, len(inputs), options.batch_size):
         batch: list[tuple[int, Image.Image]] = []
         for index in range(start, min(start + options.batch_size, len(inputs))):
             try:
                 image = read_input(inputs[index], size)
-                check_input(inputs[index], image, pipe, guidance > 1, device)
+                check_input(inputs[index], image, pipe, cfg, device)
             except Img2ImgError as err:
                 if single_input:  # the one file asked for: an error, not a skip
                     raise
@@ -319,9 +340,9 @@ def run_img2img(options: Img2ImgOptions, *, on_skip: Callable[[str], None] | Non
             continue
         # Each image fits alone (checked above); a batch of large ones runs in calls as large as memory allows.
         largest = max(batch, key=lambda item: item[1].width * item[1].height)[1]
-        factor = int(pipe.vae_scale_factor)
+        factor = side_factor(pipe)
         side = (largest.height - largest.height % factor, largest.width - largest.width % factor)
-        per_call = largest_batch(pipe, *side, len(batch), guidance > 1, device)
+        per_call = largest_batch(pipe, *side, len(batch), cfg, device)
         seeds = [image_seed(options.seed, index) for index, _ in batch]
         made = translate(
             pipe,

@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_COMPONENTS",
     "EXPORTERS",
     "ExportError",
+    "check_exportable",
     "export_onnx",
     "format_export",
     "parse_components",
@@ -195,6 +196,36 @@ def _parity(spec: NetworkSpec, session, seed: int) -> list[dict[str, Any]]:
     return checks
 
 
+def check_exportable(model: str | os.PathLike) -> None:
+    """Refuse, from the denoiser's config alone (no weights read), a pipeline this exporter does not handle.
+
+    It writes SD-v1/v2 U-Nets in the layout of optimum's ``ORTStableDiffusionPipeline``; SDXL's U-Net takes extra
+    conditioning and SD3 / FLUX.1 have a transformer, with other inputs (pooled projections, FLUX's packed tokens,
+    rotary ids and guidance). Hugging Face optimum exports all three (its ONNX configs cover the SD3 and FLUX
+    transformers), so the message points there.
+
+    Raises:
+        ExportError: An SDXL, SD3 or FLUX.1 pipeline.
+        TeacherNotFoundError: ``model`` is neither a local folder nor a reachable hub repo.
+    """
+    from bksdm.families import family_of
+    from bksdm.loading import load_denoiser_config
+
+    config = load_denoiser_config(model)  # a missing folder or hub id fails here, before any weights are read
+    if family_of(config).denoiser != "unet":
+        raise ExportError(
+            f"{model} is a {config.get('_class_name', 'diffusion transformer')} pipeline (SD3 / FLUX.1); bksdm "
+            "export onnx handles SD-v1/v2 pipelines and their students. For diffusion transformers use Hugging "
+            f"Face optimum: pip install 'optimum[onnxruntime]', then optimum-cli export onnx --model {model} OUT"
+        )
+    if config.get("addition_embed_type") is not None:
+        raise ExportError(
+            f"{model} is an SDXL-style pipeline (U-Net addition_embed_type={config['addition_embed_type']!r}); "
+            "bksdm export onnx handles SD-v1/v2 pipelines and their students. For SDXL use optimum: "
+            "optimum-cli export onnx --model MODEL OUT"
+        )
+
+
 def export_onnx(
     model: str | os.PathLike,
     out: str | os.PathLike,
@@ -228,15 +259,17 @@ def export_onnx(
         names, dynamic axes, parity checks (``max_abs_error`` per output at two shapes) and ``passed``.
 
     Raises:
-        ExportError: Bad options, a missing onnx package, or an unsupported pipeline (SDXL, no U-Net).
+        ExportError: Bad options, a missing onnx package, or an unsupported pipeline (SDXL; SD3 and FLUX.1, whose
+            denoiser is a transformer: the message points to optimum).
         OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
         TeacherNotFoundError: ``model`` is neither a pipeline folder nor a reachable hub repo.
     """
     from bksdm import __version__
     from bksdm.artifacts import atomic_dir
-    from bksdm.loading import load_denoiser_config, load_pipeline
+    from bksdm.loading import load_pipeline
     from bksdm.plan.prune import check_output_dir
 
+    check_exportable(model)  # before onnx is asked for: no install helps a pipeline this exporter does not handle
     onnx, ort = require_onnx()
     stage = on_stage or logger.info
     if exporter not in EXPORTERS:
@@ -256,13 +289,6 @@ def export_onnx(
     components = parse_components(components)
     out = Path(out)
     check_output_dir(out, overwrite)
-    config = load_denoiser_config(model)  # a missing folder or hub id fails here, before any weights are read
-    if config.get("addition_embed_type") is not None:
-        raise ExportError(
-            f"{model} is an SDXL-style pipeline (U-Net addition_embed_type={config['addition_embed_type']!r}); "
-            "bksdm export onnx handles SD-v1/v2 pipelines and their students. For SDXL use optimum: "
-            "optimum-cli export onnx --model MODEL OUT"
-        )
 
     stage(f"loading {model}")
     pipe = load_pipeline(model, dtype=torch.float32, device="cpu")

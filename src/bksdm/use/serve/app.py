@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 
 from bksdm.eval.generate import generate_images
-from bksdm.sampling import check_guidance, check_scheduler_steps, check_side, check_steps
+from bksdm.sampling import check_guidance, check_scheduler_steps, check_side, check_steps, latent_patch, pipe_kind
 from bksdm.use.serve.api import MAX_PROMPT_CHARS, MAX_SEED, parse_generate_request, stopping_error
 
 __all__ = ["DemoApp", "SamplingSettings", "ServedModel", "default_sampling", "load_models"]
@@ -38,9 +38,9 @@ class SamplingSettings:
     steps: int = 25
     """Denoising steps per image."""
     guidance_scale: float = 7.5
-    """Classifier-free guidance scale (1 turns guidance off)."""
+    """Classifier-free guidance scale (1 turns guidance off); for FLUX.1 the value fed to its guidance embedding."""
     height: int | None = None
-    """Image height in pixels (None: the pipeline's native size)."""
+    """Image height in pixels (None: the pipeline's native size; FluxPipeline's is 1024)."""
     width: int | None = None
     """Image width in pixels (None: the pipeline's native size)."""
 
@@ -52,23 +52,34 @@ class SamplingSettings:
                 check_side(side, option, 8)
 
 
-def default_sampling(teacher: str, steps: int | None = None, guidance: float | None = None) -> SamplingSettings:
-    """Sampling settings: the given values, else the shapes teacher's recorded ones, else SD's usual 25 / 7.5.
+def default_sampling(
+    teacher: str,
+    steps: int | None = None,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> SamplingSettings:
+    """Sampling settings: the given values, else the shapes teacher's recorded ones, else the table's for the
+    teacher's denoiser (:data:`bksdm.sampling.SAMPLING_TABLE`: 25 / 7.5 for SD, 28 / 7.0 for SD3, 28 / 3.5 at
+    1024 px for FLUX.1-dev, 4 / 0 for schnell).
 
     Args:
         teacher: The teacher's folder or hub id.
         steps: ``--steps``, or None.
         guidance: ``--guidance``, or None.
+        height, width: ``--height`` / ``--width``, or None.
 
     Returns:
         The :class:`SamplingSettings` for :class:`DemoApp`.
 
     Raises:
         ValueError: steps below 1 or a negative guidance scale.
+        TeacherNotFoundError: A teacher without a record that is no pipeline folder or readable hub id.
     """
+    from bksdm.eval.generate import model_denoiser
+    from bksdm.sampling import sampling_defaults
     from bksdm.world.teacher import SETTINGS_FILE, recommended_settings
 
-    base: dict = {"steps": 25, "guidance_scale": 7.5}
     if (Path(teacher) / SETTINGS_FILE).is_file():  # a shapes-world teacher records how it samples best
         recorded = recommended_settings(teacher)
         base = {
@@ -77,11 +88,12 @@ def default_sampling(teacher: str, steps: int | None = None, guidance: float | N
             "height": recorded["height"],
             "width": recorded["width"],
         }
-    if steps is not None:
-        base["steps"] = steps
-    if guidance is not None:
-        base["guidance_scale"] = guidance
-    return SamplingSettings(**base)
+    else:
+        table = sampling_defaults(teacher, denoiser=model_denoiser(teacher, option="--teacher"))
+        base = {"steps": table.steps, "guidance_scale": table.guidance_scale}
+        base |= {"height": table.height, "width": table.width}
+    given = {"steps": steps, "guidance_scale": guidance, "height": height, "width": width}
+    return SamplingSettings(**(base | {k: v for k, v in given.items() if v is not None}))
 
 
 @dataclass(frozen=True)
@@ -93,12 +105,21 @@ class ServedModel:
     source: str
     """Where it was loaded from (folder or hub id), shown under the label."""
     pipe: Any
-    """A diffusers text-to-image pipeline."""
+    """A diffusers text-to-image pipeline (SD, SDXL, SD3, FLUX.1)."""
 
     @property
-    def unet_params(self) -> int:
-        """Parameters of the pipeline's U-Net."""
-        return sum(p.numel() for p in self.pipe.unet.parameters())
+    def denoiser_params(self) -> int:
+        """Parameters of the pipeline's denoiser (its U-Net or transformer)."""
+        from bksdm.families import denoiser_of
+
+        return sum(p.numel() for p in denoiser_of(self.pipe).parameters())
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /api/models`` lists of the model: name, source, its denoiser (``"U-Net"`` or
+        ``"transformer"``) and its parameters (also as ``unet_params`` for a U-Net)."""
+        kind = "U-Net" if pipe_kind(self.pipe) == "unet" else "transformer"
+        entry = {"name": self.name, "source": self.source, "denoiser": kind, "denoiser_params": self.denoiser_params}
+        return entry | ({"unet_params": entry["denoiser_params"]} if kind == "U-Net" else {})
 
 
 def _png_data_url(image: Image.Image) -> str:
@@ -128,6 +149,9 @@ class DemoApp:
         self.settings = settings or SamplingSettings()
         for model in self.models:  # refused at start, not at every request
             check_scheduler_steps(model.pipe.scheduler, self.settings.steps, "steps")
+            for option, side in (("height", self.settings.height), ("width", self.settings.width)):
+                if side is not None:
+                    check_side(side, option, model.pipe.vae_scale_factor, latent_patch(model.pipe))
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -147,7 +171,7 @@ class DemoApp:
     def info(self) -> dict[str, Any]:
         """What ``GET /api/models`` answers: the models and the sampling settings."""
         return {
-            "models": [{"name": m.name, "source": m.source, "unet_params": m.unet_params} for m in self.models],
+            "models": [m.describe() for m in self.models],
             "steps": self.settings.steps,
             "guidance_scale": self.settings.guidance_scale,
             "max_prompt_chars": MAX_PROMPT_CHARS,

@@ -69,7 +69,7 @@ function addPanel(model) {
   source.textContent = model.source;
   const params = document.createElement("div");
   params.className = "params";
-  params.textContent = "U-Net " + model.unet_params.toLocaleString("en-US") + " params";
+  params.textContent = model.denoiser + " " + model.denoiser_params.toLocaleString("en-US") + " params";
   caption.append(name, source, params);
   const img = document.createElement("img");
   img.alt = model.name + " image (none yet)";
