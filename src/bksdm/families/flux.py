@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
 from bksdm.families.base import FlowMatching, dynamic_shift
@@ -28,6 +28,8 @@ TRAIN_GUIDANCE = 3.5
 
 def pack(latents: Tensor) -> Tensor:
     """(B, C, h, w) → (B, h/2 * w/2, 4C): FLUX's 2x2 patch tokens (the pipeline's ``_pack_latents``)."""
+    from diffusers import FluxPipeline  # importing a pipeline loads transformers' image processors: only when used
+
     b, c, h, w = latents.shape
     return FluxPipeline._pack_latents(latents, b, c, h, w)
 
@@ -77,6 +79,8 @@ class FluxFamily(FlowMatching):
         return dynamic_shift(u, scheduler_config, (h // 2) * (w // 2))
 
     def call(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, text: Tensor, extra: Mapping | None) -> Tensor:
+        from diffusers import FluxPipeline
+
         extra = dict(extra or {})
         b, _, h, w = noisy.shape
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
