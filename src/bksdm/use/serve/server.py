@@ -87,6 +87,9 @@ class DemoServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False  # server_close joins the threads itself, after ending their connections
+    # socketserver's default listen backlog is 5: 20 clients connecting at once while the machine was busy had
+    # connections reset before the accept loop reached them (seen in the 20-request test under load).
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: DemoApp | None) -> None:
         self.app = app  # None until the models are loaded: requests are then answered with 503
