@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline
 
 from bksdm.world.tiny import build_tiny_pipeline, save_tiny_pipeline
+from bksdm.world.tiny_dit import DIT_LAYOUTS, save_tiny_dit_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +38,20 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd_pipe() -> StableDiffusionPipeline:
     """The in-memory tiny SD-v1 pipeline (seed 0): the same weights as `tiny_sd_dir`."""
     return build_tiny_pipeline("sd-v1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Saved tiny SD3, SD3.5, FLUX.1-dev and FLUX.1-schnell pipelines (seed 0), by layout name."""
+    root = tmp_path_factory.mktemp("tiny-dit")
+    return {layout: save_tiny_dit_pipeline(root / layout, layout) for layout in DIT_LAYOUTS}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): images
+    compared byte for byte must not depend on how work is split between threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -34,14 +34,9 @@ PROMPTS = [
 STEPS = "2"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as the launched processes have (OMP_NUM_THREADS=1): convolution results depend on the
-    thread count at the level of float rounding, and some tests compare files byte for byte."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread, as the launched processes have (OMP_NUM_THREADS=1): convolution results depend on the thread
+# count at the level of float rounding, and some tests compare files byte for byte.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,26 +24,19 @@ from bksdm.memory import (
     transformer_activation_bytes,
 )
 from bksdm.sampling import classifier_free, pipeline_bytes, sampling_defaults, steps_run
-from bksdm.world.tiny_dit import build_tiny_dit_pipeline, save_tiny_dit_pipeline
+from bksdm.world.tiny_dit import build_tiny_dit_pipeline
 
 PROMPTS = ["a red circle at the top left", "a blue square", "a small green triangle on the right"]
 STOCK = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: images are compared byte for byte with the stock pipeline's."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    """Saved tiny SD3, FLUX.1-dev and FLUX.1-schnell pipelines (seed 0)."""
-    root = tmp_path_factory.mktemp("tiny-dit")
-    return {layout: save_tiny_dit_pipeline(root / layout, layout) for layout in ("sd3", "flux", "flux-schnell")}
+def models(tiny_dit_dirs) -> dict[str, Path]:
+    """The saved tiny SD3, FLUX.1-dev and FLUX.1-schnell pipelines (seed 0)."""
+    return {layout: tiny_dit_dirs[layout] for layout in ("sd3", "flux", "flux-schnell")}
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from bksdm.train.batches import make_loader, prepare_batch
 from bksdm.train.config import load_config
 from bksdm.train.distill import TrainingSetupError, load_models
 from bksdm.train.kd import LossWeights, draw_noise, kd_step
-from bksdm.world.tiny import save_tiny_pipeline
 from bksdm.world.tiny_dit import save_tiny_dit_pipeline
 
 PLAN = """name: tiny-sdxl-koala
@@ -30,8 +29,8 @@ transformer_blocks:
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory) -> Path:
-    return save_tiny_pipeline(tmp_path_factory.mktemp("sdxl") / "teacher", "sdxl")
+def sdxl_dir(tiny_sdxl_dir) -> Path:
+    return tiny_sdxl_dir
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
 from PIL import Image
 
@@ -25,26 +24,18 @@ from bksdm.sampling import SamplingError, steps_run
 from bksdm.use.img2img import Img2ImgError, image_seed, img2img_pipeline, translate
 from bksdm.use.serve.app import DemoApp, SamplingSettings, default_sampling, load_models
 from bksdm.use.serve.server import make_server
-from bksdm.world.tiny_dit import save_tiny_dit_pipeline
 
 PROMPT = "a big blue square at the top left"
 IMG2IMG = {"sd3": StableDiffusion3Img2ImgPipeline, "flux": FluxImg2ImgPipeline}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: images are compared byte for byte."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    """Saved tiny SD3, FLUX.1-dev and FLUX.1-schnell pipelines (seed 0)."""
-    root = tmp_path_factory.mktemp("tiny-dit")
-    return {layout: save_tiny_dit_pipeline(root / layout, layout) for layout in ("sd3", "flux", "flux-schnell")}
+def models(tiny_dit_dirs) -> dict[str, Path]:
+    """The saved tiny SD3, FLUX.1-dev and FLUX.1-schnell pipelines (seed 0)."""
+    return {layout: tiny_dit_dirs[layout] for layout in ("sd3", "flux", "flux-schnell")}
 
 
 @pytest.fixture(scope="module")
