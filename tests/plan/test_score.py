@@ -23,6 +23,8 @@ from bksdm.plan.units import STAGE, UnitError
 from bksdm.world.tiny import build_tiny_pipeline, tiny_unet_config
 from bksdm.world.tiny_dit import build_tiny_dit_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # seconds, not minutes, on a shared 2-core machine
+
 FAST = {"num_prompts": 2, "timesteps": 2, "seeds": 1, "steps": 2, "batch_size": 8}
 
 

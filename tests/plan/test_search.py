@@ -17,7 +17,8 @@ from bksdm.plan.score_job import ScoreOptions, load_scores, score_teacher
 from bksdm.plan.search import BudgetError, parse_budget, random_removals, search
 from bksdm.plan.search_job import SearchOptions, scores_space, search_plan, student_costs
 from bksdm.plan.spec import plan_to_dict
-from bksdm.world.tiny_dit import save_tiny_dit_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # seconds, not minutes, on a shared 2-core machine
 
 FAST = {"num_prompts": 2, "timesteps": 2, "seeds": 1, "steps": 2, "batch_size": 8}
 
@@ -33,15 +34,9 @@ def unet_scores(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def dit_teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("dit")
-    return {layout: save_tiny_dit_pipeline(root / layout, layout) for layout in ("sd3", "flux")}
-
-
-@pytest.fixture(scope="module")
-def dit_scores(dit_teachers: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def dit_scores(tiny_dit_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dit-scores")
-    return {layout: scored(path, root / layout, resolution=128) for layout, path in dit_teachers.items()}
+    return {layout: scored(tiny_dit_dirs[layout], root / layout, resolution=128) for layout in ("sd3", "flux")}
 
 
 def run_search(scores: Path, budget: str, out: Path, *extra: str) -> int:
@@ -170,13 +165,13 @@ def test_every_plan_follows_the_layout_rules(unet_scores: Path) -> None:
 
 
 def test_transformer_plans_keep_what_the_family_needs(
-    dit_scores: dict[str, Path], dit_teachers: dict[str, Path], tmp_path: Path
+    dit_scores: dict[str, Path], tiny_dit_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     for layout in ("sd3", "flux"):
         plan_file = tmp_path / f"{layout}.yaml"
         summary = search_plan(SearchOptions(dit_scores[layout], "params=0.8", plan_file))
         plan = load_plan(plan_file)
-        report = prune_report(dit_teachers[layout], plan_file, tmp_path / f"{layout}-student")
+        report = prune_report(tiny_dit_dirs[layout], plan_file, tmp_path / f"{layout}-student")
         denoiser = report["denoiser"]
         assert denoiser["student"]["params"] <= 0.8 * denoiser["teacher"]["params"]
         assert denoiser["student"]["params"] == summary["params"]["student"]
@@ -220,7 +215,7 @@ def _write(plan, path: Path) -> Path:
 # ---- bad input ------------------------------------------------------------------------------------------------------
 
 
-def test_bad_input_fails_with_one_message(unet_scores: Path, dit_teachers: dict[str, Path], tmp_path: Path, capsys):
+def test_bad_input_fails_with_one_message(unet_scores: Path, tiny_dit_dirs: dict[str, Path], tmp_path: Path, capsys):
     out = tmp_path / "plan.yaml"
     cases = [
         (["params=0.7", "--keep", "down_blocks.9.layers.0"], "not a removable unit"),
@@ -229,7 +224,7 @@ def test_bad_input_fails_with_one_message(unet_scores: Path, dit_teachers: dict[
         (["size=0.5"], "KIND=FRACTION"),
         (["params=0.05"], "no valid plan fits 0.05"),
         (["params=0.7", "--keep", "mid_block", "--drop", "mid_block"], "both kept"),
-        (["params=0.7", "--teacher", str(dit_teachers["sd3"])], "scores were measured on"),
+        (["params=0.7", "--teacher", str(tiny_dit_dirs["sd3"])], "scores were measured on"),
     ]
     for args, message in cases:
         assert run_search(unet_scores, *args[:1], out, *args[1:]) == 2, args

@@ -118,7 +118,8 @@ def student_costs(space: UnitSpace, plan: Plan) -> dict[str, int]:
 
 
 def step_latency(space: UnitSpace, config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> float:
-    """Median seconds of one denoiser step at batch 1 and the teacher's resolution (random weights)."""
+    """Seconds of one denoiser step at batch 1 and the teacher's resolution (random weights): the fastest of 10 timed
+    calls after 3 warm-ups, the one least disturbed by other load (a median swung by 2x on a shared 2-core CPU)."""
     family = family_of(space.config)
     model = family.build(config).to(device=device, dtype=dtype).eval()
     inputs = family.mac_inputs(config, space.resolution, device, space.vae_scale)
@@ -126,7 +127,7 @@ def step_latency(space: UnitSpace, config: dict[str, Any], device: torch.device,
     if "added_cond_kwargs" in inputs:
         inputs["added_cond_kwargs"] = {k: v.to(dtype) for k, v in inputs["added_cond_kwargs"].items()}
     with torch.no_grad():
-        return measure_latency(lambda: model(**inputs), warmup=2, repeats=5, device=device).median
+        return measure_latency(lambda: model(**inputs), warmup=3, repeats=10, device=device).min
 
 
 def search_plan(options: SearchOptions) -> dict[str, Any]:
@@ -183,11 +184,12 @@ def search_plan(options: SearchOptions) -> dict[str, Any]:
 def _latency_search(space: UnitSpace, target: float, run, options: SearchOptions):
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    teacher = step_latency(space, dict(space.config), device, dtype)
+    teacher = 0.0
     proxy, rounds = target, []
     for _ in range(LATENCY_ROUNDS):
         result = run(proxy)
         _, config = student_denoiser(space, result.plan)
+        teacher = step_latency(space, dict(space.config), device, dtype)  # again each round: the load drifts
         ratio = step_latency(space, config, device, dtype) / teacher
         rounds.append({"macs_fraction": round(proxy, 4), "latency_fraction": round(ratio, 4)})
         if ratio <= target:
