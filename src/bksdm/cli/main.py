@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bksdm import __version__
 from bksdm.artifacts import WriteFailed
+from bksdm.cli.lcm import add_lcm
 from bksdm.cli.plan import add_plan, add_prune
 from bksdm.cli.train import add_cache, add_distill
 from bksdm.cli.world import add_demo
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan(sub)
     add_distill(sub)
     add_cache(sub)
+    add_lcm(sub)
     add_demo(sub)
     from bksdm.cli.img2img import add_img2img
 
