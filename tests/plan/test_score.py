@@ -224,7 +224,7 @@ def test_same_seed_same_scores_and_another_seed_differs(inert_sd3: Path, sd3_sco
 def test_validation_compares_measured_and_predicted(sd3_scores: dict) -> None:
     validation = sd3_scores["validation"]
     assert len(validation["plans"]) == 3
-    for plan in validation["plans"]:
+    for plan in validation["plans"]:  # each more than one measured ablation
         assert len(plan["units"]) >= 2 and plan["measured"] > 0
         assert "transformer_blocks.5" not in plan["units"]
         expected = sum(u["ablation"] for u in sd3_scores["units"] if u["address"] in plan["units"])

@@ -81,7 +81,7 @@ def test_search_beats_every_random_valid_plan_that_fits(unet_scores: Path) -> No
     assert result.exhaustive and result.student_cost <= fraction * space.teacher_params
     assert space.problems(result.plan) == []
     fitting = 0
-    for removed in random_removals(space, scores, 30, seed=3, minimum=1):
+    for removed in random_removals(space, scores, 30, seed=3, single=True):
         # unit parameters add up exactly (test_score checks it against a built student)
         if space.teacher_params - sum(space[u].params for u in removed) <= fraction * space.teacher_params:
             fitting += 1

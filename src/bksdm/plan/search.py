@@ -395,23 +395,27 @@ def search(
     )
 
 
-def random_removals(space: UnitSpace, scores: Scores, count_: int, seed: int, minimum: int = 2) -> list[frozenset[str]]:
-    """``count_`` distinct random multi-unit removals that ``prune`` accepts (for the additivity check).
+def random_removals(
+    space: UnitSpace, scores: Scores, count_: int, seed: int, single: bool = False
+) -> list[frozenset[str]]:
+    """``count_`` distinct random removals that ``prune`` accepts; for the additivity check, each more than one
+    measured ablation (a single ablation's loss is its own prediction, which would flatter the check).
 
     Each draws a removal share p ~ U(0.15, 0.6) and, walking the choice tree, takes a random non-empty option of a
-    group with probability p; draws that remove fewer than ``minimum`` units, repeat earlier ones, or fail the plan
-    check are drawn again (up to 50 times the count).
+    group with probability p; draws that remove nothing, repeat earlier ones, are one measured ablation (unless
+    ``single``) or fail the plan check are drawn again (up to 50 times the count).
     """
     rng = np.random.default_rng(seed)
     cost = {u.address: 0.0 for u in space.units}
     groups = build_groups(space, scores, cost, (frozenset(), frozenset()))
+    measured = {frozenset(a.units) for a in space.ablations}
     out: list[frozenset[str]] = []
     for _ in range(50 * count_):
         if len(out) == count_:
             break
         p = rng.uniform(0.15, 0.6)
         removed = frozenset().union(*(_draw(g, rng, p) for g in groups))
-        if len(removed) < minimum or removed in out:
+        if not removed or removed in out or (not single and removed in measured):
             continue
         if not space.problems(space.plan_for(removed, "random")):
             out.append(removed)
