@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from bksdm.families.base import Family, FlowMatching
 from bksdm.plan.units import Site
-from bksdm.train.kd import FeatureTap, draw_noise
+from bksdm.train.kd import FeatureTap, draw_noise, unwrap
 
 
 @dataclass
@@ -171,7 +171,7 @@ class SimilarityTap:
         )
         self._names = names
         self._inputs: dict[str, Tensor] = {}
-        self._model = model
+        self._model = unwrap(model)  # addresses are the plain model's (as FeatureTap's)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._sums = dict.fromkeys(names, 0.0)
         self._counts = dict.fromkeys(names, 0)
