@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from bksdm.cli.train import add_recipe_command
+
 __all__ = ["add_lcm"]
 
 
@@ -18,7 +20,8 @@ def add_lcm(sub: argparse._SubParsersAction) -> None:
     Args:
         sub: The sub-parsers object of the ``bksdm`` parser.
     """
-    p = sub.add_parser(
+    add_recipe_command(
+        sub,
         "lcm",
         help="distil a U-Net pipeline into a few-step latent consistency model (full LCM or LCM-LoRA)",
         description="Latent consistency distillation (LCM, arXiv 2310.04378) of an SD-v1/v2 pipeline or a bksdm "
@@ -27,29 +30,13 @@ def add_lcm(sub: argparse._SubParsersAction) -> None:
         "same pipeline plus pytorch_lora_weights.safetensors for load_lora_weights. Settings come from a YAML "
         "recipe (configs/lcm/) and/or dotted key=value overrides, e.g. train.max_steps=100 lcm.loss=l2. Multi-GPU: "
         "accelerate launch -m bksdm.cli lcm --config ...",
+        config_help="YAML recipe (defaults: the LCM paper's objective)",
+        run=_run_lcm,
     )
-    p.add_argument("--config", default=None, help="YAML recipe (defaults: the LCM paper's objective)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (same as train.resume=...)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh in an output folder that holds another run, deleting its checkpoints and logs "
-        "(same as train.overwrite=true)",
-    )
-    p.set_defaults(func=_run_lcm)
 
 
-def _run_lcm(args: argparse.Namespace) -> int:
+def _run_lcm(args: argparse.Namespace, overrides: list[str]) -> str:
     from bksdm.train.lcm import lcm
     from bksdm.train.lcm_config import load_lcm_config
 
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    overrides += ["train.overwrite=true"] if args.overwrite else []
-    cfg = load_lcm_config(args.config, overrides)
-    target = lcm(cfg)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        print(f"LCM student written to {target}")
-    return 0
+    return f"LCM student written to {lcm(load_lcm_config(args.config, overrides))}"

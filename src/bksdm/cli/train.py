@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_cache", "add_distill"]
+__all__ = ["add_cache", "add_distill", "add_recipe_command"]
 
 
-def add_distill(sub: argparse._SubParsersAction) -> None:
-    """Add the ``distill`` sub-command to the ``bksdm`` parser.
-
-    Args:
-        sub: The sub-parsers object of the ``bksdm`` parser.
-    """
-    p = sub.add_parser(
-        "distill",
-        help="retrain a student with task loss + output KD + feature KD (BK-SDM recipe)",
-        description="Distil a pruned student from its teacher. Settings come from a YAML recipe (configs/distill/) "
-        "and/or dotted key=value overrides, e.g. train.max_steps=100 optim.lr=1e-4. Multi-GPU: "
-        "accelerate launch -m bksdm.cli distill --config ...",
-    )
-    p.add_argument("--config", default=None, help="YAML recipe (defaults: the paper's recipe)")
+def add_recipe_command(
+    sub: argparse._SubParsersAction, name: str, help: str, description: str, config_help: str, run
+) -> argparse.ArgumentParser:
+    """A training recipe's sub-command: ``--config`` YAML, dotted ``key=value`` overrides, ``--resume``,
+    ``--overwrite``; ``run(args, overrides)`` does the rest. Shared by ``distill`` and ``lcm``."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("--config", default=None, help=config_help)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (same as train.resume=...)")
     p.add_argument(
@@ -35,22 +28,44 @@ def add_distill(sub: argparse._SubParsersAction) -> None:
         help="start afresh in an output folder that holds another run, deleting its checkpoints and logs "
         "(same as train.overwrite=true)",
     )
-    p.set_defaults(func=_run_distill)
+
+    def call(args: argparse.Namespace) -> int:
+        overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+        overrides += ["train.overwrite=true"] if args.overwrite else []
+        message = run(args, overrides)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(message)
+        return 0
+
+    p.set_defaults(func=call)
+    return p
 
 
-def _run_distill(args: argparse.Namespace) -> int:
+def add_distill(sub: argparse._SubParsersAction) -> None:
+    """Add the ``distill`` sub-command to the ``bksdm`` parser.
+
+    Args:
+        sub: The sub-parsers object of the ``bksdm`` parser.
+    """
+    add_recipe_command(
+        sub,
+        "distill",
+        help="retrain a student with task loss + output KD + feature KD (BK-SDM recipe)",
+        description="Distil a pruned student from its teacher. Settings come from a YAML recipe (configs/distill/) "
+        "and/or dotted key=value overrides, e.g. train.max_steps=100 optim.lr=1e-4. Multi-GPU: "
+        "accelerate launch -m bksdm.cli distill --config ...",
+        config_help="YAML recipe (defaults: the paper's recipe)",
+        run=_run_distill,
+    )
+
+
+def _run_distill(args: argparse.Namespace, overrides: list[str]) -> str:
     from bksdm.train.config import load_config
     from bksdm.train.distill import distill
 
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    overrides += ["train.overwrite=true"] if args.overwrite else []
-    cfg = load_config(args.config, overrides)
-    target = distill(cfg)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        print(f"student pipeline written to {target}")
-    return 0
+    return f"student pipeline written to {distill(load_config(args.config, overrides))}"
 
 
 def add_cache(sub: argparse._SubParsersAction) -> None:

@@ -298,12 +298,17 @@ def _cross_checks(cfg: DistillConfig, problems: list[str]) -> None:
         )
     if m.student is not None and m.init == "random":
         problems.append("model.init: 'random' conflicts with model.student (an existing student brings its weights)")
+    if lo.lambda_task == lo.lambda_out == lo.lambda_feat == 0:
+        problems.append("loss: lambda_task, lambda_out and lambda_feat are all 0; nothing would be learned")
+    check_run_sections(d, o, t, problems)
+
+
+def check_run_sections(d: DataConfig, o: OptimConfig, t: Any, problems: list[str]) -> None:
+    """The rules every training recipe on these sections shares (distill, lcm): data source, trackers, warm-up."""
     if d.train is not None and d.train.startswith("hf:") and not d.train[3:].strip():
         problems.append("data.train: 'hf:' needs a dataset name, e.g. hf:lambdalabs/naruto-blip-captions")
     if len(set(t.trackers)) < len(t.trackers):
         problems.append(f"train.trackers: lists a tracker twice: {t.trackers}")
-    if lo.lambda_task == lo.lambda_out == lo.lambda_feat == 0:
-        problems.append("loss: lambda_task, lambda_out and lambda_feat are all 0; nothing would be learned")
     if o.lr_warmup_steps > 0 and o.lr_scheduler == "constant":
         problems.append(
             f"optim.lr_warmup_steps: {o.lr_warmup_steps} has no effect with lr_scheduler 'constant'; "

@@ -52,7 +52,14 @@ from bksdm.train.checkpoints import (
 from bksdm.train.config import DistillConfig, OptimConfig, config_to_dict, save_config
 from bksdm.train.encoders import sample_latents, text_encoder_modules, vae_dtype
 from bksdm.train.kd import LossWeights, draw_noise, ema_update, kd_step
-from bksdm.train.runtime import LossWindow, TrainingStopped, make_accelerator, peak_memory_mb, stop_on_sigterm
+from bksdm.train.runtime import (
+    LossWindow,
+    TrainingStopped,
+    make_accelerator,
+    peak_memory_mb,
+    stop_on_sigterm,
+    tracker_config,
+)
 from bksdm.train.validation import Validator, plot_losses
 
 logger = get_logger(__name__)
@@ -297,7 +304,7 @@ def distill(cfg: DistillConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         trim_metrics(out / "logs" / "metrics.jsonl", step)  # records after the checkpoint are written again
         save_config(cfg, out / "config.yaml")
-        accelerator.init_trackers("bksdm-distill", config=_flat(config_to_dict(cfg)))
+        accelerator.init_trackers("bksdm-distill", config=tracker_config(config_to_dict(cfg)))
     weights = LossWeights(cfg.loss.lambda_task, cfg.loss.lambda_out, cfg.loss.lambda_feat)
     accum = cfg.train.gradient_accumulation_steps
     validator = Validator(cfg, models, out) if accelerator.is_main_process and cfg.train.validate_every else None
@@ -407,14 +414,3 @@ def _status(record: dict[str, Any]) -> str:
         f"step {record['step']} {terms} lr={record['lr']:.2e} {record['samples_per_s']:.1f} samples/s "
         f"peak {record['peak_memory_mb']:.0f} MB"
     )
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Flattens the config for trackers (they take scalars)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat

@@ -57,13 +57,19 @@ from bksdm.train.checkpoints import (
     write_checkpoint,
 )
 from bksdm.train.distill import WEIGHTS, TrainingSetupError, make_optimizer, save_ema_weights
-from bksdm.train.distill import _flat as flat_config
 from bksdm.train.encoders import sample_latents
 from bksdm.train.kd import draw_noise, ema_update
 from bksdm.train.lcm_config import LcmConfig, lcm_config_to_dict, save_lcm_config
 from bksdm.train.lcm_models import LcmModels, check_teacher, load_lcm_models
 from bksdm.train.lcm_step import draw_guidance, lcm_step
-from bksdm.train.runtime import LossWindow, TrainingStopped, make_accelerator, peak_memory_mb, stop_on_sigterm
+from bksdm.train.runtime import (
+    LossWindow,
+    TrainingStopped,
+    make_accelerator,
+    peak_memory_mb,
+    stop_on_sigterm,
+    tracker_config,
+)
 from bksdm.train.validation import image_grid
 from bksdm.use.lora import LORA_FILE, load_lora
 
@@ -284,7 +290,7 @@ def lcm(cfg: LcmConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         trim_metrics(out / "logs" / "metrics.jsonl", step)  # records after the checkpoint are written again
         save_lcm_config(cfg, out / "config.yaml")
-        accelerator.init_trackers("bksdm-lcm", config=flat_config(lcm_config_to_dict(cfg)))
+        accelerator.init_trackers("bksdm-lcm", config=tracker_config(lcm_config_to_dict(cfg)))
     accum = t.gradient_accumulation_steps
     batches = batch_stream(cfg, models, accelerator, start_micro_step=step * accum)
     metrics_file = (out / "logs" / "metrics.jsonl") if accelerator.is_main_process else None

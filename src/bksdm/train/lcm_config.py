@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bksdm.train.config import SCHEMA as DISTILL_SCHEMA
-from bksdm.train.config import DataConfig, OptimConfig
+from bksdm.train.config import DataConfig, OptimConfig, check_run_sections
 from bksdm.train.lcm_step import LOSSES
 from bksdm.train.settings import Range, Schema, load_settings, save_settings, settings_to_dict
 
@@ -237,19 +237,9 @@ def _cross_checks(cfg: LcmConfig, problems: list[str]) -> None:
             "data: no training data; give data.train (an image-text folder, hf:NAME or shards) or data.cache "
             "(a `bksdm cache` folder)"
         )
-    if d.train is not None and d.train.startswith("hf:") and not d.train[3:].strip():
-        problems.append("data.train: 'hf:' needs a dataset name, e.g. hf:lambdalabs/naruto-blip-captions")
     if m.mode == "lora" and not m.lora_targets:
         problems.append("model.lora_targets: empty; a LoRA needs modules to adapt")
-    if len(set(t.trackers)) < len(t.trackers):
-        problems.append(f"train.trackers: lists a tracker twice: {t.trackers}")
-    if o.lr_warmup_steps > 0 and o.lr_scheduler == "constant":
-        problems.append(
-            f"optim.lr_warmup_steps: {o.lr_warmup_steps} has no effect with lr_scheduler 'constant'; "
-            "use 'constant_with_warmup' or set it to 0"
-        )
-    if o.lr_warmup_steps > t.max_steps:
-        problems.append(f"optim.lr_warmup_steps: {o.lr_warmup_steps} is longer than train.max_steps ({t.max_steps})")
+    check_run_sections(d, o, t, problems)
 
 
 SCHEMA = Schema(

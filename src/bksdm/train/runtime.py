@@ -27,6 +27,7 @@ import logging
 import signal
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -195,3 +196,14 @@ class LossWindow:
             stop.agreed = totals[-1] > 0
         self.sums, self.steps, self.skipped = {}, 0, 0
         return means
+
+
+def tracker_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A recipe's config flattened for trackers (TensorBoard, W&B take scalars): ``{"optim.lr": 5e-05, ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(tracker_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
