@@ -29,14 +29,20 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also train a task-loss-only and a randomly initialised student with the same budget",
     )
+    p.add_argument(
+        "--lcm",
+        action="store_true",
+        help="then distil the KD student to a 4-step latent consistency model (bksdm lcm) and evaluate it too",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra distill recipe overrides")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from bksdm.world.demo import DemoSettings, run_demo
+    from bksdm.world.demo import LCM_STEPS, DemoSettings, run_demo
 
     settings = DemoSettings(plan=args.plan, ablations=args.ablations, extra=list(args.overrides))
+    settings.lcm_steps = LCM_STEPS if args.lcm else 0
     if args.steps is not None:
         settings.steps = args.steps
     logging.getLogger("bksdm").setLevel(logging.INFO)
