@@ -56,7 +56,7 @@ def demo_figures(folder: Path) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("benchmarks/results/plan_search_shapes"))
+    parser.add_argument("--work", type=Path, default=Path("runs/plan_search_shapes"), help="scores, plans, demos")
     parser.add_argument("--steps", type=int, default=None, help="distillation steps per student (demo's default)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/plan_search_shapes.json"))
     args = parser.parse_args()
@@ -96,6 +96,10 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     record["table"] = table
+    kept = args.out.with_suffix("")  # the scores and the searched plans (small) beside the JSON; demos stay in --work
+    kept.mkdir(parents=True, exist_ok=True)
+    for path in [*(scores / f"scores.{ext}" for ext in ("json", "md", "csv")), *work.glob("searched-*.yaml")]:
+        (kept / path.name).write_bytes(path.read_bytes())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     return 0
