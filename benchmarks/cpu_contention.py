@@ -16,7 +16,10 @@ Each cell runs a real ``bksdm`` command in its own process while 0, 1 or 2 other
 Threading settings (each a set of environment variables for the command):
 
 - ``spin``: OpenMP's own default, waiting threads spin (``BKSDM_OMP_WAIT=active``); what bksdm did before;
-- ``passive``: bksdm's default since issue 15 (``OMP_WAIT_POLICY=PASSIVE``: waiting threads sleep);
+- ``auto``: bksdm's default since issue 15 (:mod:`bksdm.threads`: unchanged on an idle machine, as many passive
+  threads as free cores when other processes are busy at start);
+- ``passive``: ``BKSDM_OMP_WAIT=passive`` (waiting threads sleep, all cores);
+- ``spin-10k``: spinning threads that give up after 10,000 spins (``GOMP_SPINCOUNT``);
 - ``one-thread``: ``OMP_NUM_THREADS=1`` (one OpenMP thread, nothing to wait for).
 
 The table gives each setting's throughput and its share of the same setting's idle figure, and the JSON records the
@@ -41,10 +44,12 @@ from typing import Any
 
 SETTINGS: dict[str, dict[str, str]] = {
     "spin": {"BKSDM_OMP_WAIT": "active"},
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "auto": {},
+    "passive": {"BKSDM_OMP_WAIT": "passive"},
+    "spin-10k": {"GOMP_SPINCOUNT": "10000", "BKSDM_OMP_WAIT": "active"},
     "one-thread": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
 }
-THREAD_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "BKSDM_OMP_WAIT", "MKL_NUM_THREADS")
+THREAD_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "BKSDM_OMP_WAIT", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
 
 
 def busy_processes(count: int) -> list[subprocess.Popen]:
@@ -82,7 +87,8 @@ def run_distill(work: Path, data: Path, setting: str, steps: int) -> float:
     """Median samples/s of the logged distill steps after the first."""
     out = work / f"distill-{setting}-{time.time_ns()}"
     args = [
-        "model.plan=bk-tiny", f"data.train={data}", "data.num_workers=0", f"train.output_dir={out}",
+        "model.plan=bk-tiny", f"data.train={data}", "data.resolution=64", "data.num_workers=0",
+        f"train.output_dir={out}",
         f"train.max_steps={steps}", "train.batch_size=8", "train.gradient_accumulation_steps=1",
         "train.mixed_precision=no", "train.gradient_checkpointing=false", "train.validate_every=0",
         "train.log_every=1", "train.checkpoint_every=0", "train.use_ema=false",
@@ -132,6 +138,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="+", default=["generate", "distill"], choices=["generate", "distill"])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--repeats", type=int, default=2, help="runs per cell; the table gives their median")
     parser.add_argument("--loads", nargs="+", type=int, default=[0, 1, 2], help="busy processes beside the command")
     parser.add_argument("--images", type=int, default=8, help="generate: prompts (one image each)")
     parser.add_argument("--steps", type=int, default=10, help="generate: sampling steps")
@@ -152,10 +159,13 @@ def main() -> int:
                 time.sleep(1.0)
                 for workload in args.workloads:
                     for setting in args.settings:
-                        if workload == "generate":
-                            value = run_generate(work, setting, args.images, args.steps)
-                        else:
-                            value = run_distill(work, data, setting, args.distill_steps)
+                        values = []
+                        for _ in range(args.repeats):
+                            if workload == "generate":
+                                values.append(run_generate(work, setting, args.images, args.steps))
+                            else:
+                                values.append(run_distill(work, data, setting, args.distill_steps))
+                        value = statistics.median(values)
                         record["results"][workload][setting][str(load)] = value
                         print(f"{workload:<9} {setting:<11} {load} busy: {value:.3f}", flush=True)
             finally:

@@ -4,12 +4,7 @@ The saved folders and the in-memory pipeline are shared by every test: read them
 (copy the folder or call `build_tiny_pipeline` for a private one).
 """
 
-# ruff: noqa: E402  (the OpenMP setting must come before torch is imported)
 from __future__ import annotations
-
-from bksdm.threads import apply_cpu_defaults
-
-apply_cpu_defaults()  # as the bksdm command does, before torch loads: OpenMP threads sleep while they wait
 
 from pathlib import Path
 
