@@ -4,7 +4,9 @@
 #   2. train_throughput.py: one KD step, SD-v1.4 -> bk-small at 512 px, cached vs uncached, fp16;
 #   3. generate_throughput.py on the bundled teacher, fp16;
 #   4. the GPU tests (tests/use/test_gpu.py): mixed-precision distillation and DreamBooth, batch invariance;
-#   5. real_scale.py: every bksdm command on an SD-v1.4-sized pipeline at 512 px, with peak RSS and GPU memory
+#   5. bksdm plan score of an SD-v1.4-sized teacher with the default calibration (issue 14: "in minutes on one
+#      GPU"), timed; the teacher is real_scale.py's build (random weights, the real architecture);
+#   6. real_scale.py: every bksdm command on an SD-v1.4-sized pipeline at 512 px, with peak RSS and GPU memory
 #      (last: it takes longest; --lean keeps the disk under about 35 GB; set REAL_SCALE=0 to skip it).
 # Usage, from the repository root with bksdm importable: bash benchmarks/gpu_checks.sh
 set -u
@@ -28,6 +30,9 @@ step python benchmarks/generate_throughput.py --device cuda --count 32 --batches
   --out "$out/generate_throughput_cuda.json"
 step python -m pytest -m gpu tests/use/test_gpu.py -s -q -p no:cacheprovider --durations=0 \
   -k "${GPU_TESTS:-batch or dreambooth or bf16 or fp16}"
+score_dir=${SCORE_WORKDIR:-/tmp/plan_score_gpu}
+step python benchmarks/real_scale.py --build sd-v1.4 --workdir "$score_dir"
+step /usr/bin/time -v bksdm plan score --teacher "$score_dir/teacher" --out "$out/plan_score_sd-v1.4" --device cuda
 if [ "${REAL_SCALE:-1}" != 0 ]; then
   step python benchmarks/real_scale.py --arch sd-v1.4 --resolution 512 --lean --wait-limit 60 \
     --workdir "${REAL_SCALE_WORKDIR:-/tmp/real_scale_gpu}" --out "$out/real_scale_sd-v1.4_512px_cuda.json"
