@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +51,27 @@ def make_shapes(folder: Path, n: int = 24, seed: int = 0) -> Path:
         writer.writerow(["file_name", "text"])
         writer.writerows(rows)
     return folder
+
+
+def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    """``python -m bksdm.cli ARGS`` in its own process (one OpenMP thread, output unbuffered and merged)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bksdm.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def kill_at_checkpoint(args: list[str], out: Path, step: int = 4) -> None:
+    """Runs a training command and SIGKILLs it as soon as its checkpoint of ``step`` is complete (a crash)."""
+    victim = run_cli(args)
+    marker = out / "checkpoints" / f"checkpoint-{step:07d}" / "trainer_state.json"
+    deadline = time.time() + 240
+    while not marker.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"

@@ -5,17 +5,14 @@ quality, stock loading of both outputs, cache, resume after SIGKILL / SIGTERM, a
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from builders import make_shapes
+from builders import kill_at_checkpoint, make_shapes, run_cli
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -303,13 +300,6 @@ def test_training_on_a_cache_equals_training_on_the_images(tiny_sd2_dir, shapes_
     assert losses[0] == pytest.approx(losses[1], rel=1e-4) and losses[0][0] > 0
 
 
-def run_cli(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "bksdm.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
 def weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(folder / name))
 
@@ -320,13 +310,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_sd_dir, shapes
     straight = run_cli(lcm_args(tiny_sd_dir, shapes_dir, tmp_path / "a", **common))
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
     args = lcm_args(tiny_sd_dir, shapes_dir, tmp_path / "b", **common)
-    victim = run_cli(args)
-    marker = tmp_path / "b" / "checkpoints" / "checkpoint-0000004" / "trainer_state.json"
-    deadline = time.time() + 240
-    while not marker.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    assert victim.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_checkpoint(args, tmp_path / "b")
     resumed = run_cli([*args, "--resume", "latest"])
     log = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, log

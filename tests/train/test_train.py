@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import make_shapes
+from builders import kill_at_checkpoint, make_shapes, run_cli
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -115,18 +115,6 @@ def test_bf16_mixed_precision_trains_on_the_cpu(tiny_sd_dir, shapes_dir, tmp_pat
     assert load_config(out / "config.yaml").train.mixed_precision == "bf16"
 
 
-def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "bksdm.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kwargs,
-    )
-
-
 def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
@@ -140,13 +128,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tiny_sd_dir, shapes_dir, tmp
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
     args = ["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "b", **common)]
-    victim = run_cli(args)
-    marker = tmp_path / "b" / "checkpoints" / "checkpoint-0000004" / "trainer_state.json"
-    deadline = time.time() + 240
-    while not marker.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    assert victim.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_checkpoint(args, tmp_path / "b")
     assert not (tmp_path / "b" / "student").exists()
 
     resumed = run_cli([*args, "--resume", "latest"])

@@ -9,21 +9,19 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from builders import make_shapes
+from builders import kill_at_checkpoint, make_shapes, run_cli
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, StableDiffusion3Pipeline
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train import overrides, run_cli
+from test_train import overrides
 from torch import nn
 
 from bksdm.cli import main
@@ -384,13 +382,7 @@ def test_sigkill_then_resume_gives_the_same_weights(teacher_dirs, shapes_dir, tm
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
     args = ["distill", *dit_overrides(teacher_dirs[layout], shapes_dir, tmp_path / "b", **common)]
-    victim = run_cli(args)
-    marker = tmp_path / "b" / "checkpoints" / "checkpoint-0000004" / "trainer_state.json"
-    deadline = time.time() + 240
-    while not marker.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    assert victim.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_checkpoint(args, tmp_path / "b")
     assert not (tmp_path / "b" / "student").exists()
 
     resumed = run_cli([*args, "--resume", "latest"])
