@@ -50,7 +50,7 @@ from bksdm.train.checkpoints import (
     write_checkpoint,
 )
 from bksdm.train.config import DistillConfig, OptimConfig, config_to_dict, save_config
-from bksdm.train.encoders import sample_latents, text_encoder_modules, vae_dtype
+from bksdm.train.encoders import freeze_teacher_parts, sample_latents
 from bksdm.train.kd import LossWeights, draw_noise, ema_update, kd_step
 from bksdm.train.runtime import (
     LossWindow,
@@ -132,11 +132,7 @@ def load_models(cfg: DistillConfig, device: torch.device, weight_dtype: torch.dt
         )
     sites = cfg.loss.feature_sites == "self_attention"
     pairs = resolved.self_attention_pairs() if sites else resolved.feature_pairs()
-    for module in [teacher, pipe.vae, *text_encoder_modules(pipe)]:
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device=device, dtype=weight_dtype)
-    pipe.vae.to(vae_dtype(pipe.vae, weight_dtype))  # fp32 where fp16 would overflow
+    freeze_teacher_parts(pipe, teacher, device, weight_dtype)
     student.to(device)
     student.train()
     scheduler = family.training_scheduler(pipe.scheduler.config)

@@ -51,6 +51,15 @@ def freeze(*modules: torch.nn.Module | None) -> None:
             module.eval()
 
 
+def freeze_teacher_parts(pipe, teacher: torch.nn.Module, device, weight_dtype: torch.dtype) -> None:
+    """The frozen side of a distillation recipe: the teacher, the VAE and every text encoder frozen (:func:`freeze`) on
+    ``device`` in ``weight_dtype``, the VAE in fp32 where fp16 would overflow (:func:`vae_dtype`)."""
+    for module in [teacher, pipe.vae, *text_encoder_modules(pipe)]:
+        freeze(module)
+        module.to(device=device, dtype=weight_dtype)
+    pipe.vae.to(vae_dtype(pipe.vae, weight_dtype))
+
+
 @torch.no_grad()
 def encode_text(
     captions: Sequence[str], text: TextEncoders, device: torch.device | str

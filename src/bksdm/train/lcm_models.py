@@ -20,7 +20,7 @@ from bksdm.families import family_of
 from bksdm.families.base import Family
 from bksdm.loading import load_denoiser_config, load_pipeline, teacher_or_default
 from bksdm.train.distill import TrainingSetupError
-from bksdm.train.encoders import text_encoder_modules, vae_dtype
+from bksdm.train.encoders import freeze_teacher_parts
 from bksdm.train.lcm_config import LcmConfig, LcmModelConfig
 from bksdm.train.lcm_step import DDIMSolver, LcmObjective
 from bksdm.use.lora import lora_config
@@ -111,11 +111,7 @@ def load_lcm_models(cfg: LcmConfig, device: torch.device, weight_dtype: torch.dt
     solver = DDIMSolver.from_alphas(alphas, cfg.lcm.num_ddim_timesteps)
     m = cfg.model
     student = build_lcm_student(teacher, m, weight_dtype)
-    for module in [teacher, pipe.vae, *text_encoder_modules(pipe)]:
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device=device, dtype=weight_dtype)
-    pipe.vae.to(vae_dtype(pipe.vae, weight_dtype))  # fp32 where fp16 would overflow
+    freeze_teacher_parts(pipe, teacher, device, weight_dtype)
     student.to(device)
     student.train()
     uncond, _ = family.encode_prompt(pipe, [""], device)  # (1, L, D): classifier-free guidance's empty prompt
