@@ -75,3 +75,15 @@ def kill_at_checkpoint(args: list[str], out: Path, step: int = 4) -> None:
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def sigterm_after_first_log(args: list[str], out: Path, stop_timeout: float = 120) -> tuple[int, str]:
+    """Runs a training command, sends SIGTERM once its first metrics line is written; returns (exit status, output)."""
+    victim = run_cli(args)
+    metrics = out / "logs" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().strip()) and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGTERM)
+    log = victim.communicate(timeout=stop_timeout)[0]
+    return victim.returncode, log

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from builders import kill_at_checkpoint, make_shapes, run_cli
+from builders import kill_at_checkpoint, make_shapes, run_cli, sigterm_after_first_log
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -327,14 +326,8 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly_for_a_lora(tiny_sd_
     straight = run_cli(lcm_args(tiny_sd_dir, shapes_dir, tmp_path / "a", **common))
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
     args = lcm_args(tiny_sd_dir, shapes_dir, tmp_path / "b", **common)
-    victim = run_cli(args)
-    metrics = tmp_path / "b" / "logs" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.exists() and metrics.read_text().strip()) and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGTERM)
-    log = victim.communicate(timeout=120)[0]
-    assert victim.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM at step" in log, log
+    returncode, log = sigterm_after_first_log(args, tmp_path / "b")
+    assert returncode == 128 + signal.SIGTERM and "stopped by SIGTERM at step" in log, log
     (checkpoint,) = (tmp_path / "b" / "checkpoints").iterdir()  # none was due: this one is SIGTERM's
     assert 1 <= json.loads((checkpoint / "trainer_state.json").read_text())["step"] < 8
     resumed = run_cli([*args, "--resume", "latest"])

@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from builders import kill_at_checkpoint, make_shapes, run_cli
+from builders import kill_at_checkpoint, make_shapes, run_cli, sigterm_after_first_log
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -153,14 +152,8 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(tiny_sd_dir, shapes_dir, 
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
     args = ["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "b", **common)]
-    victim = run_cli(args)
-    metrics = tmp_path / "b" / "logs" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (metrics.exists() and metrics.read_text().strip()) and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGTERM)
-    log = victim.communicate(timeout=120)[0]
-    assert victim.returncode == 128 + signal.SIGTERM, log
+    returncode, log = sigterm_after_first_log(args, tmp_path / "b")
+    assert returncode == 128 + signal.SIGTERM, log
     assert "stopped by SIGTERM at step" in log and "--resume latest" in log, log
     checkpoints = [p for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.startswith("checkpoint-")]
     assert len(checkpoints) == 1, checkpoints  # none were due: this one is SIGTERM's
