@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bksdm.cli.evaluate import add_evaluate_commands
 
     add_evaluate_commands(sub)
+    from bksdm.cli.adapt import add_adapt
+
+    add_adapt(sub)
     return parser
 
 
