@@ -8,7 +8,15 @@ import sys
 
 import pytest
 
-from bksdm.threads import apply_cpu_defaults, busy_cores_elsewhere, cpu_thread_settings
+from bksdm import threads
+from bksdm.threads import (
+    ThreadGovernor,
+    apply_cpu_defaults,
+    busy_cores_elsewhere,
+    cpu_thread_settings,
+    governor_for,
+    threads_may_adapt,
+)
 
 
 def test_auto_changes_nothing_on_an_idle_machine_and_gives_free_cores_to_sleeping_threads_otherwise() -> None:
@@ -69,3 +77,87 @@ def test_the_cli_sets_it_before_torch_loads_and_refuses_a_bad_value() -> None:
     bad = subprocess.run([sys.executable, "-m", "bksdm.cli", "--version"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "bksdm: error: BKSDM_OMP_WAIT='spin': use one of auto, active, passive"
+
+
+class FakeMachine:
+    """A machine whose CPU counters the test advances: ``others`` cores busy elsewhere, ``mine`` in this process."""
+
+    def __init__(self, cores: int = 2) -> None:
+        self.cores, self.now, self.total, self.idle, self.cpu = cores, 0.0, 0, 0, 0.0
+
+    def run(self, seconds: float, others: float, mine: float) -> None:
+        jiffies = round(seconds * 100 * self.cores)
+        self.now += seconds
+        self.total += jiffies
+        self.idle += round(jiffies * (1 - (others + mine) / self.cores))
+        self.cpu += mine * seconds
+
+
+def governor(machine: FakeMachine, threads: int = 2, most: int = 2) -> tuple[ThreadGovernor, list[int]]:
+    applied: list[int] = []
+    g = ThreadGovernor(
+        applied.append,
+        threads,
+        most,
+        interval_s=2.0,
+        machine=lambda: (machine.total, machine.idle),
+        own=lambda: machine.cpu,
+        clock=lambda: machine.now,
+    )
+    g.cores = machine.cores
+    return g, applied
+
+
+def test_the_governor_gives_up_a_thread_when_another_process_takes_a_core_and_takes_it_back_after() -> None:
+    m = FakeMachine()
+    g, applied = governor(m)
+    m.run(2.0, others=0.0, mine=2.0)
+    assert g.tick() == 2 and applied == []  # idle: nothing changes
+    for _ in range(3):  # another process takes a core: the first reading only notes it, the second acts
+        m.run(0.5, others=1.0, mine=1.0)
+        g.tick()
+        m.run(1.5, others=1.0, mine=1.0)
+        g.tick()
+    assert applied == [1] and g.threads == 1
+    m.run(2.0, others=0.0, mine=1.0)
+    assert g.tick() == 1  # one reading of an idle machine is not enough
+    m.run(2.0, others=0.0, mine=1.0)
+    assert g.tick() == 2 and applied == [1, 2]
+    assert [count for _, count in g.changes] == [1, 2]
+
+
+def test_the_governor_reads_the_machine_only_every_interval_and_ignores_one_burst() -> None:
+    m = FakeMachine()
+    reads: list[int] = []
+    g, applied = governor(m)
+    g.machine = lambda: reads.append(1) or (m.total, m.idle)
+    for _ in range(10):  # steps of 0.1 s: one reading per 2 s
+        m.run(0.1, others=0.0, mine=2.0)
+        g.tick()
+    assert len(reads) == 0
+    m.run(1.1, others=0.0, mine=2.0)
+    g.tick()
+    assert len(reads) == 1
+    m.run(2.0, others=1.5, mine=0.5)  # one busy window, then idle again: no change
+    g.tick()
+    m.run(2.0, others=0.0, mine=2.0)
+    g.tick()
+    assert applied == []
+
+
+def test_the_governor_counts_what_others_leave_and_never_goes_below_one_or_above_its_most() -> None:
+    g, _ = governor(FakeMachine(cores=8), threads=8, most=8)
+    assert [g.wanted(x) for x in (0.0, 0.4, 0.6, 3.0, 7.9, 12.0)] == [8, 8, 7, 5, 1, 1]
+
+
+def test_governor_for_is_none_off_the_cpu_and_when_the_user_chose_the_threads(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("BKSDM_OMP_WAIT", raising=False)
+    assert governor_for("meta") is None
+    monkeypatch.setenv("BKSDM_OMP_WAIT", "active")
+    assert governor_for("cpu") is None
+    monkeypatch.setenv("BKSDM_OMP_WAIT", "auto")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert governor_for("cpu") is None and not threads_may_adapt()
+    monkeypatch.setitem(threads._SET_HERE, "OMP_NUM_THREADS", "2")  # bksdm set it at start: it may adapt
+    assert threads_may_adapt()

@@ -12,17 +12,23 @@ processes hold enough of it that bksdm's threads would not each get a core, it r
 there are free cores (at least one) with ``OMP_WAIT_POLICY=PASSIVE``; on an idle machine it changes nothing. A
 user's own ``OMP_NUM_THREADS`` or ``OMP_WAIT_POLICY`` always wins. ``BKSDM_OMP_WAIT`` chooses: ``auto``,
 ``active`` (never change anything) or ``passive`` (always sleep-waiting threads, all cores). Contention that starts
-after bksdm has started is not seen (OpenMP reads its settings once, when torch loads it).
+after bksdm has started cannot change OpenMP's wait policy (OpenMP reads it once, when torch loads it), but the
+thread count can change at any time: :class:`ThreadGovernor` watches the machine during long loops (training steps,
+generation batches) and gives torch as many threads as there are cores nobody else is using. One thread never waits
+for another, so a job started on an idle machine with spinning threads keeps going when something else starts.
 
 :func:`apply_cpu_defaults` runs first thing in the ``bksdm`` command (``bksdm.cli``), before anything imports
-torch. Nothing here imports torch.
+torch. Nothing here imports torch when the module loads (:func:`governor_for` imports it when called).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, MutableMapping
+
+logger = logging.getLogger(__name__)
 
 WAIT_VARIABLE = "BKSDM_OMP_WAIT"
 """``auto`` (default), ``active`` (OpenMP's own default: waiting threads spin) or ``passive`` (they sleep)."""
@@ -100,6 +106,10 @@ def cpu_thread_settings(
     return {"OMP_NUM_THREADS": str(min(free, cores)), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
+_SET_HERE: dict[str, str] = {}
+"""What :func:`apply_cpu_defaults` set in this process's environment (the thread count it set is not the user's)."""
+
+
 def apply_cpu_defaults(environ: MutableMapping[str, str] | None = None, **kwargs) -> dict[str, str]:
     """Sets :func:`cpu_thread_settings` in ``environ`` (default ``os.environ``; child processes inherit them).
 
@@ -109,4 +119,115 @@ def apply_cpu_defaults(environ: MutableMapping[str, str] | None = None, **kwargs
     environ = os.environ if environ is None else environ
     settings = cpu_thread_settings(environ, **kwargs)
     environ.update(settings)
+    if environ is os.environ:
+        _SET_HERE.update(settings)
     return settings
+
+
+def _own_cpu_seconds() -> float:
+    """CPU time (user + system) of this process, all its threads."""
+    return time.process_time()
+
+
+def threads_may_adapt(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Whether :class:`ThreadGovernor` may change the thread count: ``BKSDM_OMP_WAIT`` is ``auto`` (the default)
+    and the user did not set ``OMP_NUM_THREADS`` (a count bksdm itself set at start may change)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(WAIT_VARIABLE, "auto").strip().lower() != "auto":
+        return False
+    return "OMP_NUM_THREADS" not in environ or _SET_HERE.get("OMP_NUM_THREADS") == environ["OMP_NUM_THREADS"]
+
+
+class ThreadGovernor:
+    """Keeps torch's CPU thread count at the number of cores other processes leave free, during a long loop.
+
+    Call :meth:`tick` once per step (a training step, a generation batch): at most every ``interval_s`` seconds it
+    reads the machine's CPU use (``/proc/stat``) and this process's own CPU time since the last reading; what is
+    left is what other processes used. The count it wants is the cores minus that use, rounded, between 1 and
+    ``max_threads``; it changes the count only when two readings in a row want the same new count, so one burst
+    of another process does not make it flip. Nothing is read on the other calls (a clock read only).
+
+    Args:
+        set_threads: Applies a thread count (``torch.set_num_threads``).
+        threads: The count in force now.
+        max_threads: The most it gives (the cores this process may use).
+        interval_s: Seconds between readings.
+        machine: (total, idle) jiffies of all CPUs (default: ``/proc/stat``).
+        own: This process's CPU seconds.
+        clock: Wall-clock seconds.
+    """
+
+    def __init__(
+        self,
+        set_threads: Callable[[int], None],
+        threads: int,
+        max_threads: int,
+        interval_s: float = 2.0,
+        machine: Callable[[], tuple[int, int] | None] = _cpu_jiffies,
+        own: Callable[[], float] = _own_cpu_seconds,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.set_threads, self.threads, self.max_threads = set_threads, threads, max(1, max_threads)
+        self.interval_s, self.machine, self.own, self.clock = interval_s, machine, own, clock
+        self.cores = os.cpu_count() or 1
+        self.changes: list[tuple[float, int]] = []
+        """(seconds since the governor started, new count) of every change, for logs and benchmarks."""
+        self._start = clock()
+        self._last = (self._start, machine(), own())
+        self._pending: int | None = None
+
+    def wanted(self, elsewhere: float) -> int:
+        """The thread count for ``elsewhere`` cores used by other processes."""
+        return min(self.max_threads, max(1, int(self.max_threads - elsewhere + 0.5)))
+
+    def tick(self) -> int:
+        """Reads the machine when a reading is due and changes the thread count when it should; the count."""
+        now = self.clock()
+        if now - self._last[0] < self.interval_s:
+            return self.threads
+        jiffies, own = self.machine(), self.own()
+        (then, before, own_before), self._last = self._last, (now, jiffies, own)
+        if jiffies is None or before is None or jiffies[0] <= before[0]:
+            return self.threads
+        total, idle = jiffies[0] - before[0], jiffies[1] - before[1]
+        busy = (1 - idle / total) * self.cores
+        mine = (own - own_before) / (now - then)
+        want = self.wanted(max(0.0, busy - mine))
+        if want == self.threads:
+            self._pending = None
+        elif want == self._pending:
+            logger.info("CPU threads %d -> %d: other processes use %.1f cores", self.threads, want, busy - mine)
+            self.set_threads(want)
+            self.threads, self._pending = want, None
+            self.changes.append((round(now - self._start, 2), want))
+        else:
+            self._pending = want
+        return self.threads
+
+    def step_end_callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """:meth:`tick` as a diffusers pipeline's ``callback_on_step_end``: between denoising steps."""
+        self.tick()
+        return callback_kwargs
+
+
+def governor_for(device, interval_s: float = 2.0) -> ThreadGovernor | None:
+    """A :class:`ThreadGovernor` of torch's CPU threads for a loop on ``device``, or None where it has nothing to do.
+
+    None on another device than the CPU, when the user chose the threads (``OMP_NUM_THREADS``, ``BKSDM_OMP_WAIT``
+    other than ``auto``), on a one-core machine, and where ``/proc/stat`` cannot be read. The most threads it gives
+    is torch's own count when the process started (the cores this process may use where bksdm lowered it at
+    start), the same for every loop of the process; a loop starts from the count the previous one left.
+    """
+    import torch
+
+    if torch.device(device).type != "cpu" or not threads_may_adapt() or _cpu_jiffies() is None:
+        return None
+    if not _MOST:
+        _MOST.append(available_cores() if "OMP_NUM_THREADS" in _SET_HERE else torch.get_num_threads())
+    if _MOST[0] < 2:
+        return None
+    return ThreadGovernor(torch.set_num_threads, torch.get_num_threads(), _MOST[0], interval_s=interval_s)
+
+
+_MOST: list[int] = []
+"""The most threads a governor of this process gives (set by the first :func:`governor_for`)."""

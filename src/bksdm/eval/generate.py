@@ -42,6 +42,7 @@ from bksdm.sampling import (
     latent_patch,
 )
 from bksdm.seeding import mix_seed
+from bksdm.threads import governor_for
 
 __all__ = [
     "GenerateOptions",
@@ -150,6 +151,8 @@ def generate_images(
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     images: list[Image.Image] = []
+    threads = governor_for(pipe.device)  # fewer CPU threads, step by step, while other processes hold cores
+    extra = {"callback_on_step_end": threads.step_end_callback} if threads is not None else {}
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress):
         chunk = list(prompts[start : start + batch_size])
@@ -163,6 +166,7 @@ def generate_images(
             height=height,
             width=width,
             negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+            **extra,
         )
         images.extend(result.images)
     return images

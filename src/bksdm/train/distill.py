@@ -36,6 +36,7 @@ from bksdm.families.base import Family
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
 from bksdm.plan.render import DENOISER_LABELS
 from bksdm.plan.surgery import build_student
+from bksdm.threads import governor_for
 from bksdm.train.batches import batch_stream
 from bksdm.train.checkpoints import (
     CheckpointError,
@@ -315,6 +316,7 @@ def distill(cfg: DistillConfig) -> Path:
 
     # SIGTERM (preemption, kill) stops the run with a checkpoint: one process at the end of the optimizer step in
     # progress, several at the next log step (their stop vote rides on the window's all-reduce).
+    threads = governor_for(accelerator.device)  # fewer CPU threads while other processes hold cores
     with stop_on_sigterm() as stop:
         while step < cfg.train.max_steps:
             batch = next(batches)  # one micro batch of this process: latents' distribution, text states, positions
@@ -359,6 +361,8 @@ def distill(cfg: DistillConfig) -> Path:
             lr_scheduler.step()
             step += 1
             window.step_done()
+            if threads is not None:
+                threads.tick()
             if ema is not None:
                 ema_update(ema, accelerator.unwrap_model(models.student).parameters())  # EMAModel.step, in place
             bar.update(1)

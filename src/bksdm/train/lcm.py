@@ -43,6 +43,7 @@ from bksdm.artifacts import MODEL_RECORD_FILE, atomic_dir
 from bksdm.eval.generate import generate_images
 from bksdm.loading import PLAN_FILE, load_pipeline, parse_dtype, teacher_or_default
 from bksdm.sampling import sampling_defaults
+from bksdm.threads import governor_for
 from bksdm.train.batches import batch_stream
 from bksdm.train.checkpoints import (
     CheckpointError,
@@ -303,6 +304,7 @@ def lcm(cfg: LcmConfig) -> Path:
     solver_steps = cfg.lcm.num_ddim_timesteps
     lo, hi = cfg.lcm.guidance_min, cfg.lcm.guidance_max
 
+    threads = governor_for(accelerator.device)  # fewer CPU threads while other processes hold cores
     with stop_on_sigterm() as stop:
         while step < t.max_steps:
             batch = next(batches)  # one micro batch of this process
@@ -333,6 +335,8 @@ def lcm(cfg: LcmConfig) -> Path:
             lr_scheduler.step()
             step += 1
             window.step_done()
+            if threads is not None:
+                threads.tick()
             ema_update(ema, trained)  # the target network: a constant-rate EMA of the student
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:

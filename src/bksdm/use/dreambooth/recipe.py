@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from bksdm.artifacts import write_text
 from bksdm.loading import load_pipeline, teacher_or_default
+from bksdm.threads import governor_for
 from bksdm.train.checkpoints import find_checkpoint, trim_metrics, write_checkpoint
 from bksdm.train.encoders import TextEncoders, encode_text, sample_latents
 from bksdm.train.kd import diffusion_target, draw_noise
@@ -233,6 +234,7 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
     window, tick = LossWindow(accum), time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=step, desc="dreambooth", disable=not (main and progress))
 
+    threads = governor_for(accelerator.device)  # fewer CPU threads while other processes hold cores
     with stop_on_sigterm() as stop:
         while step < t.max_steps:
             for micro in range(accum):
@@ -258,6 +260,8 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
             lr_scheduler.step()
             step += 1
             window.step_done()
+            if threads is not None:
+                threads.tick()
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
                 steps = window.steps
