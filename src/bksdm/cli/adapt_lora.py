@@ -28,5 +28,13 @@ def add_adapt_lora(group: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from bksdm.use.adapters.lora_job import adapt_lora
 
-    adapt_lora(student=args.student, lora=args.lora, out=args.out, teacher=args.teacher, overwrite=args.overwrite)
+    report = adapt_lora(
+        student=args.student, lora=args.lora, out=args.out, teacher=args.teacher, overwrite=args.overwrite
+    )
+    a, p = report["adapters"], report["params"]
+    print(
+        f"wrote {report['out']}/{report['file']}: {a['kept']} of {a['total']} adapters carried ({a['moved']} moved), "
+        f"{a['dropped']} dropped with removed blocks ({p['dropped_share']:.1%} of the LoRA's parameters); "
+        f"report: {report['out']}/adapt_report.md"
+    )
     return 0
