@@ -1,0 +1,406 @@
+"""Train the SD3-shaped shapes teacher from scratch on a CPU and save it as a ``StableDiffusion3Pipeline`` folder.
+
+Usage (the command that made the shipped teacher is recorded in ``assets/teacher-sd3/bksdm_toy.json``)::
+
+    python -m bksdm.world.train_dit_teacher --out src/bksdm/world/assets/teacher-sd3
+
+Stages (the architecture and why: :mod:`bksdm.world.dit_teacher`):
+
+1. the VAE is the U-Net teacher's, frozen; the world's training images (seed 2, as for the U-Net teacher) are
+   encoded once and cached in ``--work-dir``; ``shift_factor`` and ``scaling_factor`` are set so the scaled latents
+   have mean 0 and standard deviation ``--latent-std`` (1, SD3's convention);
+2. both CLIP text encoders and the transformer are trained *jointly* from scratch with rectified flow, SD3's
+   objective and the one bksdm distils SD3 students with (:class:`bksdm.families.base.FlowMatching`):
+   x_s = (1 - s) x_0 + s n, target n - x_0, s drawn logit-normal and moved by the scheduler's shift (3.0), 10% of
+   captions dropped to "" for classifier-free guidance, an EMA of the weights.
+
+   Why this density: the U-Net teacher's lesson was that position is decided at the noisiest steps and must be
+   learnt there at full weight. Rectified flow gives both for free: its target n - x_0 carries x_0 at full weight
+   at every s (like v-prediction, unlike epsilon), its schedule ends at pure noise (nothing of the layout leaks
+   through x_1, which is why the latents can keep unit variance), and the shift of 3 puts 39% of the draws above
+   s = 0.8 (uniform: 20%), where the sampler, with the same shift, spends 11 of its 25 steps. ``--high-t-share``
+   adds uniform draws from [``--high-t-from``, 1) on top.
+3. evaluation on held-out (prompt, seed) pairs exactly as for the U-Net teacher (:mod:`bksdm.world.teacher_eval`:
+   every scene once, noise seed 10000 + i, 25 steps, several guidance scales, the attribute classifier), through
+   the stock pipeline; the best scale is shipped as the recommended one.
+
+Training runs the text stream short: the stock pipeline feeds T5's 256 zero tokens, which are identical at every
+layer (no position embedding on text; same input, same output), so 256 of them weigh in every softmax exactly as
+one token with log(256) added to its attention logit (:class:`ZeroTokensJointAttnProcessor`). Training uses that one
+token (5x faster per step on a CPU, measured), the same function of the weights to float precision; the saved
+model has the stock processors and runs the stock 16 + 256 text tokens.
+
+Checkpoints go to ``--work-dir`` every ``--checkpoint-every`` steps and a rerun with the same arguments resumes from
+them. ``--eval-only`` re-evaluates an existing folder and updates its ``bksdm_toy.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusion3Pipeline
+from diffusers.models.attention_processor import Attention
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from bksdm.artifacts import MODEL_RECORD_FILE, atomic_file, write_text
+from bksdm.families.sd3 import SD3
+from bksdm.profiling import count_params
+from bksdm.world import shapes
+from bksdm.world.dit_teacher import NUM_BLOCKS, SHIFT, T5_ZERO_TOKENS, build_untrained_dit_teacher, load_dit_teacher
+from bksdm.world.teacher import TEACHER_DIR
+from bksdm.world.teacher_eval import (
+    EVAL_SEED,
+    GUIDANCE_SCALES,
+    evaluate,
+    held_out_images,
+    machine,
+    prompt_accuracy,
+    save_grid,
+    write_settings,
+)
+from bksdm.world.teacher_recipe import CAPTION_DROPOUT, UNET_WORLD_SEED
+from bksdm.world.train_teacher import Clock, encode_world
+
+logger = logging.getLogger("bksdm.world.train_dit_teacher")
+
+TRAINED = ("transformer", "text_encoder", "text_encoder_2")
+"""The pipeline components trained here (the VAE is reused, frozen)."""
+
+
+@dataclass
+class DitTeacherRecipe:
+    """Every setting of a run (the script's flags: ``--train-images`` → ``train_images``)."""
+
+    out: str
+    """Pipeline folder to write (shipped: ``src/bksdm/world/assets/teacher-sd3``)."""
+    work_dir: str = "runs/toy-teacher-sd3"
+    """Checkpoints and the latent cache of this run, for resuming."""
+    vae_from: str = str(TEACHER_DIR)
+    """Pipeline folder whose VAE is reused (the U-Net teacher's)."""
+    train_images: int = 20_000
+    """Training images of world seed 2 (their latents are cached)."""
+    latent_std: float = 1.0
+    """Standard deviation of the scaled latents (SD3's convention: 1)."""
+    blocks: int = NUM_BLOCKS
+    heads: int = 2
+    """Attention heads of 32 channels (the transformer's width is 32 x heads)."""
+    shift: float = SHIFT
+    """The scheduler's timestep shift, saved with the pipeline: sampling and the training density use it."""
+    steps: int = 2500
+    batch: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    high_t_share: float = 0.0
+    """Share of timesteps drawn uniformly from [high_t_from, 1) instead of the shifted logit-normal."""
+    high_t_from: float = 0.8
+    seed: int = 0
+    """Seed of the initial weights and of the training noise."""
+    checkpoint_every: int = 250
+    eval_every: int = 0
+    """Quick held-out check every N steps (0: never)."""
+    guidance: list[float] = field(default_factory=lambda: list(GUIDANCE_SCALES))
+    grid_dir: str | None = None
+    threads: int | None = None
+    eval_only: bool = False
+
+
+# ------------------------------------------------------------------------------------ short text stream
+
+
+class ZeroTokensJointAttnProcessor:
+    """diffusers' ``JointAttnProcessor2_0`` for a text stream whose *last* token stands for ``count`` identical
+    zero-input tokens: ``log(count)`` is added to that key's logit, which is exactly what ``count`` copies of it
+    contribute to every softmax. Training only: the saved model keeps the stock processor."""
+
+    def __init__(self, count: int) -> None:
+        self.bias = math.log(count)
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        batch, image_tokens = hidden_states.shape[:2]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, N, H*D) -> (B, H, N, D)
+            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        query = heads(torch.cat([attn.to_q(hidden_states), attn.add_q_proj(encoder_hidden_states)], dim=1))
+        key = heads(torch.cat([attn.to_k(hidden_states), attn.add_k_proj(encoder_hidden_states)], dim=1))
+        value = heads(torch.cat([attn.to_v(hidden_states), attn.add_v_proj(encoder_hidden_states)], dim=1))
+        mask = torch.zeros(1, key.shape[2], dtype=query.dtype, device=query.device)  # (1, keys), broadcast
+        mask[:, -1] = self.bias  # keys are [image tokens, text tokens]; the last text token is the zero token
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[3])
+        image, text = out[:, :image_tokens], out[:, image_tokens:]
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return attn.to_out[1](attn.to_out[0](image)), text
+
+
+def caption_ids(pipe: StableDiffusion3Pipeline) -> torch.Tensor:
+    """Token ids (97, CLIP_LENGTH) of every caption of :func:`shapes.all_scenes` and, last, of "", padded exactly as
+    ``StableDiffusion3Pipeline`` pads them (both CLIPs share the tokenizer)."""
+    captions = [scene.caption for scene in shapes.all_scenes()] + [""]
+    tokenizer = pipe.tokenizer
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def encode_short(pipe: StableDiffusion3Pipeline, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pipe.encode_prompt``'s states and pooled vector with gradients, T5's zero tokens shortened to one.
+
+    Returns:
+        States (B, CLIP_LENGTH + 1, joint_attention_dim): both CLIPs' penultimate states concatenated and zero-padded
+        to the joint width, then one zero token; pooled (B, pooled_projection_dim).
+    """
+    states, pooled = [], []
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])  # SD3 reads the penultimate layer
+        pooled.append(out[0])
+    clip = torch.cat(states, dim=-1)
+    joint = pipe.transformer.config.joint_attention_dim
+    clip = F.pad(clip, (0, joint - clip.shape[-1]))
+    return torch.cat([clip, clip.new_zeros(clip.shape[0], 1, joint)], dim=1), torch.cat(pooled, dim=-1)
+
+
+# ------------------------------------------------------------------------------------------- latents
+
+
+def prepare_latents(pipe: StableDiffusion3Pipeline, recipe: DitTeacherRecipe, work_dir: Path) -> torch.Tensor:
+    """Stage 1: scaled latents (N, 4, 16, 16) of the training images and their scene ids; sets the VAE's factors.
+
+    The posterior means and stds are cached in ``work_dir/latents.pt``; one latent is drawn per image (fixed seed),
+    and ``shift_factor`` / ``scaling_factor`` make the drawn latents mean 0, std ``recipe.latent_std``.
+    """
+    cache = work_dir / "latents.pt"
+    if cache.is_file():
+        state = torch.load(cache, weights_only=True)
+        means, stds, labels = state["means"], state["stds"], state["labels"].tolist()
+    else:
+        means, stds, labels = encode_world(pipe.vae, recipe.train_images)
+        with atomic_file(cache) as partial:
+            torch.save({"means": means, "stds": stds, "labels": torch.tensor(labels)}, partial)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    raw = means + stds * torch.randn(means.shape, generator=generator)
+    shift, scale = float(raw.mean()), recipe.latent_std / float(raw.std())
+    pipe.vae.register_to_config(shift_factor=round(shift, 5), scaling_factor=round(scale, 5))
+    logger.info("latents of %d images: shift_factor %.5f, scaling_factor %.5f", len(labels), shift, scale)
+    return (means - shift) * scale, stds * scale, torch.tensor(labels)
+
+
+def sample_sigmas(count: int, recipe: DitTeacherRecipe, scheduler_config, generator: torch.Generator) -> torch.Tensor:
+    """Noise levels s (count,): the SD3 family's shifted logit-normal, a share ``high_t_share`` uniform in
+    [high_t_from, 1) instead."""
+    sigmas = torch.cat([SD3.sample_timestep(generator, scheduler_config, None) for _ in range(count)]) / 1000
+    high = recipe.high_t_from + (1 - recipe.high_t_from) * torch.rand(count, generator=generator)
+    return torch.where(torch.rand(count, generator=generator) < recipe.high_t_share, high, sigmas)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def train_denoiser(pipe: StableDiffusion3Pipeline, data, recipe: DitTeacherRecipe, work_dir: Path, clock: Clock):
+    """Stage 2: both CLIPs and the transformer trained jointly; leaves the EMA weights and stock processors in
+    ``pipe``. Resumes from ``work_dir/denoiser.pt`` (written every ``recipe.checkpoint_every`` steps)."""
+    means, stds, labels = data
+    modules = [getattr(pipe, name) for name in TRAINED]
+    transformer = pipe.transformer
+    ids = caption_ids(pipe)  # (97, L); row 96 is ""
+    params = [p for module in modules for p in module.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup, recipe.steps)
+    ema = EMAModel(params, decay=0.9995, use_ema_warmup=True, power=3 / 4)  # as the U-Net teacher's
+    generator = torch.Generator().manual_seed(recipe.seed)
+    start, state_file = 0, work_dir / "denoiser.pt"
+    if state_file.is_file():
+        state = torch.load(state_file, weights_only=True)  # tensors and plain values only: runs no code
+        for name, module in zip(TRAINED, modules, strict=True):
+            module.load_state_dict(state[name])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        start, clock.before = state["step"], state["spent"]
+        logger.info("resumed text encoders + transformer training at step %d", start)
+    stock = transformer.attn_processors
+    transformer.set_attn_processor(ZeroTokensJointAttnProcessor(T5_ZERO_TOKENS))
+    for module in modules:
+        module.train()
+    bar = tqdm(range(start, recipe.steps), desc="transformer", initial=start, total=recipe.steps, mininterval=5)
+    running, began = None, time.perf_counter()
+    for step in bar:
+        pick = torch.randint(len(labels), (recipe.batch,), generator=generator)
+        latents = means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=generator)  # (B, 4, 16, 16)
+        captions = labels[pick].clone()
+        captions[torch.rand(recipe.batch, generator=generator) < CAPTION_DROPOUT] = len(ids) - 1
+        noise = torch.randn(latents.shape, generator=generator)
+        sigmas = sample_sigmas(recipe.batch, recipe, pipe.scheduler.config, generator)
+        noisy, target = SD3.noise(pipe.scheduler, latents, noise, sigmas * 1000)  # target: noise - latents
+        states, pooled = encode_short(pipe, ids[captions])
+        pred = SD3.call(transformer, noisy, sigmas * 1000, states, {"pooled_projections": pooled})
+        loss = F.mse_loss(pred, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.step(params)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+        done = step + 1
+        if done % 100 == 0 or done == recipe.steps:
+            rate = (done - start) / (time.perf_counter() - began)
+            logger.info("step %d/%d: loss %.4f (smoothed), %.2f steps/s", done, recipe.steps, running, rate)
+        if done % recipe.checkpoint_every == 0 and done < recipe.steps:
+            state = {name: module.state_dict() for name, module in zip(TRAINED, modules, strict=True)}
+            state.update(optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), ema=ema.state_dict())
+            state.update(generator=generator.get_state(), step=done, spent=clock.spent())
+            with atomic_file(state_file) as partial:  # an interruption never leaves half a checkpoint
+                torch.save(state, partial)
+            if recipe.eval_every and done % recipe.eval_every == 0:
+                transformer.set_attn_processor(stock)
+                _quick_eval(pipe, ema, params, modules, recipe, done)
+                transformer.set_attn_processor(ZeroTokensJointAttnProcessor(T5_ZERO_TOKENS))
+    transformer.set_attn_processor(stock)
+    ema.copy_to(params)
+    for module in modules:
+        module.eval().requires_grad_(False)
+
+
+def _quick_eval(pipe, ema: EMAModel, params: list, modules: list, recipe: DitTeacherRecipe, step: int) -> None:
+    """Mid-training check on 24 held-out pairs with the EMA weights through the stock pipeline; training weights
+    are restored after."""
+    ema.store(params)
+    ema.copy_to(params)
+    for module in modules:
+        module.eval()
+    picks = np.random.default_rng(0).choice(len(shapes.all_scenes()), size=24, replace=False)
+    scenes = [shapes.all_scenes()[i] for i in picks]
+    for guidance in (3.0, 5.0):
+        with torch.no_grad():
+            images = held_out_images(pipe, scenes, [EVAL_SEED + int(i) for i in picks], guidance)
+        logger.info(
+            "step %d: quick eval (24 scenes, guidance %g): prompt accuracy %s",
+            step,
+            guidance,
+            prompt_accuracy(images, scenes),
+        )
+        try:
+            from bksdm.world import classifier
+
+            per = classifier.attribute_accuracy(classifier.load_classifier(), images, scenes)
+            logger.info("step %d: per attribute %s", step, {k: round(v, 3) for k, v in per.items()})
+        except FileNotFoundError:
+            pass
+        if recipe.grid_dir:
+            save_grid(images, Path(recipe.grid_dir) / f"step{step:06d}_g{guidance:g}.png")
+    ema.restore(params)
+    for module in modules:
+        module.train()
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def write_record(out: Path, accuracies: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """:func:`bksdm.world.teacher_eval.write_settings`, with the sampler named as this pipeline's."""
+    settings = write_settings(out, accuracies, record)
+    shift = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"]
+    settings["sampling"]["scheduler"] = f"FlowMatchEulerDiscreteScheduler (SD3's, shift {shift:g}), as saved"
+    write_text(out / MODEL_RECORD_FILE, json.dumps(settings, indent=2) + "\n")
+    return settings
+
+
+def train_dit_teacher(recipe: DitTeacherRecipe, command: str) -> dict[str, Any]:
+    """Trains (or, with ``recipe.eval_only``, re-evaluates) the SD3-shaped teacher into ``recipe.out``.
+
+    Returns:
+        The settings written to ``recipe.out/bksdm_toy.json``.
+    """
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    out = Path(recipe.out)
+    if recipe.eval_only:
+        return write_record(out, evaluate(load_dit_teacher(path=out), recipe.guidance, recipe.grid_dir), {})
+    clock = Clock()
+    work_dir = Path(recipe.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    pipe = build_untrained_dit_teacher(recipe.seed, recipe.vae_from, recipe.blocks, recipe.heads, recipe.shift)
+    data = prepare_latents(pipe, recipe, work_dir)
+    train_denoiser(pipe, data, recipe, work_dir, clock)
+    trained = clock.spent()
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    with torch.no_grad():
+        accuracies = evaluate(pipe, recipe.guidance, recipe.grid_dir)
+    record = {
+        "training": {
+            "command": command,
+            "wall_time_s": round(trained["wall"]),
+            "cpu_time_s": round(trained["cpu"]),  # below wall time x threads when the machine was shared
+            "wall_time_including_evaluation_s": round(clock.spent()["wall"]),
+            "machine": machine(),
+            "data": f"shapes world seed {UNET_WORLD_SEED} ({recipe.train_images} images), encoded by the VAE of "
+            f"{Path(recipe.vae_from).name} (reused, frozen)",
+        },
+        "parameters": {name: count_params(getattr(pipe, name)) for name in (*TRAINED, "vae")},
+    }
+    return write_record(out, accuracies, record)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> DitTeacherRecipe:
+    """The script's command line as a :class:`DitTeacherRecipe` (defaults are the recipe's)."""
+    d = DitTeacherRecipe(out="")
+    parser = argparse.ArgumentParser(
+        prog="python -m bksdm.world.train_dit_teacher",
+        description="Train the SD3-shaped shapes teacher from scratch on a CPU and save it as a "
+        "StableDiffusion3Pipeline folder.",
+    )
+    parser.add_argument("--out", required=True, help="pipeline folder to write")
+    parser.add_argument("--work-dir", default=d.work_dir, help="checkpoints and latents, for resuming (%(default)s)")
+    parser.add_argument("--vae-from", default=d.vae_from, help="pipeline folder whose VAE is reused")
+    parser.add_argument("--train-images", type=int, default=d.train_images)
+    parser.add_argument("--latent-std", type=float, default=d.latent_std, help="std of the scaled latents")
+    parser.add_argument("--blocks", type=int, default=d.blocks, help="joint transformer blocks")
+    parser.add_argument("--heads", type=int, default=d.heads, help="attention heads of 32 channels")
+    parser.add_argument("--shift", type=float, default=d.shift, help="the scheduler's timestep shift")
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--batch", type=int, default=d.batch)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--warmup", type=int, default=d.warmup)
+    parser.add_argument("--high-t-share", type=float, default=d.high_t_share, help="share of uniform high-noise s")
+    parser.add_argument("--high-t-from", type=float, default=d.high_t_from, help="lowest s of that range")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="quick check every N steps (0: never)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=d.guidance)
+    parser.add_argument("--grid-dir", default=d.grid_dir, help="also save sample grids here")
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate --out and update its bksdm_toy.json")
+    return DitTeacherRecipe(**vars(parser.parse_args(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    recipe = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = "python -m bksdm.world.train_dit_teacher " + shlex.join(sys.argv[1:] if argv is None else argv)
+    settings = train_dit_teacher(recipe, command)
+    logger.info("wrote %s: %s", Path(recipe.out) / MODEL_RECORD_FILE, json.dumps(settings["sampling"]))
+
+
+if __name__ == "__main__":
+    main()
