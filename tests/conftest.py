@@ -6,6 +6,7 @@ The saved folders and the in-memory pipeline are shared by every test: read them
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ from diffusers import StableDiffusionPipeline
 
 from bksdm.world.tiny import build_tiny_pipeline, save_tiny_pipeline
 from bksdm.world.tiny_dit import DIT_LAYOUTS, save_tiny_dit_pipeline
+
+# Tests compare images and weights bit for bit: the thread count must not change mid-run with the machine's load
+# (bksdm.threads). Tests of that adaptation set BKSDM_OMP_WAIT themselves; CLI subprocesses inherit this.
+os.environ.setdefault("BKSDM_OMP_WAIT", "active")
 
 
 @pytest.fixture(scope="session")

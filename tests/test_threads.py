@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bksdm import threads
 from bksdm.threads import (
@@ -14,7 +15,7 @@ from bksdm.threads import (
     apply_cpu_defaults,
     busy_cores_elsewhere,
     cpu_thread_settings,
-    governor_for,
+    governed_threads,
     threads_may_adapt,
 )
 
@@ -150,14 +151,30 @@ def test_the_governor_counts_what_others_leave_and_never_goes_below_one_or_above
     assert [g.wanted(x) for x in (0.0, 0.4, 0.6, 3.0, 7.9, 12.0)] == [8, 8, 7, 5, 1, 1]
 
 
-def test_governor_for_is_none_off_the_cpu_and_when_the_user_chose_the_threads(monkeypatch) -> None:
+def test_governed_threads_is_none_off_the_cpu_and_when_the_user_chose_and_restores_the_count(monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("BKSDM_OMP_WAIT", raising=False)
-    assert governor_for("meta") is None
+    with governed_threads("meta") as g:
+        assert g is None
     monkeypatch.setenv("BKSDM_OMP_WAIT", "active")
-    assert governor_for("cpu") is None
+    with governed_threads("cpu") as g:
+        assert g is None
     monkeypatch.setenv("BKSDM_OMP_WAIT", "auto")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert governor_for("cpu") is None and not threads_may_adapt()
+    assert not threads_may_adapt()
     monkeypatch.setitem(threads._SET_HERE, "OMP_NUM_THREADS", "2")  # bksdm set it at start: it may adapt
     assert threads_may_adapt()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.delitem(threads._SET_HERE, "OMP_NUM_THREADS")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the caller's count is the most a governor gives: nothing to govern
+        with governed_threads("cpu") as g:
+            assert g is None
+        torch.set_num_threads(2)
+        with governed_threads("cpu") as g:
+            assert g is not None and g.max_threads == 2
+            g.set_threads(1)  # as a change would
+        assert torch.get_num_threads() == 2  # the loop's end restores it
+    finally:
+        torch.set_num_threads(before)

@@ -18,15 +18,16 @@ generation batches) and gives torch as many threads as there are cores nobody el
 for another, so a job started on an idle machine with spinning threads keeps going when something else starts.
 
 :func:`apply_cpu_defaults` runs first thing in the ``bksdm`` command (``bksdm.cli``), before anything imports
-torch. Nothing here imports torch when the module loads (:func:`governor_for` imports it when called).
+torch. Nothing here imports torch when the module loads (:func:`governed_threads` imports it when called).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 
 logger = logging.getLogger(__name__)
 
@@ -210,24 +211,28 @@ class ThreadGovernor:
         return callback_kwargs
 
 
-def governor_for(device, interval_s: float = 2.0) -> ThreadGovernor | None:
-    """A :class:`ThreadGovernor` of torch's CPU threads for a loop on ``device``, or None where it has nothing to do.
+@contextlib.contextmanager
+def governed_threads(device, interval_s: float = 2.0) -> Iterator[ThreadGovernor | None]:
+    """A :class:`ThreadGovernor` of torch's CPU threads for a loop on ``device`` (None where it has nothing to do),
+    and the thread count as it was when the loop ends.
 
     None on another device than the CPU, when the user chose the threads (``OMP_NUM_THREADS``, ``BKSDM_OMP_WAIT``
     other than ``auto``), on a one-core machine, and where ``/proc/stat`` cannot be read. The most threads it gives
-    is torch's own count when the process started (the cores this process may use where bksdm lowered it at
-    start), the same for every loop of the process; a loop starts from the count the previous one left.
+    is the count in force when the loop starts (a caller's ``torch.set_num_threads`` is respected), or the cores
+    this process may use where bksdm lowered the count at start because the machine was busy.
+
+    Images and weights computed with another thread count can differ in the last bits (the order of a sum
+    changes): for bit-identical results across runs, fix the count (``OMP_NUM_THREADS``) or set
+    ``BKSDM_OMP_WAIT=active``.
     """
     import torch
 
-    if torch.device(device).type != "cpu" or not threads_may_adapt() or _cpu_jiffies() is None:
-        return None
-    if not _MOST:
-        _MOST.append(available_cores() if "OMP_NUM_THREADS" in _SET_HERE else torch.get_num_threads())
-    if _MOST[0] < 2:
-        return None
-    return ThreadGovernor(torch.set_num_threads, torch.get_num_threads(), _MOST[0], interval_s=interval_s)
-
-
-_MOST: list[int] = []
-"""The most threads a governor of this process gives (set by the first :func:`governor_for`)."""
+    before = torch.get_num_threads()
+    most = available_cores() if "OMP_NUM_THREADS" in _SET_HERE else before
+    if torch.device(device).type != "cpu" or not threads_may_adapt() or _cpu_jiffies() is None or most < 2:
+        yield None
+        return
+    try:
+        yield ThreadGovernor(torch.set_num_threads, before, most, interval_s=interval_s)
+    finally:
+        torch.set_num_threads(before)

@@ -42,7 +42,7 @@ from bksdm.sampling import (
     latent_patch,
 )
 from bksdm.seeding import mix_seed
-from bksdm.threads import governor_for
+from bksdm.threads import governed_threads
 
 __all__ = [
     "GenerateOptions",
@@ -151,24 +151,24 @@ def generate_images(
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     images: list[Image.Image] = []
-    threads = governor_for(pipe.device)  # fewer CPU threads, step by step, while other processes hold cores
-    extra = {"callback_on_step_end": threads.step_end_callback} if threads is not None else {}
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="generate", disable=not progress):
-        chunk = list(prompts[start : start + batch_size])
-        # Latents are drawn on the CPU from per-image generators, the same on any device and batch size.
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
-        result = pipe(
-            chunk,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            height=height,
-            width=width,
-            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-            **extra,
-        )
-        images.extend(result.images)
+    with governed_threads(pipe.device) as threads:  # fewer CPU threads, step by step, while others hold cores
+        extra = {"callback_on_step_end": threads.step_end_callback} if threads is not None else {}
+        for start in tqdm(starts, desc="generate", disable=not progress):
+            chunk = list(prompts[start : start + batch_size])
+            # Latents are drawn on the CPU from per-image generators, the same on any device and batch size.
+            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+            result = pipe(
+                chunk,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                height=height,
+                width=width,
+                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                **extra,
+            )
+            images.extend(result.images)
     return images
 
 

@@ -36,7 +36,7 @@ from bksdm.families.base import Family
 from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
 from bksdm.plan.render import DENOISER_LABELS
 from bksdm.plan.surgery import build_student
-from bksdm.threads import governor_for
+from bksdm.threads import governed_threads
 from bksdm.train.batches import batch_stream
 from bksdm.train.checkpoints import (
     CheckpointError,
@@ -316,8 +316,7 @@ def distill(cfg: DistillConfig) -> Path:
 
     # SIGTERM (preemption, kill) stops the run with a checkpoint: one process at the end of the optimizer step in
     # progress, several at the next log step (their stop vote rides on the window's all-reduce).
-    threads = governor_for(accelerator.device)  # fewer CPU threads while other processes hold cores
-    with stop_on_sigterm() as stop:
+    with stop_on_sigterm() as stop, governed_threads(accelerator.device) as threads:
         while step < cfg.train.max_steps:
             batch = next(batches)  # one micro batch of this process: latents' distribution, text states, positions
             with accelerator.accumulate(models.student):

@@ -43,7 +43,7 @@ from bksdm.artifacts import MODEL_RECORD_FILE, atomic_dir
 from bksdm.eval.generate import generate_images
 from bksdm.loading import PLAN_FILE, load_pipeline, parse_dtype, teacher_or_default
 from bksdm.sampling import sampling_defaults
-from bksdm.threads import governor_for
+from bksdm.threads import governed_threads
 from bksdm.train.batches import batch_stream
 from bksdm.train.checkpoints import (
     CheckpointError,
@@ -304,8 +304,7 @@ def lcm(cfg: LcmConfig) -> Path:
     solver_steps = cfg.lcm.num_ddim_timesteps
     lo, hi = cfg.lcm.guidance_min, cfg.lcm.guidance_max
 
-    threads = governor_for(accelerator.device)  # fewer CPU threads while other processes hold cores
-    with stop_on_sigterm() as stop:
+    with stop_on_sigterm() as stop, governed_threads(accelerator.device) as threads:
         while step < t.max_steps:
             batch = next(batches)  # one micro batch of this process
             with accelerator.accumulate(models.student):

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from bksdm.artifacts import write_text
 from bksdm.loading import load_pipeline, teacher_or_default
-from bksdm.threads import governor_for
+from bksdm.threads import governed_threads
 from bksdm.train.checkpoints import find_checkpoint, trim_metrics, write_checkpoint
 from bksdm.train.encoders import TextEncoders, encode_text, sample_latents
 from bksdm.train.kd import diffusion_target, draw_noise
@@ -234,8 +234,7 @@ def run_dreambooth(cfg: DreamBoothConfig, progress: bool = True) -> DreamBoothRe
     window, tick = LossWindow(accum), time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=step, desc="dreambooth", disable=not (main and progress))
 
-    threads = governor_for(accelerator.device)  # fewer CPU threads while other processes hold cores
-    with stop_on_sigterm() as stop:
+    with stop_on_sigterm() as stop, governed_threads(accelerator.device) as threads:
         while step < t.max_steps:
             for micro in range(accum):
                 m = step * accum + micro  # the micro step: keys every random choice of its samples
