@@ -17,6 +17,16 @@ from bksdm.plan.spec import ALL_PRESETS, Plan, PlanError, plan_from_dict
 
 BUNDLED_TEACHER = Path(__file__).parent / "world" / "assets" / "teacher"
 """The shapes-world teacher shipped with bksdm: the default of every command that takes a teacher."""
+BUNDLED_SD3_TEACHER = Path(__file__).parent / "world" / "assets" / "teacher-sd3"
+"""The shapes-world teacher with SD3's architecture (a joint-attention transformer), shipped with bksdm."""
+BUNDLED_NAMES = ("bundled", "bundled-sd3")
+"""The names every command that takes a teacher or model accepts for the bundled teachers (instead of a folder)."""
+
+
+def bundled_teachers() -> dict[str, Path]:
+    """Each name of :data:`BUNDLED_NAMES` and its folder (read when asked, so a test may point one elsewhere)."""
+    return dict(zip(BUNDLED_NAMES, (BUNDLED_TEACHER, BUNDLED_SD3_TEACHER), strict=True))
+
 
 DENOISER_FOLDERS = ("unet", "transformer")
 """The pipeline subfolders that hold a denoiser (a U-Net, or a diffusion transformer for SD3 / FLUX.1)."""
@@ -54,16 +64,30 @@ class TeacherNotFoundError(FileNotFoundError):
     """The teacher is neither a local diffusers folder nor reachable on the hub."""
 
 
-def teacher_or_default(ref: str | os.PathLike | None) -> str:
-    """``ref``, or the bundled shapes teacher when no teacher is given."""
-    if ref:
-        return str(ref)
-    if not (BUNDLED_TEACHER / "model_index.json").is_file():
+def bundled_ref(ref: str | os.PathLike) -> str | os.PathLike:
+    """The folder of a bundled teacher named in :data:`BUNDLED_NAMES` (``bundled``, ``bundled-sd3``), else ``ref``.
+
+    A local folder of the same name wins (``./bundled`` is a folder the user made).
+
+    Raises:
+        TeacherNotFoundError: The named bundled teacher is missing from the installation.
+    """
+    name = str(ref)
+    if name not in BUNDLED_NAMES or Path(ref).is_dir():
+        return ref
+    folder = bundled_teachers()[name]
+    if not (folder / "model_index.json").is_file():
+        what, trainer = ("shapes", "train_teacher") if name == "bundled" else ("SD3-shaped shapes", "train_dit_teacher")
         raise TeacherNotFoundError(
-            f"no teacher given and the bundled shapes teacher is missing from {BUNDLED_TEACHER}; "
-            "reinstall bksdm, or retrain it with `python -m bksdm.world.train_teacher --out` that folder"
+            f"the bundled {what} teacher is missing from {folder} ('{name}'); reinstall bksdm, or retrain it with "
+            f"`python -m bksdm.world.{trainer} --out` that folder"
         )
-    return str(BUNDLED_TEACHER)
+    return str(folder)
+
+
+def teacher_or_default(ref: str | os.PathLike | None) -> str:
+    """``ref`` (a bundled teacher's name resolved to its folder), or the bundled shapes teacher when none is given."""
+    return str(bundled_ref(ref or "bundled"))
 
 
 def _hub_hint(ref: str, err: Exception) -> TeacherNotFoundError:
@@ -104,8 +128,8 @@ def _hub_offline() -> bool:
 
 
 def is_local(ref: str | os.PathLike) -> bool:
-    """Whether ``ref`` names an existing local folder."""
-    return Path(ref).is_dir()
+    """Whether ``ref`` names an existing local folder (a bundled teacher's name counts)."""
+    return Path(ref).is_dir() or (str(ref) in BUNDLED_NAMES and bundled_teachers()[str(ref)].is_dir())
 
 
 def looks_like_path(ref: str | os.PathLike) -> bool:
@@ -139,6 +163,7 @@ def check_model_ref(ref: str | os.PathLike, what: str = "") -> None:
     Raises:
         TeacherNotFoundError: ``ref`` names a file, or a path that does not exist.
     """
+    ref = bundled_ref(ref)
     path = Path(ref)
     if path.is_dir():
         return
@@ -156,6 +181,7 @@ def check_pipeline_ref(ref: str | os.PathLike, what: str = "") -> None:
         TeacherNotFoundError: ``ref`` is a file, a path that does not exist, or a folder with no model_index.json.
     """
     check_model_ref(ref, what)
+    ref = bundled_ref(ref)
     if is_local(ref) and not (Path(ref) / "model_index.json").is_file():
         label = f"{what} {ref}" if what else str(ref)
         raise TeacherNotFoundError(f"{label} has no model_index.json: give the folder of a whole diffusers pipeline")
@@ -172,7 +198,7 @@ def load_denoiser_config(ref: str | os.PathLike) -> dict[str, Any]:
     from diffusers import UNet2DConditionModel  # any model class reads config.json; _class_name says whose it is
 
     check_model_ref(ref)
-    ref = str(ref)
+    ref = str(bundled_ref(ref))
     if is_local(ref):
         folder = Path(ref)
         for sub in (*DENOISER_FOLDERS, ""):
@@ -202,7 +228,7 @@ def load_pipeline(ref: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     from diffusers import DiffusionPipeline
 
     check_pipeline_ref(ref)
-    ref = str(ref)
+    ref = str(bundled_ref(ref))
     try:
         pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=dtype, **components)
     except Exception as err:
@@ -257,6 +283,7 @@ def unet_location(ref: str | os.PathLike, option: str = "--unet") -> tuple[str, 
         UnetError: A local folder that holds neither.
         TeacherNotFoundError: A path that is a file or does not exist (no hub request is made for it).
     """
+    ref = bundled_ref(ref)
     path = Path(ref)
     if path.is_dir():
         if (path / "unet" / "config.json").is_file():

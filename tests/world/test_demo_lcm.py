@@ -16,7 +16,8 @@ def test_demo_with_lcm_reports_a_four_step_student(tmp_path) -> None:
     summary = run_demo(tmp_path / "demo", settings)
     assert list(summary["models"]) == ["teacher", "bk-tiny (KD)", "bk-tiny LCM (4 steps)"]
     lcm = summary["models"]["bk-tiny LCM (4 steps)"]
-    assert 0 <= lcm["prompt_accuracy"] <= 1 and lcm["unet_params"] > summary["models"]["bk-tiny (KD)"]["unet_params"]
+    kd = summary["models"]["bk-tiny (KD)"]
+    assert 0 <= lcm["prompt_accuracy"] <= 1 and lcm["denoiser_params"] > kd["denoiser_params"]
     images = tmp_path / "demo" / "images"
     assert len(list((images / "bk-tiny-LCM-4-steps").glob("*.png"))) == 96
     recorded = {

@@ -22,7 +22,15 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         "MACs, latency) and write a report folder. About 3 minutes on 2 idle CPU cores; no network.",
     )
     p.add_argument("--out", default="bksdm-demo", help="report folder (default ./bksdm-demo)")
-    p.add_argument("--plan", default="bk-tiny", help="preset or plan YAML (default bk-tiny)")
+    p.add_argument(
+        "--teacher",
+        default="bundled",
+        help="bundled (the U-Net shapes teacher, default), bundled-sd3 (the SD3-shaped transformer one), or the "
+        "folder of a pipeline trained on the shapes world",
+    )
+    p.add_argument(
+        "--plan", default=None, help="preset or plan YAML (default bk-tiny for a U-Net, keep-half for a transformer)"
+    )
     p.add_argument("--steps", type=int, default=None, help="distillation steps per student")
     p.add_argument(
         "--ablations",
@@ -41,7 +49,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from bksdm.world.demo import LCM_STEPS, DemoSettings, run_demo
 
-    settings = DemoSettings(plan=args.plan, ablations=args.ablations, extra=list(args.overrides))
+    settings = DemoSettings(teacher=args.teacher, plan=args.plan, ablations=args.ablations, extra=list(args.overrides))
     settings.lcm_steps = LCM_STEPS if args.lcm else 0
     if args.steps is not None:
         settings.steps = args.steps
@@ -51,6 +59,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     for name, metrics in summary["models"].items():
         print(
             f"  {name:<32} prompt accuracy {metrics['prompt_accuracy']:.3f}  "
-            f"Frechet {metrics['frechet_distance']:.2f}  U-Net {metrics['unet_params']:,} params"
+            f"Frechet {metrics['frechet_distance']:.2f}  denoiser {metrics['denoiser_params']:,} params"
         )
     return 0

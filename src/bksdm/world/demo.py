@@ -43,11 +43,19 @@ GRID_COLUMNS = 8
 """Prompts in the report's image grid."""
 
 
+DEFAULT_PLANS = {"unet": "bk-tiny", "transformer": "keep-half"}
+"""The plan the demo prunes with when none is given, by the teacher's denoiser (a U-Net, or a transformer)."""
+
+
 @dataclass
 class DemoSettings:
     """What the demo runs; the defaults take about 3 minutes on 2 idle CPU cores."""
 
-    plan: str = "bk-tiny"
+    teacher: str = "bundled"
+    """A bundled teacher's name (``bundled``: the U-Net; ``bundled-sd3``: the SD3-shaped transformer) or a folder of
+    a pipeline that draws the shapes world."""
+    plan: str | None = None
+    """None: :data:`DEFAULT_PLANS` for the teacher's denoiser (``bk-tiny``, or ``keep-half`` of the blocks)."""
     steps: int = 400
     """Distillation steps per student."""
     batch_size: int = 32
@@ -117,20 +125,29 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
     ``report.json``, ``grid.png``, ``chart.png``), ``summary.md``, ``summary.json`` and ``loss_curve-*.png``.
 
     Raises:
-        TeacherNotFoundError: The bundled teacher is missing (at once, with the fix).
+        TeacherNotFoundError: The teacher is missing (at once, with the fix).
+        TrainingSetupError: ``lcm_steps`` for a transformer teacher (``bksdm lcm`` distils U-Nets).
         TrainingStopped: SIGTERM stopped a distillation after its checkpoint.
     """
-    from bksdm.loading import teacher_or_default
+    from dataclasses import replace
+
+    from bksdm.families import family_of
+    from bksdm.loading import load_denoiser_config, teacher_or_default
     from bksdm.sampling import sampling_defaults
     from bksdm.world.shapes import all_scenes, export
-    from bksdm.world.teacher import TEACHER_DIR
 
-    teacher_or_default(None)  # fails at once, with the fix, when the bundled teacher is missing
     settings = settings or DemoSettings()
+    teacher = Path(teacher_or_default(settings.teacher))  # fails at once, with the fix, when it is missing
+    family = family_of(load_denoiser_config(teacher))
+    settings = replace(settings, plan=settings.plan or DEFAULT_PLANS[family.denoiser])
+    if settings.lcm_steps:
+        from bksdm.train.lcm_models import check_teacher
+
+        check_teacher(str(teacher))  # before any work: LCM distils U-Net pipelines only
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    recorded = sampling_defaults(TEACHER_DIR)
+    recorded = sampling_defaults(teacher)
     steps = settings.sampling_steps if settings.sampling_steps is not None else recorded.steps
     guidance = settings.guidance_scale if settings.guidance_scale is not None else recorded.guidance_scale
     sampling = {"sampling_steps": steps, "guidance_scale": guidance}
@@ -158,7 +175,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
     scenes = all_scenes()
     prompts = [s.caption for s in scenes for _ in range(settings.eval_seeds)]
     seeds = [HELD_OUT_SEED + i for i in range(len(prompts))]
-    models = {"teacher": TEACHER_DIR, **runs}
+    models = {"teacher": teacher, **runs}
     folders: dict[str, Path] = {}
     evaluations: dict[str, dict[str, float]] = {}
     for name, model in models.items():
@@ -194,12 +211,12 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict[str,
 
 
 def _prune(out: Path, settings: DemoSettings, init: str) -> Path:
-    """The prune job (``bksdm prune``) on the bundled teacher: ``out/pruned/<plan>[-random-init]``."""
+    """The prune job (``bksdm prune``) on the demo's teacher: ``out/pruned/<plan>[-random-init]``."""
     from bksdm.plan.prune import prune
 
     folder = out / "pruned" / (_slug(settings.plan) + ("" if init == "teacher" else f"-{init}-init"))
     # Seeded as distill seeded the random init when it built the student itself (train.seed): the same weights.
-    prune(None, settings.plan, folder, init=init, overwrite=True, seed=settings.seed)
+    prune(settings.teacher, settings.plan, folder, init=init, overwrite=True, seed=settings.seed)
     return folder
 
 
@@ -207,10 +224,9 @@ def _distill(run_dir: Path, settings: DemoSettings, data: Path, student: Path, o
     """The distill recipe from a pruned student folder; returns the final student pipeline's folder."""
     from bksdm.train.config import load_config
     from bksdm.train.distill import distill
-    from bksdm.world.teacher import TEACHER_DIR
 
     recipe = [
-        f"model.teacher={TEACHER_DIR}",
+        f"model.teacher={settings.teacher}",
         f"model.plan={settings.plan}",
         f"model.student={student}",
         f"data.train={data}",
@@ -297,9 +313,9 @@ def _figures(metrics: dict[str, float], profile: dict[str, Any]) -> dict[str, An
         "prompt_accuracy": metrics["shapes_prompt_accuracy"],
         "attribute_accuracy": attributes | {"all": metrics["shapes_prompt_accuracy"]},
         "frechet_distance": metrics["shapes_frechet_distance"],
-        "unet_params": profile["unet_params"],
-        "unet_macs": profile["unet_macs"],
-        "unet_step_ms": profile["unet_step_s"] * 1000,
+        "denoiser_params": profile["denoiser_params"],
+        "denoiser_macs": profile["denoiser_macs"],
+        "denoiser_step_ms": profile["denoiser_step_s"] * 1000,
     }
 
 
@@ -317,23 +333,24 @@ def _write_summary(out: Path, summary: dict[str, Any], prompts: int, runs: dict[
             f"{m['prompt_accuracy']:.3f}",
             f"{m.get('accuracy_vs_teacher', 1.0):.0%}",
             f"{m['frechet_distance']:.2f}",
-            f"{m['unet_params']:,}",
-            f"{m['unet_macs'] / 1e6:.1f}M",
-            f"{m['unet_step_ms']:.1f}",
+            f"{m['denoiser_params']:,}",
+            f"{m['denoiser_macs'] / 1e6:.1f}M",
+            f"{m['denoiser_step_ms']:.1f}",
         ]
         for n, m in summary["models"].items()
     ]
-    header = ["model", "prompt accuracy", "of teacher's", "Fréchet distance", "U-Net params", "U-Net MACs"]
+    header = ["model", "prompt accuracy", "of teacher's", "Fréchet distance", "denoiser params", "denoiser MACs"]
     s = summary["settings"]
     text = "\n".join(
         [
             "# bksdm demo",
             "",
-            f"Plan `{s['plan']}`, {s['steps']} distillation steps of batch {s['batch_size']} per student, "
+            f"Teacher `{s['teacher']}`, plan `{s['plan']}`, {s['steps']} distillation steps of batch "
+            f"{s['batch_size']} per student, "
             f"{prompts} held-out prompts, {s['sampling_steps']} sampling steps at guidance {s['guidance_scale']}; "
             f"{summary['seconds'] / 60:.1f} minutes in all.",
             "",
-            markdown_table([*header, "U-Net step (ms)"], rows),
+            markdown_table([*header, "denoiser step (ms)"], rows),
             "",
             "Prompt accuracy: share of images whose shape, colour, size and position, as the shapes classifier reads "
             "them, all match the prompt. Fréchet distance: between classifier features of the generated images and "
