@@ -6,6 +6,8 @@
 #   4. the GPU tests (tests/use/test_gpu.py): mixed-precision distillation and DreamBooth, batch invariance;
 #   5. bksdm plan score of an SD-v1.4-sized teacher with the default calibration (issue 14: "in minutes on one
 #      GPU"), timed; the teacher is real_scale.py's build (random weights, the real architecture);
+#   5b. end_to_end.py: SD-v1.4 vs BK-SDM-Base/Small/Tiny per image at 512 px, 25 steps with guidance, fp16, with a
+#      stock pipeline call each (the teacher folder is reused from step 5);
 #   6. real_scale.py: every bksdm command on an SD-v1.4-sized pipeline at 512 px, with peak RSS and GPU memory
 #      (last: it takes longest; --lean keeps the disk under about 35 GB; set REAL_SCALE=0 to skip it).
 # Usage, from the repository root with bksdm importable: bash benchmarks/gpu_checks.sh
@@ -33,6 +35,7 @@ step python -m pytest -m gpu tests/use/test_gpu.py -s -q -p no:cacheprovider --d
 score_dir=${SCORE_WORKDIR:-/tmp/plan_score_gpu}
 step python benchmarks/real_scale.py --build sd-v1.4 --workdir "$score_dir"
 step /usr/bin/time -v bksdm plan score --teacher "$score_dir/teacher" --out "$out/plan_score_sd-v1.4" --device cuda
+step python benchmarks/end_to_end.py --device cuda --loads 0 --folder "$score_dir/teacher" --out "$out/end_to_end_512px_cuda.json"
 if [ "${REAL_SCALE:-1}" != 0 ]; then
   step python benchmarks/real_scale.py --arch sd-v1.4 --resolution 512 --lean --wait-limit 60 \
     --workdir "${REAL_SCALE_WORKDIR:-/tmp/real_scale_gpu}" --out "$out/real_scale_sd-v1.4_512px_cuda.json"

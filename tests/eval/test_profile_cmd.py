@@ -1,7 +1,9 @@
-"""Tests for ``bksdm profile`` (bksdm.cli.profile, bksdm.eval.profile) and prune.vae_decoder_params.
+"""Tests for ``bksdm profile`` (bksdm.cli.profile, bksdm.eval.profile, bksdm.eval.profile_job) and
+prune.vae_decoder_params.
 
 Architecture presets are profiled without latency only: that path builds them on the meta device, so the real
-SD-v1.4 and SDXL counts cost a second. Timing is tested on the tiny saved pipelines.
+SD-v1.4 and SDXL counts cost a second. Timing, the per-image breakdown and the timed stock pipeline call are tested
+on the tiny saved pipelines.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from bksdm.cli import main
+from bksdm.eval.profile import measured_breakdown, per_image
 from bksdm.plan.archs import build_vae
 from bksdm.plan.prune import vae_decoder_params
 
@@ -218,9 +221,156 @@ def test_no_source_profiles_the_bundled_teacher(
     out = json.loads(capsys.readouterr().out)
     assert out["source"] == str(tiny_sd_dir) and out["unet_params"] == 5_456_292
     monkeypatch.setattr(bksdm.loading, "BUNDLED_TEACHER", tmp_path / "missing")
-    assert "bundled shapes teacher is missing" in _fail(capsys, "--no-latency")
+    err = _fail(capsys, "--no-latency")
+    assert f"is missing from {tmp_path / 'missing'}" in err and "reinstall bksdm" in err
 
 
 def test_bad_plan_exits_2(tiny_sd_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "no-such-plan" in _fail(capsys, str(tiny_sd_dir), "--plan", "no-such-plan", "--no-latency")
     assert "multiple of 8" in _fail(capsys, "--arch", "sd-v1.4", "--no-latency", "--resolution", "500")
+
+
+# --- per image: parts, shares, MACs, the measured pipeline call ----------------------------------------------------
+
+PARTS = ("text_encoders", "denoiser", "vae_decode")
+
+
+def _counts(family: str = "unet") -> dict[str, Any]:
+    """A profile result's counts and medians, round numbers so every expected figure is exact."""
+    return {
+        "family": family, "steps": 5, "text_encoder_macs": 10, "text_encoder_macs_with_attention": 11,
+        "denoiser_macs": 100, "denoiser_macs_with_attention": 120, "vae_decoder_macs": 1000,
+        "vae_decoder_macs_with_attention": 1010, "text_encoder_s": 1.0, "denoiser_step_s": 2.0,
+        "denoiser_step_cfg_s": 3.0, "vae_decode_s": 4.0,
+    }  # fmt: skip
+
+
+def test_per_image_by_hand() -> None:
+    guided = per_image(_counts(), guided=True)
+    parts = guided["parts"]
+    assert {n: (p["calls"], p["batch"]) for n, p in parts.items()} == {
+        "text_encoders": (2, 1), "denoiser": (5, 2), "vae_decode": (1, 1),
+    }  # fmt: skip
+    assert [parts[n]["s"] for n in PARTS] == [2.0, 15.0, 4.0] and guided["image_s"] == 21.0
+    assert [parts[n]["share"] for n in PARTS] == [2 / 21, 15 / 21, 4 / 21]
+    assert [parts[n]["macs"] for n in PARTS] == [20, 1000, 1000] and guided["image_macs"] == 2020
+    assert guided["image_macs_with_attention"] == 22 + 1200 + 1010
+    plain = per_image(_counts(), guided=False)
+    assert (plain["image_s"], plain["image_macs"]) == (1.0 + 10.0 + 4.0, 10 + 500 + 1000)
+    assert (plain["parts"]["denoiser"]["calls"], plain["parts"]["denoiser"]["batch"]) == (5, 1)
+    # FLUX.1 guides with two transformer calls at batch 1 per step: same MACs, twice the calls.
+    flux = per_image(_counts("flux"), guided=True)["parts"]["denoiser"]
+    assert (flux["calls"], flux["batch"], flux["macs"], flux["s"]) == (10, 1, 1000, 15.0)
+    untimed = {k: v for k, v in _counts().items() if not k.endswith("_s")}
+    assert "image_s" not in per_image(untimed, guided=True) and "s" not in per_image(untimed, True)["parts"]["denoiser"]
+
+
+def test_measured_breakdown_by_hand() -> None:
+    guided = per_image(_counts(), guided=True)  # composed 21 s: text 2, 5 x 3 s steps, VAE 4
+    out = measured_breakdown(guided, measured_s=25.0, steps_run=6)  # PNDM: one step more than asked
+    assert out["parts_s"] == {"text_encoders": 2.0, "denoiser": 18.0, "vae_decode": 4.0, "other": 1.0}
+    assert out["shares"] == {"text_encoders": 0.08, "denoiser": 0.72, "vae_decode": 0.16, "other": 0.04}
+    assert (out["composed_s"], out["gap_s"], out["measured_over_composed"]) == (21.0, 4.0, 25 / 21)
+
+
+def test_tiny_per_image_from_own_numbers(timed: tuple[dict[str, Any], str, Path]) -> None:
+    out, _, _ = timed
+    for key, guided in (("per_image", False), ("per_image_cfg", True)):
+        image, n = out[key], 2 if guided else 1
+        step = out["unet_step_cfg_s" if guided else "unet_step_s"]
+        parts = image["parts"]
+        assert [parts[p]["s"] for p in PARTS] == [n * out["text_encoder_s"], 2 * step, out["vae_decode_s"]], key
+        assert image["image_s"] == n * out["text_encoder_s"] + 2 * step + out["vae_decode_s"], key
+        assert out[key.replace("per_", "") + "_s"] == image["image_s"]
+        assert math.isclose(sum(parts[p]["share"] for p in PARTS), 1.0, rel_tol=1e-12), key
+        assert math.isclose(sum(parts[p]["macs_share"] for p in PARTS), 1.0, rel_tol=1e-12), key
+        # MACs are exact integers: text encoders x n + 2 steps x n samples + one decode.
+        expected = n * out["text_encoder_macs"] + 2 * n * out["unet_macs"] + out["vae_decoder_macs"]
+        assert image["image_macs"] == out[key.replace("per_", "") + "_macs"] == expected, key
+        assert sum(parts[p]["macs"] for p in PARTS) == expected
+
+
+def test_tiny_end_to_end_runs_the_stock_pipeline(timed: tuple[dict[str, Any], str, Path], tiny_sd_dir: Path) -> None:
+    from diffusers import PNDMScheduler
+
+    out, stderr, _ = timed
+    end = out["end_to_end"]
+    assert out["end_to_end_note"] is None and "timing one stock StableDiffusionPipeline call" in stderr
+    assert (end["pipeline"], end["scheduler"], end["image_size"]) == (
+        "StableDiffusionPipeline",
+        "PNDMScheduler",
+        [128, 128],
+    )
+    # PNDM (SD-v1's scheduler) runs one step more than asked: the callback counted what the pipeline really ran.
+    scheduler = PNDMScheduler.from_pretrained(tiny_sd_dir, subfolder="scheduler")
+    scheduler.set_timesteps(2)
+    assert end["steps"] == 2 and end["steps_run"] == len(scheduler.timesteps) == 3
+    assert (end["guidance_scale"], end["classifier_free"], end["negative_prompt"]) == (7.5, True, "")
+    assert end["warmup_calls"] == 0 and end["s"] > 0
+    assert end["composed_s"] == out["image_cfg_s"] and end["gap_s"] == end["s"] - out["image_cfg_s"]
+    assert end["parts_s"]["denoiser"] == 3 * out["unet_step_cfg_s"]
+    assert math.isclose(sum(end["parts_s"].values()), end["s"], rel_tol=1e-12)
+    assert math.isclose(sum(end["shares"].values()), 1.0, rel_tol=1e-12)
+
+
+def test_end_to_end_takes_the_steps_asked(tiny_sd2_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # DDIM runs exactly the steps asked; the table shows the measured shares beside the composed ones.
+    args = [str(tiny_sd2_dir), "--steps", "3", "--repeats", "1", "--warmup", "1", "--device", "cpu"]
+    out = _profile(capsys, *args)
+    end = out["end_to_end"]
+    assert (end["scheduler"], end["steps"], end["steps_run"], end["warmup_calls"]) == ("DDIMScheduler", 3, 3, 1)
+    assert end["parts_s"]["denoiser"] == out["per_image_cfg"]["parts"]["denoiser"]["s"]
+    assert main(["profile", *args]) == 0
+    table = capsys.readouterr().out
+    for text in ("per image, 3 steps with classifier-free guidance (U-Net at batch 2)", "measured share",
+                 "other (scheduler, post-processing)", "3 x batch 2",
+                 "Measured: one stock StableDiffusionPipeline call, 3 steps, guidance 7.5"):  # fmt: skip
+        assert text in table, text
+
+
+def test_end_to_end_absent_says_why(tiny_sd_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = _profile(capsys, str(tiny_sd_dir), "--steps", "1", "--repeats", "1", "--warmup", "0", "--no-end-to-end")
+    assert out["end_to_end"] is None and out["end_to_end_note"] == "not measured: --no-end-to-end"
+    assert out["per_image_cfg"]["image_s"] > 0
+    assert _profile(capsys, str(tiny_sd_dir), "--no-latency")["end_to_end_note"] == "not measured: --no-latency"
+    preset = _profile(capsys, "--arch", "sd-v1.4", "--no-latency")
+    assert preset["end_to_end"] is None and "no tokenizer" in preset["end_to_end_note"]
+
+
+def test_sd14_per_image_macs_and_ratio_to_teacher(capsys: pytest.CaptureFixture[str]) -> None:
+    teacher = _profile(capsys, "--arch", "sd-v1.4", "--no-latency")
+    tiny = _profile(capsys, "--arch", "sd-v1.4", "--plan", "bk-tiny", "--no-latency")
+    for out in (teacher, tiny):  # 25 steps, guidance: 2 text passes, 50 U-Net samples, one decode
+        assert out["steps"] == 25
+        assert out["image_cfg_macs"] == 2 * out["text_encoder_macs"] + 50 * out["unet_macs"] + out["vae_decoder_macs"]
+        assert out["image_macs"] == out["text_encoder_macs"] + 25 * out["unet_macs"] + out["vae_decoder_macs"]
+    assert tiny["teacher_macs"] == {
+        "denoiser_macs": teacher["unet_macs"], "image_macs": teacher["image_macs"],
+        "image_cfg_macs": teacher["image_cfg_macs"],
+    }  # fmt: skip
+    ratio = tiny["macs_ratio_to_teacher"]
+    assert ratio["image_cfg"] == tiny["image_cfg_macs"] / teacher["image_cfg_macs"]
+    assert ratio["denoiser_step"] == tiny["unet_macs"] / teacher["unet_macs"]
+    # The VAE decoder's 1.24 TMACs do not shrink: the image ratio sits above the U-Net's 0.605.
+    assert round(ratio["denoiser_step"], 3) == 0.605 and round(ratio["image_cfg"], 3) == 0.632
+    assert "teacher_macs" not in teacher
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "need --steps >= 1"),
+        (["--repeats", "-1"], "--repeats >= 1"),
+        (["--resolution", "-8"], "--resolution must be positive"),
+    ],
+)
+def test_bad_numbers_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert message in _fail(capsys, "--arch", "sd-v1.4", *args)
+
+
+@pytest.mark.parametrize("args", [["--steps", "two"], ["--no-end-to-end=yes"], ["--arch", "sd-v1.4", "extra"]])
+def test_unparsable_options_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["profile", *args])
+    assert stop.value.code == 2
+    assert "bksdm profile: error:" in capsys.readouterr().err

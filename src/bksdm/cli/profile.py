@@ -24,9 +24,11 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
         help="params, MACs, latency and peak memory of a pipeline or an architecture preset",
         description="Count parameters and MACs per component (text encoder(s), denoiser -- U-Net or transformer "
         "--, VAE decoder) and time them: one denoiser step with and without classifier-free guidance, and per image "
-        "for --steps steps. Give a diffusers pipeline folder or hub id, or --arch for a real architecture with "
-        "random weights (no download; the transformers, SD3 to FLUX.1, are best counted with --no-latency). "
-        "--plan profiles the student a plan makes of the denoiser.",
+        "for --steps steps, with each part's share of the image's time and MACs. For a diffusers pipeline folder or "
+        "hub id one stock pipeline call is also timed, so the gap the components leave (scheduler, "
+        "post-processing, Python) is measured. --arch builds a real architecture with random weights (no download, "
+        "no tokenizer: no pipeline call; the transformers, SD3 to FLUX.1, are best counted with --no-latency). "
+        "--plan profiles the student a plan makes of the denoiser, with its MACs beside the teacher's.",
     )
     source = p.add_mutually_exclusive_group()
     source.add_argument(
@@ -55,6 +57,12 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-latency", action="store_true", help="only count params and MACs (no weights built)")
+    p.add_argument(
+        "--no-end-to-end",
+        action="store_true",
+        help="skip the timed stock pipeline call (one warm-up call of 1 step, then --steps steps with the model's "
+        "guidance) that a pipeline folder or hub id gets beside the composed per-image time",
+    )
     p.add_argument(
         "--onnx",
         default=None,
@@ -86,6 +94,7 @@ def run_profile(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         latency=not args.no_latency,
         onnx=args.onnx,
+        end_to_end=not args.no_end_to_end,
     )
     result = profile_pipeline(options, out=args.out, on_stage=progress)
     print(json.dumps(result, indent=2, allow_nan=False) if args.json else _table(result))

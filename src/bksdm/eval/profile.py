@@ -3,14 +3,17 @@
 - :func:`profile_components` counts parameters and MACs (on weightless ``meta`` copies, so counting is free
   even for SDXL or FLUX.1's 12B transformer) and, when asked, times every component and the peak memory. It
   returns one flat, JSON-ready dict; it prints nothing.
+- :func:`per_image` says where one image's work goes (text encoders, ``steps`` denoiser steps, one VAE decode), each
+  part with its MACs and seconds and its share of the image; :func:`measured_breakdown` sets the same parts against
+  one real pipeline call, so what composing leaves out is measured, not assumed.
 - :func:`bksdm.eval.profile_job.profile_pipeline` is ``bksdm profile``: it loads the components, checks them,
-  calls this, and writes the JSON.
+  calls this, times a stock pipeline call where there is one, and writes the JSON.
 
 Any denoiser family (:mod:`bksdm.families`) is measured the same way: its ``step_macs`` count one step and its
-``mac_inputs`` are the synthetic inputs of the timed steps. Per-image latency is *composed*, not measured end to
-end: text encoders + ``steps`` x one denoiser step + one VAE decode, each timed on its own with synthetic inputs.
-Architecture presets have no tokenizer (and need none to be timed), and composing keeps the figure free of
-scheduler and image post-processing overheads, which are the same for every student.
+``mac_inputs`` are the synthetic inputs of the timed steps. Per-image latency is *composed*: text encoders +
+``steps`` x one denoiser step + one VAE decode, each timed on its own with synthetic inputs. Architecture presets
+have no tokenizer (and need none to be timed), and composing shows each component's cost apart; the scheduler,
+image post-processing and Python overhead show up only in the end-to-end call.
 """
 
 from __future__ import annotations
@@ -38,7 +41,15 @@ from bksdm.profiling import (
     vae_decoder_inputs,
 )
 
-__all__ = ["IMAGE_CFG_FORMULA", "IMAGE_FORMULA", "profile_components"]
+__all__ = [
+    "GUIDED_TWICE",
+    "IMAGE_CFG_FORMULA",
+    "IMAGE_FORMULA",
+    "measured_breakdown",
+    "per_image",
+    "profile_components",
+    "teacher_macs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +62,18 @@ IMAGE_FORMULA = "text_encoder_s + steps * denoiser_step_s + vae_decode_s"
 IMAGE_CFG_FORMULA = "2 * text_encoder_s + steps * denoiser_step_cfg_s + vae_decode_s"
 LATENCY_NOTE = (
     "per-image figures are composed from separately timed components (text encoders, one denoiser step, one "
-    "VAE decode, synthetic inputs): architecture presets have no tokenizer, and composing leaves out "
-    "scheduler and image post-processing overheads; with classifier-free guidance the prompt and the "
-    "negative prompt are two text-encoder calls and every denoiser step runs at batch 2"
+    "VAE decode, synthetic inputs): architecture presets have no tokenizer, and composing shows each component "
+    "apart; with classifier-free guidance the prompt and the negative prompt are two text-encoder calls and every "
+    "denoiser step runs at batch 2 (FLUX.1's true CFG: two calls at batch 1); the scheduler, image post-processing "
+    "and Python overhead are in end_to_end, where a stock pipeline call was timed"
 )
+
+GUIDED_TWICE = frozenset({"flux"})
+"""Families whose pipeline runs classifier-free guidance as two denoiser calls at batch 1, not one at batch 2:
+FluxPipeline's true CFG (``true_cfg_scale`` with a negative prompt) calls the transformer once for each prompt."""
+
+PARTS = ("text_encoders", "denoiser", "vae_decode")
+"""The parts of one image, in the order a pipeline runs them."""
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -99,6 +118,106 @@ def step_inputs(
     return convert(family.mac_inputs(config, resolution, device, vae_scale))
 
 
+# ------------------------------------------------------------------------------------------- per image
+
+
+def _calls(family: str, steps: int, guided: bool) -> dict[str, dict[str, int]]:
+    """Calls and batch of each part of one image: guidance encodes the negative prompt too and runs the denoiser on
+    two samples per step (batch 2, or two calls for :data:`GUIDED_TWICE`)."""
+    twice = guided and family in GUIDED_TWICE
+    return {
+        "text_encoders": {"calls": 2 if guided else 1, "batch": 1},
+        "denoiser": {"calls": steps * (2 if twice else 1), "batch": 2 if guided and not twice else 1},
+        "vae_decode": {"calls": 1, "batch": 1},
+    }
+
+
+def per_image(result: Mapping[str, Any], guided: bool) -> dict[str, Any]:
+    """Where one image's work goes, from a :func:`profile_components` result: each part's calls, MACs and (when
+    timed) seconds, with its share of the image.
+
+    MACs come from the batch-1 counts and are linear in the batch: text encoders (twice with guidance) + ``steps``
+    denoiser steps (two samples each with guidance) + one VAE decode. Seconds are the medians times the calls:
+    ``steps`` x the guided step's median (batch 2, or both calls for :data:`GUIDED_TWICE`) with guidance.
+
+    Returns:
+        ``{"guidance", "steps", "parts": {text_encoders, denoiser, vae_decode}, "image_macs",
+        "image_macs_with_attention"}`` and, when ``result`` is timed, ``"image_s"``. Each part has ``calls``,
+        ``batch``, ``macs``, ``macs_with_attention``, ``macs_share`` and, timed, ``s`` and ``share``. The parts sum
+        to the image exactly (the image figures are these sums).
+    """
+    steps = result["steps"]
+    parts: dict[str, dict[str, Any]] = _calls(result["family"], steps, guided)
+    samples = 2 if guided else 1
+    for suffix in ("macs", "macs_with_attention"):
+        counts = (result[f"text_encoder_{suffix}"], result[f"denoiser_{suffix}"], result[f"vae_decoder_{suffix}"])
+        each = (samples * counts[0], steps * samples * counts[1], counts[2])
+        for name, value in zip(PARTS, each, strict=True):
+            parts[name][suffix] = value
+    out: dict[str, Any] = {"guidance": guided, "steps": steps, "parts": parts}
+    out["image_macs"] = sum(p["macs"] for p in parts.values())
+    out["image_macs_with_attention"] = sum(p["macs_with_attention"] for p in parts.values())
+    for part in parts.values():
+        part["macs_share"] = part["macs"] / out["image_macs"]
+    if "denoiser_step_s" not in result:
+        return out
+    step = result["denoiser_step_cfg_s" if guided else "denoiser_step_s"]
+    seconds = (samples * result["text_encoder_s"], steps * step, result["vae_decode_s"])
+    out["image_s"] = seconds[0] + seconds[1] + seconds[2]
+    for name, value in zip(PARTS, seconds, strict=True):
+        parts[name] |= {"s": value, "share": value / out["image_s"]}
+    return out
+
+
+def measured_breakdown(breakdown: Mapping[str, Any], measured_s: float, steps_run: int) -> dict[str, Any]:
+    """One real pipeline call's seconds split into the composed parts and the rest.
+
+    The denoiser part is counted at the steps the pipeline really ran (PNDM, SD-v1's scheduler, runs one more
+    than asked); ``other`` is what no component accounts for: the scheduler, image post-processing (to PIL), the
+    safety checker where there is one, Python. It can be slightly negative when the call ran faster than the
+    components' medians.
+
+    Args:
+        breakdown: A timed :func:`per_image` (guided as the call was).
+        measured_s: The call's wall time.
+        steps_run: Denoising steps the call ran (its step callbacks).
+    """
+    parts = breakdown["parts"]
+    seconds = {
+        "text_encoders": parts["text_encoders"]["s"],
+        "denoiser": steps_run * parts["denoiser"]["s"] / breakdown["steps"],
+        "vae_decode": parts["vae_decode"]["s"],
+    }
+    seconds["other"] = measured_s - sum(seconds.values())
+    return {
+        "composed_s": breakdown["image_s"],
+        "gap_s": measured_s - breakdown["image_s"],
+        "measured_over_composed": measured_s / breakdown["image_s"],
+        "parts_s": seconds,
+        "shares": {name: value / measured_s for name, value in seconds.items()},
+    }
+
+
+def teacher_macs(result: Mapping[str, Any], teacher_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The teacher's per-image MACs beside a student's (same text encoders, VAE, resolution and steps), and the
+    ratios the MACs predict for the student's step and image times."""
+    family = family_of(teacher_config)
+    count = family.step_macs(dict(teacher_config), result["resolution"], result["resolution"] // result["latent_size"])
+    shared = ("steps", "text_encoder_macs", "text_encoder_macs_with_attention", "vae_decoder_macs",
+              "vae_decoder_macs_with_attention")  # fmt: skip
+    counts = {key: result[key] for key in shared}
+    counts |= {"family": family.name, "denoiser_macs": count.conv_linear, "denoiser_macs_with_attention": count.total}
+    teacher = {"denoiser_macs": count.conv_linear}
+    teacher["image_macs"] = per_image(counts, guided=False)["image_macs"]
+    teacher["image_cfg_macs"] = per_image(counts, guided=True)["image_macs"]
+    ratio = {
+        "denoiser_step": result["denoiser_macs"] / count.conv_linear,
+        "image": result["image_macs"] / teacher["image_macs"],
+        "image_cfg": result["image_cfg_macs"] / teacher["image_cfg_macs"],
+    }
+    return {"teacher_macs": teacher, "macs_ratio_to_teacher": ratio}
+
+
 def profile_components(
     denoiser: nn.Module,
     text_encoders: Mapping[str, nn.Module],
@@ -122,8 +241,9 @@ def profile_components(
     layers); ``*_macs_with_attention`` adds the attention matrix products. See :mod:`bksdm.profiling`.
 
     With ``latency`` every component is timed on synthetic inputs (``warmup`` untimed calls, then
-    ``repeats`` timed ones; medians reported, minima and all times kept): a denoiser step at batch 1 and at
-    batch 2 (classifier-free guidance), each text encoder at batch 1, and ``vae.decode`` at batch 1. The
+    ``repeats`` timed ones; medians reported, minima and all times kept): a denoiser step at batch 1 and a guided
+    one (classifier-free guidance: batch 2, or two calls at batch 1 for :data:`GUIDED_TWICE`), each text encoder at
+    batch 1, and ``vae.decode`` at batch 1. The
     per-image figures are composed from these (see :data:`IMAGE_FORMULA`, :data:`IMAGE_CFG_FORMULA`).
     Peak memory is measured over one guided image's worth of work (text encoders twice, one denoiser step at
     batch 2, one decode): on CUDA the peak of allocated memory, weights included; on CPU the process's
@@ -148,8 +268,10 @@ def profile_components(
         ``denoiser_params``, ``denoiser_macs``, ``denoiser_macs_with_attention`` (for U-Nets also the same three
         as ``unet_*``), ``text_encoder_params``/``_macs``/``_macs_with_attention`` (summed over encoders),
         ``vae_decoder_params``/``_macs``/``_macs_with_attention``, ``whole_params`` (denoiser + text encoders
-        + VAE decoder, the paper's "whole model"), ``resolution``, ``latent_size``, ``device``, ``dtype``,
-        ``torch_version``, ``diffusers_version``; with ``latency`` also ``denoiser_step_s``,
+        + VAE decoder, the paper's "whole model"), ``resolution``, ``latent_size``, ``steps``, ``device``,
+        ``dtype``, ``torch_version``, ``diffusers_version``, ``guidance_mode``, ``image_macs`` and
+        ``image_cfg_macs`` (with ``_with_attention``), ``per_image`` and ``per_image_cfg``
+        (:func:`per_image`, without and with guidance); with ``latency`` also ``denoiser_step_s``,
         ``denoiser_step_cfg_s`` (for U-Nets also as ``unet_step_s``, ``unet_step_cfg_s``), ``text_encoder_s``,
         ``vae_decode_s`` (medians, each with ``_min_s`` and ``_times_s``), ``image_s``, ``image_cfg_s`` (with
         ``_min_s``), ``peak_memory_bytes`` and ``peak_memory_method``.
@@ -212,9 +334,11 @@ def profile_components(
         "torch_version": torch.__version__,
         "diffusers_version": diffusers.__version__,
         "latency": latency,
+        "steps": steps,
+        "guidance_mode": "two denoiser calls at batch 1" if family.name in GUIDED_TWICE else "denoiser at batch 2",
     }
     if not latency:
-        return result
+        return _with_images(result)
 
     modules = [denoiser, vae, *text_encoders.values()]
     if any(_on_meta(m) for m in modules):
@@ -222,7 +346,7 @@ def profile_components(
             "cannot time modules on the meta device (they have no weights): build them with weights, or "
             "profile without latency"
         )
-    result |= {"steps": steps, "repeats": repeats, "warmup": warmup}
+    result |= {"repeats": repeats, "warmup": warmup}
     with torch.inference_mode():
         timings = _time_components(
             denoiser, family, text_encoders, lengths, vae, resolution, steps, repeats, warmup, device, dtype, stage
@@ -233,7 +357,18 @@ def profile_components(
         for suffix in ("", "_cfg"):
             for end in ("s", "min_s", "times_s"):
                 timings[f"unet_step{suffix}_{end}"] = timings[f"denoiser_step{suffix}_{end}"]
-    return result | timings
+    return _with_images(result | timings)
+
+
+def _with_images(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with the per-image breakdowns and MACs (and times, when timed) from :func:`per_image`."""
+    images = {"per_image": per_image(result, guided=False), "per_image_cfg": per_image(result, guided=True)}
+    for key, name in (("per_image", "image"), ("per_image_cfg", "image_cfg")):
+        result[f"{name}_macs"] = images[key]["image_macs"]
+        result[f"{name}_macs_with_attention"] = images[key]["image_macs_with_attention"]
+        if "image_s" in images[key]:
+            result[f"{name}_s"] = images[key]["image_s"]
+    return result | images
 
 
 def _time_components(
@@ -254,7 +389,9 @@ def _time_components(
     scale = vae_scale_factor(vae)
     config = dict(denoiser.config)
     step_in = step_inputs(family, config, resolution, scale, 1, device, dtype)
-    cfg_in = step_inputs(family, config, resolution, scale, 2, device, dtype)
+    # One guided step: batch 2, or the same batch-1 call twice for the families that guide that way.
+    twice = family.name in GUIDED_TWICE
+    guided_in = [step_in, step_in] if twice else [step_inputs(family, config, resolution, scale, 2, device, dtype)]
     pixels = resolution // scale * _PROFILING_SCALE
     latents = vae_decoder_inputs(pixels, latent_channels=vae.config.latent_channels, device=device, dtype=dtype)
     ids = {name: torch.zeros(1, lengths[name], dtype=torch.long, device=device) for name in text_encoders}
@@ -265,8 +402,8 @@ def _time_components(
     out: dict[str, Any] = {}
     stage(f"timing one denoiser step, batch 1 ({warmup} warm-up + {repeats} timed)")
     step = timed(lambda: denoiser(**step_in))
-    stage("timing one denoiser step, batch 2 (classifier-free guidance)")
-    step_cfg = timed(lambda: denoiser(**cfg_in))
+    stage(f"timing one denoiser step with classifier-free guidance ({'two calls' if twice else 'batch 2'})")
+    step_cfg = timed(lambda: [denoiser(**inputs) for inputs in guided_in])
     text_times = [0.0] * repeats
     encoder_stats: dict[str, dict[str, Any]] = {}
     for name, encoder in text_encoders.items():
@@ -284,9 +421,8 @@ def _time_components(
     out |= _stat_entries("text_encoder", text)
     out |= _stat_entries("vae_decode", decode)
     out["text_encoder_latency"] = encoder_stats
-    out["image_s"] = text.median + steps * step.median + decode.median
+    # image_s and image_cfg_s (medians) come from per_image; the minima are composed here.
     out["image_min_s"] = text.min + steps * step.min + decode.min
-    out["image_cfg_s"] = 2 * text.median + steps * step_cfg.median + decode.median
     out["image_cfg_min_s"] = 2 * text.min + steps * step_cfg.min + decode.min
     out |= {
         "image_formula": IMAGE_FORMULA,
@@ -298,13 +434,14 @@ def _time_components(
         for _ in range(2):  # prompt and negative prompt
             for name, encoder in text_encoders.items():
                 encoder(ids[name])
-        denoiser(**cfg_in)
+        for inputs in guided_in:
+            denoiser(**inputs)
         vae.decode(latents)
 
     stage("measuring peak memory")
     out["peak_memory_bytes"] = peak_memory(one_guided_image, device=device)
     out["peak_memory_method"] = (
-        "CUDA max memory allocated (weights + activations) over text encoders x2, one denoiser step at batch 2, "
+        "CUDA max memory allocated (weights + activations) over text encoders x2, one guided denoiser step, "
         "one VAE decode"
         if device.type == "cuda"
         else "CPU process peak RSS (getrusage high-water mark: all this process ever held, loading included)"

@@ -4,8 +4,10 @@
 folder or hub id, or an architecture preset, U-Net or transformer, optionally pruned by a plan), refuses what
 cannot work before any weights are built (random weights of a preset that would not fit in memory, activations of
 a resolution that would not, ``--onnx`` on anything but a CPU fp32 U-Net), measures with
-:func:`bksdm.eval.profile.profile_components`, times the ONNX Runtime U-Net beside PyTorch's when asked, and
-writes the result atomically.
+:func:`bksdm.eval.profile.profile_components`, times one stock pipeline call beside the composed figure
+(:func:`time_end_to_end`: a pipeline folder or hub id only, since presets have no tokenizer), adds the teacher's
+MACs when a plan made a student, times the ONNX Runtime U-Net beside PyTorch's when asked, and writes the result
+atomically.
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ from typing import Any
 import torch
 
 from bksdm.eval.components import Components, load_components
-from bksdm.eval.profile import profile_components
+from bksdm.eval.profile import measured_breakdown, profile_components, teacher_macs
 from bksdm.families import family_of
 from bksdm.loading import dtype_name, load_denoiser_config
 from bksdm.plan.archs import get_arch
-from bksdm.profiling import count_params
+from bksdm.profiling import count_params, measure_latency
 
-__all__ = ["ProfileOptions", "profile_pipeline"]
+__all__ = ["END_TO_END_PROMPT", "ProfileOptions", "profile_pipeline", "time_end_to_end"]
+
+END_TO_END_PROMPT = "a photograph of an astronaut riding a horse"
+"""The prompt of the timed pipeline call (its content does not change the work: prompts are padded to their
+encoder's length)."""
+END_TO_END_SEED = 0
 
 
 @dataclass
@@ -53,6 +60,8 @@ class ProfileOptions:
     """Time the components (loads weights); False only counts parameters and MACs."""
     onnx: str | os.PathLike | None = None
     """A folder of ``bksdm export onnx``: also time its U-Net in ONNX Runtime (CPU, fp32)."""
+    end_to_end: bool = True
+    """Also time one stock pipeline call (``model`` only: an ``arch`` preset has no tokenizer to call it with)."""
 
 
 def profile_pipeline(
@@ -61,8 +70,10 @@ def profile_pipeline(
     """The job of ``bksdm profile``: load, check, measure, and write the result to ``out`` (when given).
 
     Returns:
-        :func:`~bksdm.eval.profile.profile_components`' dict with ``source`` and ``plan`` first (and ``onnx`` with
-        ``options.onnx``).
+        :func:`~bksdm.eval.profile.profile_components`' dict with ``source`` and ``plan`` first, ``end_to_end``
+        (:func:`time_end_to_end`, or None) and ``end_to_end_note`` (why it is None, or None), with a plan
+        :func:`~bksdm.eval.profile.teacher_macs`' ``teacher_macs`` and ``macs_ratio_to_teacher``, and ``onnx`` with
+        ``options.onnx``.
 
     Raises:
         ValueError: Bad option values, or an unknown architecture.
@@ -112,6 +123,21 @@ def profile_pipeline(
         on_stage=say if latency else None,
     )
     result = {"source": parts.source, "plan": parts.plan, **result}
+    if parts.plan is not None:
+        result |= teacher_macs(result, get_arch(options.arch).denoiser_config if options.arch else
+                               load_denoiser_config(model))  # fmt: skip
+    result["end_to_end_note"] = _end_to_end_note(options)
+    result["end_to_end"] = None
+    if result["end_to_end_note"] is None:
+        from bksdm.sampling import sampling_defaults
+
+        pipe = _stock_pipeline(model, parts, device, dtype)
+        scale = sampling_defaults(model, denoiser=parts.denoiser).guidance_scale
+        say(f"timing one stock {type(pipe).__name__} call: {options.steps} steps, guidance {scale:g}")
+        timed = time_end_to_end(pipe, resolution, options.steps, scale, warmup=min(options.warmup, 1), device=device)
+        breakdown = result["per_image_cfg" if timed["classifier_free"] else "per_image"]
+        result["end_to_end"] = timed | measured_breakdown(breakdown, timed["s"], timed["steps_run"])
+        del pipe
     if options.onnx is not None:
         result["onnx"] = _time_onnx(options, parts.denoiser.config, result, say)
     if out:
@@ -120,6 +146,81 @@ def profile_pipeline(
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
+
+
+def _end_to_end_note(options: ProfileOptions) -> str | None:
+    """Why no stock pipeline call is timed, or None when one is."""
+    if options.arch is not None:
+        return (
+            "not measured: an --arch preset is built from configs with random weights and has no tokenizer or "
+            "scheduler, so there is no stock pipeline to call; profile a pipeline folder or hub id for it"
+        )
+    if not options.latency:
+        return "not measured: --no-latency"
+    return None if options.end_to_end else "not measured: --no-end-to-end"
+
+
+def _stock_pipeline(model: str, parts: Components, device: torch.device, dtype: torch.dtype):
+    """The model's own pipeline class around the components already loaded (the plan's student as its denoiser):
+    diffusers reads only what was not passed (tokenizers, scheduler, a safety checker where there is one)."""
+    from bksdm.loading import load_pipeline
+
+    modules = {family_of(parts.denoiser).denoiser: parts.denoiser, "vae": parts.vae, **parts.text_encoders}
+    return load_pipeline(model, dtype=dtype, device=str(device), **modules)
+
+
+def time_end_to_end(
+    pipe, resolution: int, steps: int, guidance_scale: float, *, warmup: int = 1, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """One stock ``pipe(...)`` call, timed as a user makes it: fixed prompt and seed, ``steps`` steps, the model's
+    guidance, images post-processed to PIL; what the separately timed components leave out shows in its gap.
+
+    With classifier-free guidance the negative prompt is ``""``, given explicitly so that SDXL encodes it as the
+    composed figure assumes (SDXL would use zeros for none). ``warmup`` untimed calls of one step come first (the
+    composed figures also time warm components). A step callback counts the steps the scheduler really ran.
+
+    Returns:
+        ``s`` (wall time, synchronised on CUDA), ``steps``, ``steps_run``, ``guidance_scale``,
+        ``classifier_free``, ``negative_prompt``, ``prompt``, ``seed``, ``warmup_calls``, ``pipeline``,
+        ``scheduler`` and ``image_size`` ([width, height] of the image it returned).
+    """
+    from bksdm.sampling import classifier_free
+
+    guided = classifier_free(pipe, guidance_scale)
+    taken: list[int] = []
+
+    def on_step(_pipe, step: int, _timestep, tensors: dict[str, Any]) -> dict[str, Any]:
+        taken.append(step)
+        return tensors
+
+    def call(count: int):
+        taken.clear()
+        extra = {"negative_prompt": ""} if guided else {}
+        generator = torch.Generator("cpu").manual_seed(END_TO_END_SEED)
+        return pipe(
+            prompt=END_TO_END_PROMPT, height=resolution, width=resolution, num_inference_steps=count,
+            guidance_scale=guidance_scale, generator=generator, callback_on_step_end=on_step, **extra,
+        ).images  # fmt: skip
+
+    pipe.set_progress_bar_config(disable=True)
+    for _ in range(warmup):
+        call(1)
+    images: list[Any] = []
+    stat = measure_latency(lambda: images.extend(call(steps)), warmup=0, repeats=1, device=device)
+    return {
+        "s": stat.median,
+        "steps": steps,
+        "steps_run": len(taken),
+        "guidance_scale": guidance_scale,
+        "classifier_free": guided,
+        "negative_prompt": "" if guided else None,
+        "prompt": END_TO_END_PROMPT,
+        "seed": END_TO_END_SEED,
+        "warmup_calls": warmup,
+        "pipeline": type(pipe).__name__,
+        "scheduler": type(pipe.scheduler).__name__,
+        "image_size": list(images[0].size),
+    }
 
 
 def _check_weights(meta: Components, arch: str, device: torch.device, dtype: torch.dtype) -> None:

@@ -3,6 +3,7 @@ of every evaluation figure (which ``bksdm report`` shares)."""
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 __all__ = ["METRIC_LABELS", "format_profile", "format_results"]
@@ -43,7 +44,7 @@ def format_results(result: dict[str, Any]) -> str:
 
 
 def _macs(n: int) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
@@ -57,6 +58,83 @@ def _seconds(s: float) -> str:
 
 def _bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Rows as lines: the first column left-aligned, the others right-aligned, each as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]).rstrip()
+        for row in rows
+    ]
+
+
+def _share(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _per_image_lines(result: dict[str, Any], den: str) -> list[str]:
+    """Where one image goes: each part's calls, MACs and (timed) seconds with their shares, beside the shares of one
+    measured stock pipeline call when there is one; then the figure without guidance and the teacher's MACs."""
+    end = result.get("end_to_end")
+    guided = end["classifier_free"] if end else True
+    image, other = (
+        (result["per_image_cfg"], result["per_image"]) if guided else (result["per_image"], result["per_image_cfg"])
+    )
+    timed = "image_s" in image
+    labels = {"text_encoders": "text encoders", "denoiser": den, "vae_decode": "VAE decode"}
+    rows = [["part", "calls", "MACs", "MACs share"] + ["time", "time share"] * timed + ["measured share"] * bool(end)]
+    for name, part in image["parts"].items():
+        row = [
+            labels[name],
+            f"{part['calls']} x batch {part['batch']}",
+            _macs(part["macs"]),
+            _share(part["macs_share"]),
+        ]
+        row += [_seconds(part["s"]), _share(part["share"])] if timed else []
+        rows.append(row + ([_share(end["shares"][name])] if end else []))
+    if end:
+        rows.append(
+            ["other (scheduler, post-processing)", "", "", ""] + [""] * (2 * timed) + [_share(end["shares"]["other"])]
+        )
+    rows.append(["image", "", _macs(image["image_macs"]), "100.0%"])
+    rows[-1] += ([_seconds(image["image_s"]), "100.0%"] if timed else []) + (["100.0%"] if end else [])
+
+    how = (
+        f"with classifier-free guidance ({result['guidance_mode'].replace('denoiser', den)})"
+        if guided
+        else "without guidance"
+    )
+    figures = [f"{_seconds(image['image_s'])} composed"] if timed else []
+    figures += [f"{_seconds(end['s'])} measured end to end"] if end else []
+    lines = [
+        f"per image, {result['steps']} steps {how}" + (f": {', '.join(figures)}" if figures else ""),
+        *_aligned(rows),
+    ]
+    figure = f"{_macs(other['image_macs'])} MACs" + (f", {_seconds(other['image_s'])} composed" if timed else "")
+    notes = [f"{'without' if guided else 'with'} guidance: {figure}."]
+    if timed:
+        notes.append(
+            f"Composed: each part timed on its own with synthetic inputs ({result['warmup']} warm-up + "
+            f"{result['repeats']} timed calls, medians) times its calls."
+        )
+    if end:
+        ran = f" ({end['scheduler']} ran {end['steps_run']})" if end["steps_run"] != end["steps"] else ""
+        notes.append(
+            f"Measured: one stock {end['pipeline']} call, {end['steps']} steps{ran}, guidance "
+            f"{end['guidance_scale']:g}, seed {end['seed']}, to PIL: {end['measured_over_composed']:.2f}x the "
+            f"composed time; {den} share at the steps it ran, 'other' is what no part accounts for."
+        )
+    elif result.get("end_to_end_note"):
+        notes.append(f"End to end: {result['end_to_end_note']}.")
+    if result.get("macs_ratio_to_teacher"):
+        ratio = result["macs_ratio_to_teacher"]
+        notes.append(
+            f"MACs vs the teacher (the time ratio they predict): {den} step {ratio['denoiser_step']:.3f}x, image "
+            f"{ratio['image_cfg']:.3f}x with guidance, {ratio['image']:.3f}x without."
+        )
+    lines += [wrapped for note in notes for wrapped in textwrap.wrap(note, 116, subsequent_indent="  ")]
+    return [*lines, ""]
 
 
 def format_profile(result: dict[str, Any]) -> str:
@@ -124,30 +202,13 @@ def format_profile(result: dict[str, Any]) -> str:
     )
     rows.append([f"whole ({den} + text + VAE dec.)", f"{r['whole_params']:,}"] + [""] * (len(header) - 2))
 
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(row: list[str]) -> str:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        return "  ".join(cells).rstrip()
-
     side, latent = result["resolution"], result["latent_size"]
     title = f"bksdm profile: {result.get('source', '?')}"
     if result.get("plan"):
         title += f", plan {result['plan']}"
-    lines = [f"{title}, {side}x{side} px (latent {latent}x{latent})", "", line(header)]
-    lines += [line(row) for row in rows]
-    lines.append("")
+    lines = [f"{title}, {side}x{side} px (latent {latent}x{latent})", "", *_aligned([header, *rows]), ""]
+    lines += _per_image_lines(result, den)
     if timed:
-        steps = result["steps"]
-        lines.append(
-            f"per image, {steps} steps: {_seconds(result['image_s'])} without guidance, "
-            f"{_seconds(result['image_cfg_s'])} with classifier-free guidance"
-        )
-        lines += [
-            f"  composed from separately timed components: text encoders + {steps} x {den} step + VAE decode",
-            "  (guidance: 2 text-encoder calls, batch-2 steps); apart, as --arch presets have no tokenizer",
-            f"  {result['warmup']} warm-up + {result['repeats']} timed calls per component; medians (min)",
-        ]
         if result.get("onnx"):
             onnx = result["onnx"]
             lines += [
