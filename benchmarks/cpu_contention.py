@@ -25,6 +25,11 @@ Threading settings (each a set of environment variables for the command):
 The table gives each setting's throughput and its share of the same setting's idle figure, and the JSON records the
 CPU, its flags, torch's thread count and the load average. Compare ratios measured in one run: absolute figures
 depend on the machine and on whatever else runs.
+
+``--late N`` measures contention that starts *after* the command: each distill run starts on the idle machine and
+N busy processes start once it has logged ``--late-after`` steps; the figure is the median samples/s of the steps
+logged after that, beside the same run's idle steps (``spin`` cannot adapt; ``auto`` hands threads back and forth
+as the machine changes, :class:`bksdm.threads.ThreadGovernor`). It writes ``cpu_contention_late.json``.
 """
 
 from __future__ import annotations
@@ -98,6 +103,48 @@ def run_distill(work: Path, data: Path, setting: str, steps: int) -> float:
     return statistics.median(r["samples_per_s"] for r in records[1:])
 
 
+def run_distill_late(work: Path, data: Path, setting: str, steps: int, busy: int, after: int) -> dict[str, float]:
+    """One distill run that starts idle; ``busy`` processes start once it has logged ``after`` steps.
+
+    Returns the median samples/s of the steps logged before (idle) and after the busy processes started.
+    """
+    out = work / f"late-{setting}-{time.time_ns()}"
+    args = [
+        "model.plan=bk-tiny", f"data.train={data}", "data.resolution=64", "data.num_workers=0",
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}", "train.batch_size=8", "train.gradient_accumulation_steps=1",
+        "train.mixed_precision=no", "train.gradient_checkpointing=false", "train.validate_every=0",
+        "train.log_every=1", "train.checkpoint_every=0", "train.use_ema=false",
+    ]  # fmt: skip
+    metrics = out / "logs" / "metrics.jsonl"
+    command = subprocess.Popen(
+        ["bksdm", "-v", "distill", *args], env=command_env(setting), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    started: list[subprocess.Popen] = []
+    at = None
+    try:
+        while command.poll() is None:
+            logged = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+            if at is None and logged >= after:
+                at, started = logged, busy_processes(busy)
+            time.sleep(0.05)
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+    log = command.stderr.read().decode()
+    if command.returncode != 0 or at is None:
+        raise RuntimeError(f"distill failed or ended before {after} steps:\n{log}")
+    rates = [json.loads(line)["samples_per_s"] for line in metrics.read_text().splitlines()]  # one step each
+    changes = re.findall(r"CPU threads (\d+) -> (\d+)", log)
+    return {
+        "idle": statistics.median(rates[1:at]),
+        "contended": statistics.median(rates[at + 1 :]),
+        "thread_changes": len(changes),
+        "threads_after": int(changes[-1][1]) if changes else None,
+    }
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -144,7 +191,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="generate: sampling steps")
     parser.add_argument("--distill-steps", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_contention.json"))
+    parser.add_argument("--late", type=int, default=0, help="busy processes that start after distill has started")
+    parser.add_argument("--late-after", type=int, default=10, help="logged steps before they start")
+    parser.add_argument("--late-steps", type=int, default=40, help="distill steps of each --late run")
     args = parser.parse_args()
+    if args.late:
+        return late_contention(args)
 
     from bksdm.world.shapes import export
 
@@ -176,6 +228,33 @@ def main() -> int:
     print(table(record))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def late_contention(args: argparse.Namespace) -> int:
+    """``--late N``: distill runs that start idle and meet N busy processes part-way; spin vs auto, side by side."""
+    from bksdm.world.shapes import export
+
+    settings = [s for s in args.settings if s in ("spin", "auto")] or ["spin", "auto"]
+    record: dict[str, Any] = {"environment": environment(), "settings": vars(args) | {"out": str(args.out)}}
+    record["late"] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = export(work / "data", count=64, seed=0)
+        for _ in range(args.repeats):
+            for setting in settings:  # alternating, so a slow spell of the machine hits both
+                run = run_distill_late(work, data, setting, args.late_steps, args.late, args.late_after)
+                record["late"].setdefault(setting, []).append(run)
+                print(f"late {setting:<5} {run}", flush=True)
+    print(f"\ndistill (samples/s), {args.late} busy process(es) starting after {args.late_after} steps")
+    for setting, runs in record["late"].items():
+        idle = statistics.median(r["idle"] for r in runs)
+        contended = statistics.median(r["contended"] for r in runs)
+        print(f"{setting:<6} idle {idle:8.2f}   after {contended:8.2f} ({100 * contended / idle:.0f}%)")
+        record["late"][setting] = {"runs": runs, "idle": idle, "contended": contended}
+    out = args.out.with_name(args.out.stem + "_late.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
