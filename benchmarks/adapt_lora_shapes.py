@@ -16,7 +16,10 @@ What it runs, each stage with the project's own functions:
    (stock ``load_lora_weights``): rings drawn for the instance prompt in 8 images (the must-show test's seeds and
    yardstick: ``filled_centre`` < 0.3, and the classifier reading red at the top left), discs still drawn for the
    class prompt, and prompt accuracy on the demo's 96 held-out captions and seeds (``bksdm.eval.evaluate`` with
-   the shapes classifier).
+   the shapes classifier);
+5. why a student misses: the same figures for the pruned students before distillation (whose kept weights are the
+   teacher's) with the carried LoRA, for the teacher with only the adapters a student keeps, and how far distillation
+   moved the adapted weights beside the size of the LoRA's delta on them.
 
 Prints a table and writes ``benchmarks/results/adapt_lora_shapes.json`` with the command, time and CPU.
 """
@@ -69,18 +72,20 @@ def train_lora(work: Path) -> Path:
     return out
 
 
-def distilled_student(root: Path, plan: str) -> Path:
-    """The distilled student of ``bksdm demo --plan PLAN --out ROOT/students-PLAN``, run with the demo's own function
-    when it is not there yet."""
+def demo_students(root: Path, plan: str) -> tuple[Path, Path]:
+    """The distilled student of ``bksdm demo --plan PLAN --out ROOT/students-PLAN`` and the pruned one it started
+    from, the demo run with its own function when it is not there yet."""
     from bksdm.loading import PLAN_FILE
     from bksdm.world.demo import DemoSettings, run_demo
 
     out = root / f"students-{plan}"
     found = sorted(out.glob(f"runs/*/student/{PLAN_FILE}"))
     if not found:
+        if out.exists() and any(out.iterdir()):  # never write into a demo that may still be running
+            raise RuntimeError(f"{out} holds no distilled student yet (a demo still running?): wait, or remove it")
         run_demo(out, DemoSettings(plan=plan))
         found = sorted(out.glob(f"runs/*/student/{PLAN_FILE}"))
-    return found[0].parent
+    return found[0].parent, out / "pruned" / plan
 
 
 def load(folder: Path, lora: Path | None = None):
@@ -102,6 +107,23 @@ def silence(denoiser: torch.nn.Module, modules: set[str]) -> None:
         if name in modules and isinstance(module, LoraLayer):
             for b in module.lora_B.values():
                 b.weight.data.zero_()
+
+
+def drift(distilled: Path, pruned: Path, adapted: Path) -> dict[str, float]:
+    """How far distillation moved the adapted modules' weights from the teacher's (the pruned student's), beside the
+    size of the LoRA's delta on them: relative Frobenius norms over all adapted modules."""
+    from peft.tuners.lora import LoraLayer
+
+    before, after = load(pruned, adapted).unet, dict(load(distilled).unet.named_modules())
+    change = delta = norm = 0.0
+    with torch.no_grad():
+        for name, module in before.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.base_layer.weight
+                change += float((after[name].weight - weight).norm() ** 2)
+                delta += float(module.get_delta_weight(module.active_adapters[0]).norm() ** 2)
+                norm += float(weight.norm() ** 2)
+    return {"distillation_change": (change / norm) ** 0.5, "lora_delta": (delta / norm) ** 0.5}
 
 
 def measure(pipe, folder: Path) -> dict[str, Any]:
@@ -167,37 +189,43 @@ def main() -> int:
     work = args.work
     lora = train_lora(work)
     record["lora_seconds"] = time.perf_counter() - started
-    models: dict[str, Path] = {"teacher": TEACHER_DIR}
     record["adapt"], reports = {}, {}
+    # (row, model folder, LoRA folder or None, modules whose adapters are silenced)
+    runs: list[tuple[str, Path, Path | None, set[str]]] = [
+        ("teacher, no LoRA", TEACHER_DIR, None, set()),
+        ("teacher, teacher's LoRA", TEACHER_DIR, lora, set()),
+    ]
     for plan in ("bk-small", "bk-tiny"):
-        models[plan] = distilled_student(args.students, plan)
-        report = reports[plan] = adapt_lora(models[plan], lora, work / f"adapted-{plan}", overwrite=True)
-        blocks = sorted({d["block"] for d in report["dropped"]})
+        student, pruned = demo_students(args.students, plan)
+        carried = work / f"adapted-{plan}"
+        report = reports[plan] = adapt_lora(student, lora, carried, overwrite=True)
+        dropped = {d["module"] for d in report["dropped"]}
         figures = {k: report[k] for k in ("adapters", "params")}
-        record["adapt"][plan] = {"student": str(models[plan]), **figures, "dropped_blocks": blocks}
+        blocks = sorted({d["block"] for d in report["dropped"]})
+        record["adapt"][plan] = {"student": str(student), **figures, "dropped_blocks": blocks}
+        record["adapt"][plan]["weights"] = drift(student, pruned, carried)
         print(plan, record["adapt"][plan], flush=True)
+        runs += [
+            (f"{plan}, no LoRA", student, None, set()),
+            (f"{plan}, carried LoRA (adapt lora)", student, carried, set()),
+            (f"{plan}, teacher's LoRA as is", student, lora, set()),
+            # Why a student misses: the same LoRA on the pruned student before distillation (the teacher's weights),
+            # and the teacher with only the adapters the student keeps (the others' B set to zero).
+            (f"{plan} pruned, not distilled, no LoRA", pruned, None, set()),
+            (f"{plan} pruned, not distilled, carried LoRA", pruned, carried, set()),
+        ]
+        if all(silenced != dropped for *_, silenced in runs):  # bk-small and bk-tiny may drop the same adapters
+            runs.append((f"teacher, teacher's LoRA less the {len(dropped)} adapters {plan} drops", TEACHER_DIR, lora,
+                         dropped))  # fmt: skip
     rows: dict[str, dict[str, Any]] = {}
-    for name, folder in models.items():
-        variants: dict[str, Path | None] = {"no LoRA": None}
-        if name == "teacher":
-            variants["teacher's LoRA"] = lora
+    for key, folder, adapter, silenced in runs:
+        try:
+            pipe = load(folder, adapter)
+        except (RuntimeError, ValueError) as err:  # what stock diffusers does with a LoRA that does not fit
+            rows[key] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"}
         else:
-            variants |= {"carried LoRA (adapt lora)": work / f"adapted-{name}", "teacher's LoRA as is": lora}
-        for variant, adapter in variants.items():
-            key = f"{name}, {variant}"
-            try:
-                pipe = load(folder, adapter)
-            except (RuntimeError, ValueError) as err:  # what stock diffusers does with a LoRA that does not fit
-                rows[key] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"}
-            else:
-                rows[key] = measure(pipe, work / "images" / key.replace(", ", "-").replace(" ", "_"))
-            print(key, rows[key], flush=True)
-    # Why a student misses: the teacher with only the adapters a student keeps (the others' B set to zero).
-    for plan in sorted({tuple(sorted(d["module"] for d in a["dropped"])): p for p, a in reports.items()}.values()):
-        key = f"teacher, teacher's LoRA less the {len(reports[plan]['dropped'])} adapters {plan} drops"
-        pipe = load(TEACHER_DIR, lora)
-        silence(pipe.unet, {d["module"] for d in reports[plan]["dropped"]})
-        rows[key] = measure(pipe, work / "images" / f"teacher-less-{plan}")
+            silence(pipe.unet, silenced)
+            rows[key] = measure(pipe, work / "images" / key.replace(", ", "-").replace(" ", "_").replace("'", ""))
         print(key, rows[key], flush=True)
     record["rows"] = rows
     record["seconds"] = time.perf_counter() - started
@@ -214,6 +242,16 @@ def main() -> int:
         else:
             figures = [r["rings"], r["rings_red_top_left"], r["class_discs"], f"{r['prompt_accuracy']:.3f}"]
             lines.append(f"| {key} | " + " | ".join(str(f) for f in figures) + " |")
+    lines += [
+        "",
+        "| student | adapters carried | dropped (share of parameters) | distillation moved the adapted weights by "
+        "| the LoRA's delta on them |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for plan, a in record["adapt"].items():
+        n, w = a["adapters"], a["weights"]
+        lines.append(f"| {plan} | {n['kept']} of {n['total']} | {n['dropped']} ({a['params']['dropped_share']:.1%}) "
+                     f"| {w['distillation_change']:.1%} | {w['lora_delta']:.1%} |")  # fmt: skip
     record["table"] = "\n".join(lines)
     print(record["table"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
