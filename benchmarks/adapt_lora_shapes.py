@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with bksdm installed)::
 
-    python benchmarks/adapt_lora_shapes.py      # about 15 min on 2 idle cores (+ 2 demos when the students are absent)
+    python benchmarks/adapt_lora_shapes.py      # 11 min on 2 shared cores (+ 2 demos when the students are absent)
 
 What it runs, each stage with the project's own functions:
 
@@ -17,9 +17,9 @@ What it runs, each stage with the project's own functions:
    yardstick: ``filled_centre`` < 0.3, and the classifier reading red at the top left), discs still drawn for the
    class prompt, and prompt accuracy on the demo's 96 held-out captions and seeds (``bksdm.eval.evaluate`` with
    the shapes classifier);
-5. why a student misses: the same figures for the pruned students before distillation (whose kept weights are the
-   teacher's) with the carried LoRA, for the teacher with only the adapters a student keeps, and how far distillation
-   moved the adapted weights beside the size of the LoRA's delta on them.
+5. why a student misses: the same figures for the teacher with only the adapters a student keeps (and with the
+   dropped adapters of each kind of removed block silenced in turn), and how far distillation moved the adapted
+   weights from the teacher's beside the size of the LoRA's delta on them.
 
 Prints a table and writes ``benchmarks/results/adapt_lora_shapes.json`` with the command, time and CPU.
 """
@@ -187,8 +187,10 @@ def main() -> int:
         "load_average_at_start": os.getloadavg(),
     }
     work = args.work
+    trained = not (work / "dreambooth" / "dreambooth.json").is_file()
     lora = train_lora(work)
-    record["lora_seconds"] = time.perf_counter() - started
+    record["lora"] = json.loads((lora / "dreambooth.json").read_text()) | {"args": MUST_SHOW}
+    record["lora_seconds"] = time.perf_counter() - started if trained else None  # None: trained by an earlier run
     record["adapt"], reports = {}, {}
     # (row, model folder, LoRA folder or None, modules whose adapters are silenced)
     runs: list[tuple[str, Path, Path | None, set[str]]] = [
@@ -209,20 +211,25 @@ def main() -> int:
             (f"{plan}, no LoRA", student, None, set()),
             (f"{plan}, carried LoRA (adapt lora)", student, carried, set()),
             (f"{plan}, teacher's LoRA as is", student, lora, set()),
-            # Why a student misses: the same LoRA on the pruned student before distillation (the teacher's weights),
-            # and the teacher with only the adapters the student keeps (the others' B set to zero).
-            (f"{plan} pruned, not distilled, no LoRA", pruned, None, set()),
-            (f"{plan} pruned, not distilled, carried LoRA", pruned, carried, set()),
         ]
-        if all(silenced != dropped for *_, silenced in runs):  # bk-small and bk-tiny may drop the same adapters
-            runs.append((f"teacher, teacher's LoRA less the {len(dropped)} adapters {plan} drops", TEACHER_DIR, lora,
-                         dropped))  # fmt: skip
+        # Why a student misses: the teacher with only the adapters the student keeps (the others' B set to zero),
+        # then with the dropped adapters of one kind of removed block silenced at a time.
+        groups = {"": dropped} | {
+            g: {d["module"] for d in report["dropped"] if d["block"].split(".")[0] == g}
+            for g in sorted({d["block"].split(".")[0] for d in report["dropped"]})
+        }
+        for group, modules in groups.items():
+            if all(silenced != modules for *_, silenced in runs):  # bk-small and bk-tiny may drop the same adapters
+                where = f" in {group}" if group else ""
+                key = f"teacher, teacher's LoRA less the {len(modules)} adapters {plan} drops{where}"
+                runs.append((key, TEACHER_DIR, lora, modules))
     rows: dict[str, dict[str, Any]] = {}
     for key, folder, adapter, silenced in runs:
         try:
             pipe = load(folder, adapter)
         except (RuntimeError, ValueError) as err:  # what stock diffusers does with a LoRA that does not fit
-            rows[key] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"}
+            first = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])
+            rows[key] = {"error": f"{type(err).__name__}: {first}"}
         else:
             silence(pipe.unet, silenced)
             rows[key] = measure(pipe, work / "images" / key.replace(", ", "-").replace(" ", "_").replace("'", ""))
@@ -238,7 +245,7 @@ def main() -> int:
     ]
     for key, r in rows.items():
         if "error" in r:
-            lines.append(f"| {key} | load fails: {r['error'][:90]} | | | |")
+            lines.append(f"| {key} | load fails: {r['error'][:160]} | | | |")
         else:
             figures = [r["rings"], r["rings_red_top_left"], r["class_discs"], f"{r['prompt_accuracy']:.3f}"]
             lines.append(f"| {key} | " + " | ".join(str(f) for f in figures) + " |")
