@@ -41,8 +41,9 @@ import diffusers
 import numpy as np
 import torch
 
+from bksdm.devices import parse_dtype
 from bksdm.eval.generate import generate_images, prompt_seed
-from bksdm.loading import load_pipeline, parse_dtype
+from bksdm.loading import load_pipeline
 from bksdm.profiling import device_name
 from bksdm.world.shapes import all_scenes
 

@@ -46,7 +46,8 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from bksdm.loading import load_plan, parse_dtype
+from bksdm.devices import parse_dtype
+from bksdm.loading import load_plan
 from bksdm.plan.archs import ARCHS, build_scheduler, build_text_encoders, build_unet, build_vae, get_arch
 from bksdm.plan.surgery import build_student
 from bksdm.profiling import TEXT_LENGTH, VAE_SCALE, count_params, device_name

@@ -354,7 +354,7 @@ def test_an_unreachable_hub_id_is_one_line(prompts, tmp_path, capsys, monkeypatc
 
 
 def test_resolve_device() -> None:
-    from bksdm.loading import DeviceError, resolve_device
+    from bksdm.devices import DeviceError, resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")

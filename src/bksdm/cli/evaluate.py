@@ -13,7 +13,7 @@ __all__ = ["add_evaluate_commands", "run_evaluate", "run_fid_stats", "run_report
 
 def _device(name: str | None) -> str:
     """The ``--device`` checked by the one rule every command shares (``tpu``, or CUDA without a GPU: exit 2)."""
-    from bksdm.loading import resolve_device
+    from bksdm.devices import resolve_device
 
     return str(resolve_device(name))
 

@@ -56,7 +56,7 @@ def add_prune(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_prune(args: argparse.Namespace) -> int:
-    from bksdm.loading import parse_dtype
+    from bksdm.devices import parse_dtype
     from bksdm.plan.prune import prune
     from bksdm.plan.render import DENOISER_LABELS
 

@@ -89,7 +89,8 @@ def run_serve(args: argparse.Namespace) -> int:
         TeacherNotFoundError: a model cannot be found.
         ValueError: a bad option or an address that cannot be bound (the message says which and why).
     """
-    from bksdm.loading import resolve_device, resolve_dtype, teacher_or_default
+    from bksdm.devices import resolve_device, resolve_dtype
+    from bksdm.loading import teacher_or_default
     from bksdm.use.serve.app import default_sampling
     from bksdm.use.serve.run import serve_models
     from bksdm.use.serve.server import binding_warning

@@ -193,7 +193,7 @@ def evaluate(
     chosen = _choose_metrics(options, prompts)
     _check(options, chosen, prompts)
     _check_count(options, chosen, len(records), describe_images(images, manifest, len(records)))
-    from bksdm.loading import resolve_device
+    from bksdm.devices import resolve_device
 
     device = resolve_device(options.device)
     networks: dict[str, Any] = {}
@@ -350,9 +350,9 @@ def evaluate_folder(
         EvaluationError: Bad inputs, or a network's weights or library are missing (the message says which).
         WriteFailed: The result could not be written.
     """
+    from bksdm.devices import resolve_device
     from bksdm.eval.clip_models import ClipNotAvailableError
     from bksdm.eval.inception import InceptionWeightsNotFoundError
-    from bksdm.loading import resolve_device
 
     options = options or EvaluationOptions()
     if options.batch_size < 1:

@@ -283,8 +283,9 @@ def generate_folder(options: GenerateOptions, *, progress: bool = True) -> Gener
 
     from bksdm import __version__
     from bksdm.artifacts import PARTIAL_SUFFIX
+    from bksdm.devices import dtype_name, resolve_device, resolve_dtype
     from bksdm.eval import image_folder as folder
-    from bksdm.loading import dtype_name, load_pipeline_with_unet, resolve_device, resolve_dtype, teacher_or_default
+    from bksdm.loading import load_pipeline_with_unet, teacher_or_default
     from bksdm.sampling import check_memory, check_steps, classifier_free, sampling_defaults
 
     model = teacher_or_default(options.model)

@@ -27,9 +27,9 @@ import diffusers
 import torch
 from torch import nn
 
+from bksdm.devices import dtype_name
 from bksdm.eval.components import prompt_length, vae_scale_factor
 from bksdm.families import Family, family_of
-from bksdm.loading import dtype_name
 from bksdm.plan.prune import vae_decoder_params
 from bksdm.profiling import (
     LatencyStat,

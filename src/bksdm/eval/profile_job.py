@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from bksdm.devices import dtype_name
 from bksdm.eval.components import Components, load_components
 from bksdm.eval.profile import measured_breakdown, profile_components, teacher_macs
 from bksdm.families import family_of
-from bksdm.loading import dtype_name, load_denoiser_config
+from bksdm.loading import load_denoiser_config
 from bksdm.plan.archs import get_arch
 from bksdm.profiling import count_params, measure_latency
 
@@ -83,7 +84,8 @@ def profile_pipeline(
         WriteFailed: ``out`` could not be written.
     """
     from bksdm.artifacts import atomic_file
-    from bksdm.loading import resolve_device, resolve_dtype, teacher_or_default
+    from bksdm.devices import resolve_device, resolve_dtype
+    from bksdm.loading import teacher_or_default
 
     say = on_stage or (lambda message: None)
     model = options.model

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from bksdm import __version__
 from bksdm.artifacts import atomic_dir
+from bksdm.devices import resolve_device, resolve_dtype
 from bksdm.families import family_of
 from bksdm.families.base import Family
-from bksdm.loading import load_denoiser_config, load_pipeline, resolve_device, resolve_dtype, teacher_or_default
+from bksdm.loading import load_denoiser_config, load_pipeline, teacher_or_default
 from bksdm.plan.prune import check_output_dir, teacher_resolution
 from bksdm.plan.removable import unit_space
 from bksdm.plan.score import Calibration, SimilarityTap, decompose, noised, predict, relative_change, schedule_timesteps

@@ -23,8 +23,9 @@ import yaml
 
 from bksdm import __version__
 from bksdm.artifacts import write_text
+from bksdm.devices import resolve_device, resolve_dtype
 from bksdm.families import family_of
-from bksdm.loading import load_denoiser_config, resolve_device, resolve_dtype
+from bksdm.loading import load_denoiser_config
 from bksdm.plan.removable import unit_space
 from bksdm.plan.score_job import load_scores
 from bksdm.plan.search import BudgetError, Scores, SearchResult, parse_budget, search

@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 
 from bksdm import __version__
 from bksdm.artifacts import atomic_file, write_text
+from bksdm.devices import parse_dtype
 from bksdm.families import family_of
-from bksdm.loading import load_denoiser_config, load_pipeline, parse_dtype, teacher_or_default
+from bksdm.loading import load_denoiser_config, load_pipeline, teacher_or_default
 from bksdm.plan.render import human
 from bksdm.seeding import STREAM_DATA, sample_generator
 from bksdm.train.config import DistillConfig

@@ -31,9 +31,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from bksdm.artifacts import atomic_dir
+from bksdm.devices import parse_dtype
 from bksdm.families import denoiser_of, family_of
 from bksdm.families.base import Family
-from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, parse_dtype, teacher_or_default
+from bksdm.loading import PLAN_FILE, load_pipeline, load_plan, teacher_or_default
 from bksdm.plan.render import DENOISER_LABELS
 from bksdm.plan.surgery import build_student
 from bksdm.threads import governed_threads

@@ -40,8 +40,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from bksdm.artifacts import MODEL_RECORD_FILE, atomic_dir
+from bksdm.devices import parse_dtype
 from bksdm.eval.generate import generate_images
-from bksdm.loading import PLAN_FILE, load_pipeline, parse_dtype, teacher_or_default
+from bksdm.loading import PLAN_FILE, load_pipeline, teacher_or_default
 from bksdm.sampling import sampling_defaults
 from bksdm.threads import governed_threads
 from bksdm.train.batches import batch_stream

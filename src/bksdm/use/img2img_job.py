@@ -290,8 +290,9 @@ def run_img2img(options: Img2ImgOptions, *, on_skip: Callable[[str], None] | Non
         TeacherNotFoundError: ``model`` is neither a pipeline folder nor a reachable hub repo.
         WriteFailed: An output could not be written (the earlier ones are whole).
     """
+    from bksdm.devices import resolve_device, resolve_dtype
     from bksdm.eval.generate import model_denoiser
-    from bksdm.loading import resolve_device, resolve_dtype, teacher_or_default
+    from bksdm.loading import teacher_or_default
 
     skip = on_skip or logger.warning
     model = teacher_or_default(options.model)

@@ -81,7 +81,7 @@ def evaluate_subject(options: SubjectEvalOptions) -> SubjectScores:
         SubjectDataError: A missing or empty folder, prompts that do not match the images, bad generation options.
         MetricModelError: A metric model that cannot be loaded (the message says what to download).
     """
-    from bksdm.loading import resolve_device
+    from bksdm.devices import resolve_device
 
     device = str(resolve_device(options.device))
     real = read_images(options.instance_dir, "--instance-dir")
