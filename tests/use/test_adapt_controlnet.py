@@ -37,8 +37,9 @@ from bksdm.use.adapters.controlnet import (
     prune_controlnet,
     residual_shapes,
 )
-from bksdm.use.adapters.controlnet_job import StudentError, adapt_controlnet
+from bksdm.use.adapters.controlnet_job import adapt_controlnet
 from bksdm.use.adapters.controlnet_kd import ControlNetKDSettings, KDSettingsError
+from bksdm.use.adapters.student import StudentError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

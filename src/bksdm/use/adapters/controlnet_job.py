@@ -23,12 +23,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bksdm import __version__
 from bksdm.artifacts import atomic_dir
-from bksdm.families import family_of
-from bksdm.loading import PLAN_FILE, check_model_ref, check_pipeline_ref, load_denoiser_config, load_plan
+from bksdm.loading import check_model_ref
 from bksdm.plan.prune import check_output_dir
 from bksdm.plan.render import markdown_table
 from bksdm.profiling import count_params
@@ -41,7 +38,7 @@ from bksdm.use.adapters.controlnet import (
     residual_shapes,
 )
 from bksdm.use.adapters.controlnet_kd import ControlNetKDSettings, distill_controlnet
-from bksdm.use.adapters.lora_job import REPORT_FILE, check_student, teacher_config_of
+from bksdm.use.adapters.student import REPORT_FILE, StudentError, trace_student
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +53,6 @@ PIPELINE_NEEDS = (
     "the student has skips (the teacher's, unpruned) is cut short by the U-Net's zip and then fails on shapes."
 )
 """What stock diffusers needs of a ControlNet for a student, as the report and the README say it."""
-
-
-class StudentError(ValueError):
-    """The student cannot take a carried ControlNet: no plan file, or a transformer student."""
 
 
 def adapt_controlnet(
@@ -96,30 +89,22 @@ def adapt_controlnet(
     """
     from diffusers import ControlNetModel
 
-    student, out = Path(student), Path(out)
-    check_pipeline_ref(student, "--student")
-    plan_file = student / PLAN_FILE
-    if not plan_file.is_file():
+    out = Path(out)
+    traced = trace_student(
+        student,
+        teacher,
+        "prunes a ControlNet for",
+        "; for a ControlNet trained on the student itself, use bksdm.use.adapters.controlnet.controlnet_from_student",
+    )
+    student, teacher_ref, teacher_config = traced.folder, traced.teacher_ref, traced.teacher_config
+    resolved, student_config = traced.resolved, traced.student_config
+    if traced.family.denoiser != "unet":
         raise StudentError(
-            f"--student {student} has no {PLAN_FILE}: bksdm prunes a ControlNet for a student made by bksdm prune (or "
-            "distilled from one), whose plan file says which teacher layer each student layer came from; for a "
-            "ControlNet trained on the student itself, use bksdm.use.adapters.controlnet.controlnet_from_student"
+            f"--student {student} is a {traced.family.name} (diffusion transformer) student: carrying ControlNets to "
+            "SD3 / FLUX.1 students is not supported yet (their ControlNets add one residual per transformer block, a "
+            "different mapping); bksdm adapt controlnet takes U-Net students"
         )
     check_output_dir(out, overwrite)
-    provenance = yaml.safe_load(plan_file.read_text()) or {}
-    if provenance.get("family", "unet") != "unet" or (student / "transformer").is_dir():
-        raise StudentError(
-            f"--student {student} is a {provenance.get('family', 'transformer')} (diffusion transformer) student: "
-            "carrying ControlNets to SD3 / FLUX.1 students is not supported yet (their ControlNets add one residual "
-            "per transformer block, a different mapping); bksdm adapt controlnet takes U-Net students"
-        )
-    teacher_ref = str(teacher) if teacher else str(provenance.get("teacher", ""))
-    teacher_config = teacher_config_of(teacher_ref, plan_file, given=teacher is not None)
-    family = family_of(teacher_config)
-    plan = load_plan(student)
-    resolved = family.resolve(plan, teacher_config)
-    student_config = load_denoiser_config(student)
-    check_student(family, resolved.student_config(), student_config, student, teacher_ref)
     check_model_ref(controlnet, "--controlnet")
     try:
         controlnet_config = dict(ControlNetModel.load_config(str(controlnet)))
@@ -138,7 +123,7 @@ def adapt_controlnet(
             f"the pruned ControlNet's residuals {shapes} differ from the student's skips "
             f"{residual_shapes(student_config)}"
         )
-    report = build_report(carried, teacher_controlnet, teacher_ref, student, str(controlnet), plan.name)
+    report = build_report(carried, teacher_controlnet, teacher_ref, student, str(controlnet), traced.plan.name)
     if distill is not None:
         logger.info("distilling the carried ControlNet for %d steps", distill.steps)
         report["distillation"] = distill_controlnet(

@@ -19,24 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from bksdm import __version__
 from bksdm.artifacts import atomic_dir
-from bksdm.families import family_of
 from bksdm.families.base import Family
-from bksdm.loading import PLAN_FILE, TeacherNotFoundError, check_pipeline_ref, load_denoiser_config, load_plan
 from bksdm.plan.prune import check_output_dir
 from bksdm.plan.render import markdown_table
-from bksdm.plan.surgery import shapes_of
 from bksdm.use.adapters.lora_map import LoraError, LoraMapping, LoraPart, check_part, map_lora, split_parts
+from bksdm.use.adapters.student import REPORT_FILE, trace_student
 from bksdm.use.lora import LORA_FILE, write_lora
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["REPORT_FILE", "adapt_lora"]
 
-REPORT_FILE = "adapt_report"
 """The report's name in the output folder (``.json`` and ``.md``)."""
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
 
@@ -61,29 +57,17 @@ def adapt_lora(
         The report (also written as ``out/adapt_report.json`` and ``.md``).
 
     Raises:
-        LoraError: The student has no plan file or is not its plan's student, or the LoRA is not a LoRA or not one
-            for this teacher; nothing is written.
+        StudentError: The student has no plan file or is not its plan's student; nothing is written.
+        LoraError: The LoRA is not a LoRA, or not one for this teacher; nothing is written.
         TeacherNotFoundError: The student or the teacher cannot be found.
         OutputExistsError: ``out`` is not empty and ``overwrite`` is False.
     """
-    student, out = Path(student), Path(out)
-    check_pipeline_ref(student, "--student")
-    plan_file = student / PLAN_FILE
-    if not plan_file.is_file():
-        raise LoraError(
-            f"--student {student} has no {PLAN_FILE}: bksdm maps a LoRA onto a student made by bksdm prune (or "
-            "distilled from one), whose plan file says which teacher block each student block came from"
-        )
+    out = Path(out)
+    traced = trace_student(student, teacher, "maps a LoRA onto")
+    student, teacher_ref, teacher_config = traced.folder, traced.teacher_ref, traced.teacher_config
+    family, plan, resolved, student_config = traced.family, traced.plan, traced.resolved, traced.student_config
     check_output_dir(out, overwrite)
     file = lora_file(Path(lora))
-    provenance = yaml.safe_load(plan_file.read_text()) or {}
-    teacher_ref = str(teacher) if teacher else str(provenance.get("teacher", ""))
-    teacher_config = teacher_config_of(teacher_ref, plan_file, given=teacher is not None)
-    family = family_of(teacher_config)
-    plan = load_plan(student)
-    resolved = family.resolve(plan, teacher_config)
-    student_config = load_denoiser_config(student)
-    check_student(family, resolved.student_config(), student_config, student, teacher_ref)
 
     pipeline_class = pipeline_class_of(student)
     state_dict, alphas, metadata, source_format = read_lora(pipeline_class, file, teacher_config)
@@ -132,42 +116,6 @@ def lora_file(path: Path) -> Path:
     if path.suffix != ".safetensors":
         raise LoraError(f"--lora {path}: not a .safetensors file (pickled LoRAs are not read: they can run code)")
     return path
-
-
-def teacher_config_of(ref: str, plan_file: Path, given: bool) -> dict[str, Any]:
-    """The teacher's denoiser config (no weights).
-
-    Raises:
-        TeacherNotFoundError: It cannot be found; the message offers ``--teacher`` when it came from the plan file.
-    """
-    if not ref:
-        raise TeacherNotFoundError(f"{plan_file} names no teacher; pass --teacher with the teacher's folder or hub id")
-    try:
-        return load_denoiser_config(ref)
-    except TeacherNotFoundError as err:
-        if given:
-            raise TeacherNotFoundError(f"--teacher {ref}: {err}") from None
-        raise TeacherNotFoundError(
-            f"the teacher {plan_file} records, {ref}, cannot be read ({err}); pass --teacher with the teacher's folder "
-            "or hub id"
-        ) from None
-
-
-def check_student(family: Family, planned: dict[str, Any], actual: dict[str, Any], student: Path, teacher: str) -> None:
-    """Refuses a student whose denoiser is not the one its plan makes from this teacher (tensor names and shapes).
-
-    Raises:
-        LoraError: Naming a few differing tensors.
-    """
-    with torch.device("meta"):
-        want, have = shapes_of(family.build(planned)), shapes_of(family.build(actual))
-    wrong = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-    if wrong:
-        examples = ", ".join(f"{k} {list(have[k]) if k in have else '(none)'}" for k in wrong[:3])
-        raise LoraError(
-            f"--student {student} is not what its plan makes from the teacher {teacher}: {len(wrong)} tensors of its "
-            f"{family.denoiser} differ ({examples}); pass --teacher with the teacher it was made from"
-        )
 
 
 def pipeline_class_of(student: Path) -> type:
