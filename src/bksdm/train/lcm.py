@@ -73,7 +73,7 @@ from bksdm.train.runtime import (
     tracker_config,
 )
 from bksdm.train.validation import image_grid
-from bksdm.use.lora import LORA_FILE, load_lora
+from bksdm.use.lora import LORA_FILE, load_lora, save_lora
 
 logger = get_logger(__name__)
 
@@ -83,24 +83,6 @@ RUN_ENTRIES = ("config.yaml", "student", "validation")  # an LCM run's own entri
 EMA_LORA_FILE = "lora_ema.safetensors"  # a LoRA run's target adapters in a checkpoint, by parameter name
 LCM_STEPS = 4
 """The step count an LCM student's folder records as its default (LCM's 4-step setting)."""
-
-
-def save_lcm_lora(folder: Path, unet: torch.nn.Module) -> Path:
-    """Writes ``folder/pytorch_lora_weights.safetensors`` with diffusers' ``save_lora_weights``, in peft's key format
-    (as diffusers' LCM-LoRA script), which ``load_lora_weights`` reads for every adapted module. (bksdm.use.lora's
-    ``save_lora`` converts keys to the older diffusers format, which renames the attention projections only: with
-    LCM-LoRA's convolution and projection targets too, the file mixes the two formats and ``load_lora_weights``
-    skipped every attention adapter, measured on the shapes U-Net: 298 of 554 tensors loaded.)"""
-    from diffusers import StableDiffusionPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=get_peft_model_state_dict(unet),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        safe_serialization=True,
-    )
-    return folder / LORA_FILE
 
 
 def _fingerprints(cfg: LcmConfig) -> dict[str, Any]:
@@ -120,7 +102,7 @@ def save_checkpoint(accelerator, cfg: LcmConfig, models: LcmModels, ema: EMAMode
             student.save_pretrained(folder / "unet")
             save_ema_weights(ema, student, folder / "unet_ema")
         else:
-            save_lcm_lora(folder, student)
+            save_lora(folder, student)
             shadow = {n: p.detach().contiguous() for n, p in zip(models.names, ema.shadow_params, strict=True)}
             save_file(shadow, str(folder / EMA_LORA_FILE))
         save_lcm_config(cfg, folder / "config.yaml")
@@ -242,7 +224,7 @@ def save_student(cfg: LcmConfig, models: LcmModels, student, ema: EMAModel, out:
     with atomic_dir(target) as partial:
         pipe.save_pretrained(partial, safe_serialization=True)
         if cfg.model.mode == "lora":
-            save_lcm_lora(partial, student)
+            save_lora(partial, student)
         if (source / PLAN_FILE).is_file():
             shutil.copy(source / PLAN_FILE, partial / PLAN_FILE)
         (partial / MODEL_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
