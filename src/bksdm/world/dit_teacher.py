@@ -11,10 +11,17 @@ diffusion transformer from, so it must *be* SD3 in every structural respect and 
   concatenated into the pooled vector, trained from scratch (no pretrained CLIP knows this world). Both share the
   world's tiny CLIP tokenizer (every shapes word one token), set to :data:`CLIP_LENGTH` tokens rather than 77: the
   captions are 10 tokens, and every text token runs through every joint block;
-- **no T5** (``text_encoder_3=None``, ``tokenizer_3=None``), which the stock pipeline allows: it then feeds the
-  transformer zeros in T5's place (256 tokens at its default ``max_sequence_length``). The world's captions are
-  fully told by the CLIP states (SD3's own paper drops T5 at inference with small loss for simple prompts), and a
-  T5 would add an encoder and parameters without adding a word the CLIPs cannot carry;
+- **no T5 of its own**: T5's part of the text states is zeros, which is what SD3's pipeline feeds the transformer
+  when it has no T5 (``text_encoder_3=None``: 256 zero tokens at its default ``max_sequence_length``). The world's
+  captions are fully told by the CLIP states (SD3's paper drops T5 at inference with small loss on simple
+  prompts), and a trained T5 would run 256 distinct tokens through every joint block in training, 5x the cost of a
+  step on a CPU (measured). The folder still carries a ``text_encoder_3``: a one-layer ``T5EncoderModel`` whose
+  final layer norm has weight 0, so its output is exactly those zeros, with the world's tiny T5 tokenizer
+  (:func:`bksdm.world.tiny_dit.build_tiny_t5_tokenizer`, ``model_max_length`` 256 so every reader pads to the
+  pipeline's 256). Why carry it: diffusers' ``from_pretrained`` refuses a folder saved with ``text_encoder_3=None``
+  unless the caller passes ``text_encoder_3=None, tokenizer_3=None`` again, and the teacher must load as a plain
+  stock folder (``StableDiffusion3Pipeline.from_pretrained(path)``, every bksdm command) and keep T5's place in the
+  pipeline for the tools that handle it;
 - the U-Net teacher's shapes VAE (:data:`bksdm.world.teacher.TEACHER_DIR` ``/vae``, 4 latent channels, x4), reused
   as trained: flat shapes need no 16-channel VAE, and a 16x16 latent with 2x2 patches gives 64 image tokens. Only
   its config changes: ``shift_factor`` (SD3's pipeline decodes ``latents / scaling_factor + shift_factor``) and
@@ -38,10 +45,12 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
+from bksdm.loading import BUNDLED_SD3_TEACHER  # the shipped, trained folder ("bundled-sd3" in every command)
 from bksdm.world.teacher import LATENT_SIZE, TEACHER_DIR
 from bksdm.world.tiny import build_tiny_tokenizer
+from bksdm.world.tiny_dit import build_tiny_t5_tokenizer
 
 __all__ = [
     "BUNDLED_SD3_TEACHER",
@@ -51,10 +60,8 @@ __all__ = [
     "build_untrained_dit_teacher",
     "dit_teacher_configs",
     "load_dit_teacher",
+    "zero_t5",
 ]
-
-BUNDLED_SD3_TEACHER = Path(__file__).parent / "assets" / "teacher-sd3"
-"""The shipped, trained SD3-shaped teacher: a diffusers ``StableDiffusion3Pipeline`` folder."""
 
 NUM_BLOCKS = 12
 """Joint blocks (SD3-medium: 24): halves to 6, thirds to 4, and a searched subset has room to differ from both."""
@@ -67,7 +74,7 @@ SHIFT = 3.0
 """SD3's scheduler shift: sampling, and training with bksdm's density, spend most steps at high noise."""
 
 T5_ZERO_TOKENS = 256
-"""Zero tokens the stock pipeline puts in T5's place without a T5 (its default ``max_sequence_length``)."""
+"""T5's tokens in the text states (the pipeline's default ``max_sequence_length``): all zeros, see :func:`zero_t5`."""
 
 _HEAD_DIM, _HEADS = 32, 2  # SD3-medium: 64 x 24 = 1536 wide
 _CLIP_WIDTHS = (32, 48)  # SD3: CLIP-L 768, CLIP-G 1280, concatenated (2048) and zero-padded to T5's 4096
@@ -142,6 +149,30 @@ def _clip(config: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTextModelWith
     )
 
 
+def zero_t5(vocab: int, width: int = _JOINT_WIDTH) -> T5EncoderModel:
+    """A one-layer T5 encoder (T5 v1.1's gated-GELU layout) whose output is exactly 0 for every input: its final
+    layer norm's weight is 0. It stands where SD3's pipeline would put zeros without a T5 (see the module's notes).
+    """
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=width,  # the pipeline pads the CLIP states to T5's width: joint_attention_dim
+            d_kv=16,
+            d_ff=64,
+            num_layers=1,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    with torch.no_grad():
+        t5.encoder.final_layer_norm.weight.zero_()
+    return t5.eval().requires_grad_(False)
+
+
 def build_untrained_dit_teacher(
     seed: int = 0,
     vae_from: str | Path = TEACHER_DIR,
@@ -158,7 +189,7 @@ def build_untrained_dit_teacher(
         num_blocks, heads, shift: See :func:`dit_teacher_configs`.
 
     Returns:
-        A ``StableDiffusion3Pipeline`` on CPU in eval mode, with no T5, progress bar off.
+        A ``StableDiffusion3Pipeline`` on CPU in eval mode (T5: :func:`zero_t5`), progress bar off.
 
     Raises:
         FileNotFoundError: If ``vae_from`` holds no VAE.
@@ -170,12 +201,15 @@ def build_untrained_dit_teacher(
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     vae.register_to_config(shift_factor=0.0)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _tokenizer(Path(tmp))
+        tokenizer = _tokenizer(Path(tmp) / "clip")
+        t5_tokenizer = build_tiny_t5_tokenizer(Path(tmp) / "t5")
+    t5_tokenizer.model_max_length = T5_ZERO_TOKENS  # saved: bksdm's prompt encoding pads T5 to this (<= 256)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(**configs["transformer"])
         clip_l = _clip(configs["text_encoder"], tokenizer)
         clip_g = _clip(configs["text_encoder_2"], tokenizer)
+        t5 = zero_t5(len(t5_tokenizer))  # drawn last: the other weights are the same with or without it
     pipe = StableDiffusion3Pipeline(
         transformer=transformer.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(**configs["scheduler"]),
@@ -184,8 +218,8 @@ def build_untrained_dit_teacher(
         tokenizer=tokenizer,
         text_encoder_2=clip_g.eval(),
         tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -67,6 +67,7 @@ from bksdm.profiling import count_params
 from bksdm.world import shapes
 from bksdm.world.dit_teacher import T5_ZERO_TOKENS, build_untrained_dit_teacher, load_dit_teacher
 from bksdm.world.dit_teacher_recipe import DitTeacherRecipe, parse_args
+from bksdm.world.teacher import TEACHER_DIR
 from bksdm.world.teacher_eval import (
     EVAL_SEED,
     evaluate,
@@ -334,10 +335,10 @@ def train_dit_teacher(recipe: DitTeacherRecipe, command: str) -> dict[str, Any]:
             "cpu_time_s": round(trained["cpu"]),  # below wall time x threads when the machine was shared
             "wall_time_including_evaluation_s": round(clock.spent()["wall"]),
             "machine": machine(),
-            "data": f"shapes world seed {UNET_WORLD_SEED} ({recipe.train_images} images), encoded by the VAE of "
-            f"{Path(recipe.vae_from).name} (reused, frozen)",
+            "data": f"shapes world seed {UNET_WORLD_SEED} ({recipe.train_images} images), encoded by the frozen VAE of "
+            + ("the U-Net shapes teacher" if Path(recipe.vae_from) == TEACHER_DIR else recipe.vae_from),
         },
-        "parameters": {name: count_params(getattr(pipe, name)) for name in (*TRAINED, "vae")},
+        "parameters": {name: count_params(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)},
     }
     return write_record(out, accuracies, record)
 
