@@ -89,8 +89,8 @@ def profile_pipeline(
 
     say = on_stage or (lambda message: None)
     model = options.model
-    if model is None and options.arch is None:  # nothing given: the bundled shapes teacher
-        model = teacher_or_default(None)
+    if model is not None or options.arch is None:  # a bundled teacher's name, or nothing: the bundled shapes teacher
+        model = teacher_or_default(model)
     if options.steps < 1 or options.repeats < 1 or options.warmup < 0:
         raise ValueError("need --steps >= 1, --repeats >= 1 and --warmup >= 0")
     if options.resolution is not None and options.resolution <= 0:
