@@ -88,16 +88,21 @@ def run_generate(work: Path, setting: str, images: int, steps: int) -> float:
     return float(rate.group(1))
 
 
-def run_distill(work: Path, data: Path, setting: str, steps: int) -> float:
-    """Median samples/s of the logged distill steps after the first."""
-    out = work / f"distill-{setting}-{time.time_ns()}"
-    args = [
+def distill_args(data: Path, out: Path, steps: int) -> list[str]:
+    """``bksdm distill`` overrides of a timed run: bk-tiny of the bundled teacher, batch 8, every step logged."""
+    return [
         "model.plan=bk-tiny", f"data.train={data}", "data.resolution=64", "data.num_workers=0",
         f"train.output_dir={out}",
         f"train.max_steps={steps}", "train.batch_size=8", "train.gradient_accumulation_steps=1",
         "train.mixed_precision=no", "train.gradient_checkpointing=false", "train.validate_every=0",
         "train.log_every=1", "train.checkpoint_every=0", "train.use_ema=false",
     ]  # fmt: skip
+
+
+def run_distill(work: Path, data: Path, setting: str, steps: int) -> float:
+    """Median samples/s of the logged distill steps after the first."""
+    out = work / f"distill-{setting}-{time.time_ns()}"
+    args = distill_args(data, out, steps)
     subprocess.run(["bksdm", "distill", *args], env=command_env(setting), capture_output=True, text=True, check=True)
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["samples_per_s"] for r in records[1:])
@@ -109,13 +114,7 @@ def run_distill_late(work: Path, data: Path, setting: str, steps: int, busy: int
     Returns the median samples/s of the steps logged before (idle) and after the busy processes started.
     """
     out = work / f"late-{setting}-{time.time_ns()}"
-    args = [
-        "model.plan=bk-tiny", f"data.train={data}", "data.resolution=64", "data.num_workers=0",
-        f"train.output_dir={out}",
-        f"train.max_steps={steps}", "train.batch_size=8", "train.gradient_accumulation_steps=1",
-        "train.mixed_precision=no", "train.gradient_checkpointing=false", "train.validate_every=0",
-        "train.log_every=1", "train.checkpoint_every=0", "train.use_ema=false",
-    ]  # fmt: skip
+    args = distill_args(data, out, steps)
     metrics = out / "logs" / "metrics.jsonl"
     command = subprocess.Popen(
         ["bksdm", "-v", "distill", *args], env=command_env(setting), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
