@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from bksdm.families.unet import UNET
 from bksdm.seeding import sample_generator
+from bksdm.threads import governed_threads
 from bksdm.train.checkpoints import (
     claim_output,
     find_checkpoint,
@@ -313,7 +314,7 @@ def distill_controlnet(
         )  # fmt: skip
 
     bar = tqdm(total=s.steps, initial=step, desc="controlnet kd", disable=not accelerator.is_main_process)
-    with stop_on_sigterm() as stop:
+    with stop_on_sigterm() as stop, governed_threads(accelerator.device) as threads:
         for batch in loader:
             if step >= s.steps:
                 break
@@ -329,6 +330,8 @@ def distill_controlnet(
             optimizer.zero_grad(set_to_none=True)
             window.add(losses)
             window.step_done()
+            if threads is not None:
+                threads.tick()
             step += 1
             bar.update(1)
             if step % s.log_every == 0 or step == s.steps:
