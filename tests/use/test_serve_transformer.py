@@ -1,0 +1,71 @@
+"""The demo page (``bksdm serve``) with the bundled SD3-shaped teacher and its keep-half student, side by side, in a
+real headless Chromium (as ``test_serve.py`` does for the U-Net teacher)."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+
+from bksdm.loading import teacher_or_default
+from bksdm.plan.prune import prune
+from bksdm.use.serve.app import DemoApp, SamplingSettings, load_models
+from bksdm.use.serve.server import make_server
+from tests.use.test_serve import browser  # noqa: F401  (the Chromium fixture)
+
+PROMPT = "a big blue square at the bottom right"
+
+
+@pytest.fixture(scope="module")
+def sd3_app(tmp_path_factory: pytest.TempPathFactory) -> DemoApp:
+    student = tmp_path_factory.mktemp("serve-sd3") / "keep-half"
+    prune("bundled-sd3", "keep-half", student)
+    models = load_models(teacher_or_default("bundled-sd3"), [str(student)])
+    return DemoApp(models, SamplingSettings(steps=4, guidance_scale=2.0))
+
+
+@pytest.fixture(scope="module")
+def sd3_server(sd3_app: DemoApp):
+    httpd = make_server(sd3_app, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.mark.slow
+def test_page_shows_the_transformer_teacher_and_its_student_side_by_side(sd3_server, sd3_app, browser) -> None:  # noqa: F811
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
+    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.goto(sd3_server.url)
+    page.wait_for_selector("#generate:enabled", timeout=30_000)
+    assert page.locator("figure.model").evaluate_all("els => els.map(e => e.dataset.model)") == ["teacher", "student"]
+    page.fill("#prompt", PROMPT)
+    page.fill("#seed", "3")
+    page.click("#generate")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('figure.model img')].every(i => i.complete && i.naturalWidth > 0)",
+        timeout=120_000,
+    )
+    shown = page.locator("figure.model").evaluate_all(
+        """els => els.map(e => ({
+            name: e.dataset.model,
+            width: e.querySelector('img').naturalWidth,
+            src: e.querySelector('img').src,
+            time: e.querySelector('.time').textContent,
+        }))"""
+    )
+    expected = sd3_app.generate(PROMPT, 3)["models"]
+    assert [s["name"] for s in shown] == ["teacher", "student"]
+    for panel, result in zip(shown, expected, strict=True):
+        assert panel["width"] == 64  # the SD3-shaped teacher's native size
+        assert panel["src"] == result["image"]  # exactly what the API gives for this prompt and seed
+    assert shown[0]["src"] != shown[1]["src"]  # two models, two images
+    assert re.fullmatch(r"\d+\.\d\d s \(\d+\.\d\dx the teacher's speed\)", shown[1]["time"]), shown[1]["time"]
+    assert problems == [], problems
+    page.close()
