@@ -409,24 +409,27 @@ def browser():
         chromium.close()
 
 
-@pytest.mark.slow
-def test_page_generates_and_shows_both_images(server, app, browser) -> None:
+def open_page(browser, url: str):
+    """The demo page at ``url`` once its model list has loaded, and the list its page and console errors go to."""
     page = browser.new_page()
     problems: list[str] = []
     page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
     page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
-    page.goto(server.url)
+    page.goto(url)
     page.wait_for_selector("#generate:enabled", timeout=30_000)  # enabled once the model list has loaded
-    assert page.locator("figure.model").evaluate_all("els => els.map(e => e.dataset.model)") == ["teacher", "student"]
+    return page, problems
 
-    page.fill("#prompt", "a small red circle at the top left")
-    page.fill("#seed", "7")
+
+def generate_on_page(page, prompt: str, seed: int, timeout_ms: int = 60_000) -> list[dict]:
+    """Types ``prompt`` and ``seed``, clicks Generate and returns each panel's model, image size, source and time."""
+    page.fill("#prompt", prompt)
+    page.fill("#seed", str(seed))
     page.click("#generate")
     page.wait_for_function(
         "() => [...document.querySelectorAll('figure.model img')].every(i => i.complete && i.naturalWidth > 0)",
-        timeout=60_000,
+        timeout=timeout_ms,
     )
-    shown = page.locator("figure.model").evaluate_all(
+    return page.locator("figure.model").evaluate_all(
         """els => els.map(e => ({
             name: e.dataset.model,
             width: e.querySelector('img').naturalWidth,
@@ -435,6 +438,14 @@ def test_page_generates_and_shows_both_images(server, app, browser) -> None:
             time: e.querySelector('.time').textContent,
         }))"""
     )
+
+
+@pytest.mark.slow
+def test_page_generates_and_shows_both_images(server, app, browser) -> None:
+    page, problems = open_page(browser, server.url)
+    assert page.locator("figure.model").evaluate_all("els => els.map(e => e.dataset.model)") == ["teacher", "student"]
+
+    shown = generate_on_page(page, "a small red circle at the top left", 7)
     expected = app.generate("a small red circle at the top left", 7)["models"]
     assert [s["name"] for s in shown] == ["teacher", "student"]
     for panel, result in zip(shown, expected, strict=True):

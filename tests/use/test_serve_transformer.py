@@ -12,7 +12,7 @@ from bksdm.loading import teacher_or_default
 from bksdm.plan.prune import prune
 from bksdm.use.serve.app import DemoApp, SamplingSettings, load_models
 from bksdm.use.serve.server import make_server
-from tests.use.test_serve import browser  # noqa: F401  (the Chromium fixture)
+from tests.use.test_serve import browser, generate_on_page, open_page  # noqa: F401  (browser: the fixture)
 
 PROMPT = "a big blue square at the bottom right"
 
@@ -38,28 +38,9 @@ def sd3_server(sd3_app: DemoApp):
 
 @pytest.mark.slow
 def test_page_shows_the_transformer_teacher_and_its_student_side_by_side(sd3_server, sd3_app, browser) -> None:  # noqa: F811
-    page = browser.new_page()
-    problems: list[str] = []
-    page.on("pageerror", lambda err: problems.append(f"page error: {err}"))
-    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
-    page.goto(sd3_server.url)
-    page.wait_for_selector("#generate:enabled", timeout=30_000)
+    page, problems = open_page(browser, sd3_server.url)
     assert page.locator("figure.model").evaluate_all("els => els.map(e => e.dataset.model)") == ["teacher", "student"]
-    page.fill("#prompt", PROMPT)
-    page.fill("#seed", "3")
-    page.click("#generate")
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('figure.model img')].every(i => i.complete && i.naturalWidth > 0)",
-        timeout=120_000,
-    )
-    shown = page.locator("figure.model").evaluate_all(
-        """els => els.map(e => ({
-            name: e.dataset.model,
-            width: e.querySelector('img').naturalWidth,
-            src: e.querySelector('img').src,
-            time: e.querySelector('.time').textContent,
-        }))"""
-    )
+    shown = generate_on_page(page, PROMPT, 3, timeout_ms=120_000)
     expected = sd3_app.generate(PROMPT, 3)["models"]
     assert [s["name"] for s in shown] == ["teacher", "student"]
     for panel, result in zip(shown, expected, strict=True):
