@@ -18,6 +18,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderMo
 
 from bksdm.artifacts import MODEL_RECORD_FILE
 from bksdm.families import family_of
+from bksdm.families.token_runs import RepeatedTokenAttnProcessor, attn_processors
 from bksdm.plan.spec import TRANSFORMER_PRESETS
 from bksdm.sampling import sampling_defaults
 from bksdm.world import shapes
@@ -35,8 +36,6 @@ from bksdm.world.teacher import TEACHER_DIR
 from bksdm.world.teacher_eval import held_out_images, prompt_accuracy
 from bksdm.world.train_dit_teacher import (
     TRAINED,
-    ZeroTokensJointAttnProcessor,
-    attn_processors,
     caption_ids,
     encode_short,
     prepare_latents,
@@ -187,7 +186,7 @@ def test_one_weighted_zero_token_equals_the_stock_zero_tokens(untrained: StableD
         full = call(states, pooled)
         outputs = {}
         for count in (T5_ZERO_TOKENS, 1):
-            with attn_processors(transformer, ZeroTokensJointAttnProcessor(count)):
+            with attn_processors(transformer, RepeatedTokenAttnProcessor(count)):
                 outputs[count] = call(states[:, : CLIP_LENGTH + 1], pooled)
     torch.testing.assert_close(outputs[T5_ZERO_TOKENS], full, rtol=0, atol=1e-5)
     assert (outputs[1] - full).abs().max() > 1e-2  # unweighted, one token is not 256
@@ -198,8 +197,8 @@ def test_attn_processors_come_back_every_time(untrained: StableDiffusion3Pipelin
     stock = {name: type(p) for name, p in transformer.attn_processors.items()}
     assert set(stock.values()) == {JointAttnProcessor2_0} and len(stock) == 3
     for _ in range(2):  # diffusers empties a dict given to set_attn_processor: the second restore must still work
-        with attn_processors(transformer, ZeroTokensJointAttnProcessor(T5_ZERO_TOKENS)):
-            assert all(isinstance(p, ZeroTokensJointAttnProcessor) for p in transformer.attn_processors.values())
+        with attn_processors(transformer, RepeatedTokenAttnProcessor(T5_ZERO_TOKENS)):
+            assert all(isinstance(p, RepeatedTokenAttnProcessor) for p in transformer.attn_processors.values())
         assert {name: type(p) for name, p in transformer.attn_processors.items()} == stock
 
 

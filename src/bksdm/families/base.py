@@ -30,6 +30,8 @@ class Family:
         model_class: The stock diffusers class of the denoiser.
         class_names: Denoiser class names (``_class_name`` in config.json) this family handles.
         objective: ``"diffusion"`` (epsilon / v-prediction on a DDPM schedule) or ``"flow"`` (rectified flow).
+        folds_text: Whether training may run a trailing stretch of identical text tokens as one weighted token
+            (:mod:`bksdm.families.token_runs`): true where text tokens carry no position and attention is joint.
     """
 
     name: str = ""
@@ -37,6 +39,7 @@ class Family:
     model_class: type[nn.Module]
     class_names: tuple[str, ...] = ()
     objective: str = "flow"
+    folds_text: bool = False
 
     def matches(self, config: Mapping[str, Any]) -> bool:
         """Whether a denoiser config (with or without ``_class_name``) belongs to this family."""

@@ -32,6 +32,7 @@ class SD3Family(FlowMatching):
     model_class = SD3Transformer2DModel
     class_names = ("SD3Transformer2DModel",)
     stacks = (StackSpec("transformer_blocks", "num_layers"),)
+    folds_text = True  # no text positions, joint attention: T5's zero states (T5 left out) train as one token
 
     def matches(self, config: Mapping[str, Any]) -> bool:
         return super().matches(config) or ("caption_projection_dim" in config and "num_single_layers" not in config)

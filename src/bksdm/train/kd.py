@@ -31,6 +31,13 @@ from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
 from bksdm.families.base import Family
+from bksdm.families.token_runs import (
+    RepeatedTokenAttnProcessor,
+    attn_processors,
+    fold_tail,
+    trailing_repeats,
+    unfold_tail,
+)
 from bksdm.families.unet import UNET, diffusion_target
 from bksdm.plan.resolved import FeaturePair
 from bksdm.seeding import STREAM_NOISE, sample_generator
@@ -337,6 +344,7 @@ def kd_step(
     weights: LossWeights,
     added_cond_kwargs: dict[str, Tensor] | None = None,
     family: Family = UNET,
+    fold_text: bool = True,
 ) -> dict[str, Tensor]:
     """One distillation forward: noise the latents, run teacher and student, return the losses.
 
@@ -361,6 +369,10 @@ def kd_step(
         added_cond_kwargs: The family's extra conditioning (``family.conditioning``): SDXL's ``text_embeds`` and
             ``time_ids``, a transformer's ``pooled_projections`` (and FLUX.1-dev's ``guidance``); None for SD-v1/v2.
         family: The denoisers' family (:mod:`bksdm.families`): how to noise, what to predict, how to call.
+        fold_text: For families whose text tokens carry no position (``family.folds_text``), run a trailing stretch of
+            identical text tokens (SD3's zero T5 states) as one weighted token (:mod:`bksdm.families.token_runs`):
+            the same losses to float rounding, far cheaper. Text-stream features are compared at full length. Not
+            for a gradient-checkpointing student (its backward recomputes blocks with the stock processors).
 
     Returns:
         The float32 scalars of :func:`kd_losses`: ``loss`` (with a graph to the student) and its terms.
@@ -368,31 +380,52 @@ def kd_step(
     latents, noise = latents.float(), noise.float()  # noising and targets in fp32 whatever the cache holds
     noisy, target = family.noise(scheduler, latents, noise, timesteps)  # (B, C, h, w) each
 
+    repeats = trailing_repeats(encoder_hidden_states) if fold_text and family.folds_text else 1
+
     teacher_pred: Tensor | None = None
     teacher_feats: list[Tensor] | None = None
     if weights.needs_teacher:
         dtype = _param_dtype(unwrap(teacher))
         tap = FeatureTap(teacher, [p.teacher for p in feature_pairs], [p.output for p in feature_pairs])
-        with torch.no_grad(), cpu_kernels(noisy.device), tap:
-            out = family.call(
-                teacher, noisy.to(dtype), timesteps, encoder_hidden_states.to(dtype), _cast(added_cond_kwargs, dtype)
-            )
+        text = fold_tail(encoder_hidden_states, repeats).to(dtype)
+        with torch.no_grad(), cpu_kernels(noisy.device), _folded(teacher, repeats), tap:
+            out = family.call(teacher, noisy.to(dtype), timesteps, text, _cast(added_cond_kwargs, dtype))
             teacher_pred = out.float()  # (B, C, h, w)
-            teacher_feats = [f.float() for f in tap.features]
+            teacher_feats = _unfolded(tap.features, feature_pairs, repeats)
 
     dtype = _param_dtype(unwrap(student))
     # The task-only ablation reads no student features either: no hooks at all.
     pairs = feature_pairs if weights.needs_teacher else []
     # Gradient checkpointing recomputes the forward during backward, outside this block: the recomputation must
-    # run the kernels the first forward ran (else torch's checkpoint sees other saved tensors and raises).
+    # run the kernels and attention the first forward ran (else torch's checkpoint sees other saved tensors and
+    # raises, or, for the attention, silently computes other gradients).
     recomputed = getattr(unwrap(student), "is_gradient_checkpointing", False)
     kernels = contextlib.nullcontext() if recomputed else cpu_kernels(noisy.device)
-    with kernels, FeatureTap(student, [p.student for p in pairs], [p.output for p in pairs]) as tap:
-        student_pred = family.call(
-            student, noisy.to(dtype), timesteps, encoder_hidden_states.to(dtype), _cast(added_cond_kwargs, dtype)
-        )  # (B, C, h, w)
-        student_feats = tap.features
+    repeats = 1 if recomputed else repeats
+    text = fold_tail(encoder_hidden_states, repeats).to(dtype)
+    with (
+        kernels,
+        _folded(student, repeats),
+        FeatureTap(student, [p.student for p in pairs], [p.output for p in pairs]) as tap,
+    ):
+        student_pred = family.call(student, noisy.to(dtype), timesteps, text, _cast(added_cond_kwargs, dtype))
+        student_feats = _unfolded(tap.features, pairs, repeats)  # student_pred: (B, C, h, w)
     return kd_losses(student_pred, teacher_pred, target, student_feats, teacher_feats, weights)
+
+
+def _folded(model: nn.Module, repeats: int):
+    """The model's attention runs its last text token as ``repeats`` tokens (nothing changes for 1)."""
+    if repeats == 1:
+        return contextlib.nullcontext()
+    return attn_processors(unwrap(model), RepeatedTokenAttnProcessor(repeats))
+
+
+def _unfolded(features: Sequence[Tensor], pairs: Sequence[FeaturePair], repeats: int) -> list[Tensor]:
+    """Features in float32, text-stream ones at full length (the folded token repeated)."""
+    return [
+        unfold_tail(f, repeats).float() if p.stream == "text" else f.float()
+        for f, p in zip(features, pairs, strict=True)
+    ]
 
 
 @torch.no_grad()

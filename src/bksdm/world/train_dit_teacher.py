@@ -31,7 +31,7 @@ Stages (the architecture and why: :mod:`bksdm.world.dit_teacher`):
 
 Training runs the text stream short: the stock pipeline feeds T5's 256 zero tokens, which are identical at every
 layer (no position embedding on text; same input, same output), so 256 of them weigh in every softmax exactly as
-one token with log(256) added to its attention logit (:class:`ZeroTokensJointAttnProcessor`). Training uses that one
+one token with log(256) added to its attention logit (:class:`RepeatedTokenAttnProcessor`). Training uses that one
 token (5x faster per step on a CPU, measured), the same function of the weights to float precision; the saved
 model has the stock processors and runs the stock 16 + 256 text tokens.
 
@@ -43,12 +43,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +54,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
-from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from bksdm.artifacts import MODEL_RECORD_FILE, atomic_file, write_text
 from bksdm.families.sd3 import SD3
+from bksdm.families.token_runs import RepeatedTokenAttnProcessor, attn_processors
 from bksdm.profiling import count_params
 from bksdm.world import shapes
 from bksdm.world.dit_teacher import T5_ZERO_TOKENS, build_untrained_dit_teacher, load_dit_teacher
@@ -87,44 +86,6 @@ TRAINED = ("transformer", "text_encoder", "text_encoder_2")
 
 
 # ------------------------------------------------------------------------------------ short text stream
-
-
-class ZeroTokensJointAttnProcessor:
-    """diffusers' ``JointAttnProcessor2_0`` for a text stream whose *last* token stands for ``count`` identical
-    zero-input tokens: ``log(count)`` is added to that key's logit, which is exactly what ``count`` copies of it
-    contribute to every softmax. Training only: the saved model keeps the stock processor."""
-
-    def __init__(self, count: int) -> None:
-        self.bias = math.log(count)
-
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        batch, image_tokens = hidden_states.shape[:2]
-
-        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, N, H*D) -> (B, H, N, D)
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        query = heads(torch.cat([attn.to_q(hidden_states), attn.add_q_proj(encoder_hidden_states)], dim=1))
-        key = heads(torch.cat([attn.to_k(hidden_states), attn.add_k_proj(encoder_hidden_states)], dim=1))
-        value = heads(torch.cat([attn.to_v(hidden_states), attn.add_v_proj(encoder_hidden_states)], dim=1))
-        mask = torch.zeros(1, key.shape[2], dtype=query.dtype, device=query.device)  # (1, keys), broadcast
-        mask[:, -1] = self.bias  # keys are [image tokens, text tokens]; the last text token is the zero token
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[3])
-        image, text = out[:, :image_tokens], out[:, image_tokens:]
-        if not attn.context_pre_only:
-            text = attn.to_add_out(text)
-        return attn.to_out[1](attn.to_out[0](image)), text
-
-
-@contextmanager
-def attn_processors(transformer: torch.nn.Module, processor) -> Iterator[None]:
-    """Within the block, every attention layer of ``transformer`` uses ``processor``; its own come back on exit."""
-    before = transformer.attn_processors
-    transformer.set_attn_processor(processor)
-    try:
-        yield
-    finally:
-        transformer.set_attn_processor(before)  # a dict: diffusers pops each layer's entry from it
 
 
 def caption_ids(pipe: StableDiffusion3Pipeline) -> torch.Tensor:
@@ -193,7 +154,7 @@ def sample_sigmas(count: int, recipe: DitTeacherRecipe, scheduler_config, genera
 
 def flow_loss(pipe, batch: tuple[torch.Tensor, torch.Tensor], ids, recipe, generator) -> torch.Tensor:
     """Rectified-flow loss of one batch (clean latents (B, 4, 16, 16), caption rows of ``ids``), the text stream
-    short (:func:`encode_short`; the transformer must hold :class:`ZeroTokensJointAttnProcessor`)."""
+    short (:func:`encode_short`; the transformer must hold :class:`RepeatedTokenAttnProcessor`)."""
     latents, captions = batch
     noise = torch.randn(latents.shape, generator=generator)
     sigmas = sample_sigmas(len(latents), recipe, pipe.scheduler.config, generator)
@@ -229,7 +190,7 @@ def train_denoiser(pipe: StableDiffusion3Pipeline, data, recipe: DitTeacherRecip
         module.train()
     bar = tqdm(range(start, recipe.steps), desc="transformer", initial=start, total=recipe.steps, mininterval=5)
     running, began = None, time.perf_counter()
-    with attn_processors(pipe.transformer, ZeroTokensJointAttnProcessor(T5_ZERO_TOKENS)):
+    with attn_processors(pipe.transformer, RepeatedTokenAttnProcessor(T5_ZERO_TOKENS)):
         for step in bar:
             pick = torch.randint(len(labels), (recipe.batch,), generator=generator)
             latents = means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=generator)  # (B, 4, 16, 16)
