@@ -252,6 +252,7 @@ def unet_inputs(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     vae_scale: int = VAE_SCALE,
+    text_tokens: int = TEXT_LENGTH,
 ) -> dict[str, Any]:
     """Make the standard inputs of one U-Net step, as keyword arguments of its forward.
 
@@ -262,10 +263,11 @@ def unet_inputs(
         device: Device of the tensors (``"meta"`` for shape-only counting).
         dtype: Dtype of the floating-point tensors.
         vae_scale: The VAE's downsampling factor (8 for Stable Diffusion; the shapes world's VAE has 4).
+        text_tokens: Prompt tokens the cross-attention reads (77 for Stable Diffusion's CLIP).
 
     Returns:
         ``sample`` (B, C_in, res/8, res/8), ``timestep`` (B,), ``encoder_hidden_states``
-        (B, 77, cross_attention_dim), and for SDXL-style configs (``addition_embed_type == "text_time"``)
+        (B, text_tokens, cross_attention_dim), and for SDXL-style configs (``addition_embed_type == "text_time"``)
         ``added_cond_kwargs`` with ``text_embeds`` (B, pooled dim) and ``time_ids`` (B, 6).
     """
     side = resolution // vae_scale
@@ -275,7 +277,7 @@ def unet_inputs(
         "sample": torch.zeros(batch, unet_config.get("in_channels", 4), side, side, **float_kw),
         # Timestep 999 (the last training step); its value does not affect the cost.
         "timestep": torch.full((batch,), 999, device=device, dtype=torch.long),
-        "encoder_hidden_states": torch.zeros(batch, TEXT_LENGTH, context_dim, **float_kw),
+        "encoder_hidden_states": torch.zeros(batch, text_tokens, context_dim, **float_kw),
     }
     if unet_config.get("addition_embed_type") == "text_time":
         # The add-embedding sees [pooled text, Fourier features of the 6 time ids]; the pooled width is

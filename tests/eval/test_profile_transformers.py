@@ -290,3 +290,24 @@ def test_preset_weights_that_do_not_fit_are_refused(
     err = _fail(capsys, "--arch", "sd3-medium", "--device", "cpu", "--dtype", "bf16")
     assert "--arch sd3-medium needs 14.3 GiB for its random bf16 weights, but 4.0 GiB is available (test)" in err
     assert "--no-latency" in err
+
+
+def test_macs_count_the_text_tokens_the_pipeline_gives() -> None:
+    """The bundled SD3-shaped teacher's CLIPs read 16 tokens, so its transformer reads 16 + 256, not SD3's 77 + 256."""
+    from bksdm.eval.profile import profile_components
+    from bksdm.world.dit_teacher import load_dit_teacher
+
+    pipe = load_dit_teacher()
+    encoders = {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+    result = profile_components(pipe.transformer, encoders, pipe.vae, 64, latency=False)
+    assert result["denoiser_text_tokens"] == 16 + 256
+    assert {e["tokens"] for e in result["text_encoders"].values()} == {16, 256}
+    family, config = family_of(pipe.transformer), dict(pipe.transformer.config)
+    assert result["denoiser_macs"] == family.step_macs(config, 64, 4, text_tokens=272).conv_linear
+    stock = family.step_macs(config, 64, 4).conv_linear  # 77 + 256 tokens
+    hidden, width = config["num_attention_heads"] * config["attention_head_dim"], config["joint_attention_dim"]
+    # per text token: the context embedder, then q, k, v, out and a 4x feed-forward in every block but the last,
+    # whose text stream stops after k and v
+    blocks = config["num_layers"]
+    per_token = width * hidden + (blocks - 1) * (4 * hidden * hidden + 8 * hidden * hidden) + 3 * hidden * hidden
+    assert stock - result["denoiser_macs"] == (77 - 16) * per_token

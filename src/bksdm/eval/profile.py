@@ -98,7 +98,14 @@ def _stat_entries(name: str, stat: LatencyStat) -> dict[str, Any]:
 
 
 def step_inputs(
-    family: Family, config: Mapping[str, Any], resolution: int, vae_scale: int, batch: int, device, dtype
+    family: Family,
+    config: Mapping[str, Any],
+    resolution: int,
+    vae_scale: int,
+    batch: int,
+    device,
+    dtype,
+    text_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Synthetic inputs of one denoiser step: the family's ``mac_inputs`` (batch 1) at ``batch`` and ``dtype``.
 
@@ -115,7 +122,7 @@ def step_inputs(
             value = value.to(dtype)
         return value.repeat(batch, *[1] * (value.ndim - 1)) if value.ndim and value.shape[0] == 1 else value
 
-    return convert(family.mac_inputs(config, resolution, device, vae_scale))
+    return convert(family.mac_inputs(config, resolution, device, vae_scale, text_tokens))
 
 
 # ------------------------------------------------------------------------------------------- per image
@@ -202,7 +209,8 @@ def teacher_macs(result: Mapping[str, Any], teacher_config: Mapping[str, Any]) -
     """The teacher's per-image MACs beside a student's (same text encoders, VAE, resolution and steps), and the
     ratios the MACs predict for the student's step and image times."""
     family = family_of(teacher_config)
-    count = family.step_macs(dict(teacher_config), result["resolution"], result["resolution"] // result["latent_size"])
+    scale, tokens = result["resolution"] // result["latent_size"], result.get("denoiser_text_tokens")
+    count = family.step_macs(dict(teacher_config), result["resolution"], scale, text_tokens=tokens)
     shared = ("steps", "text_encoder_macs", "text_encoder_macs_with_attention", "vae_decoder_macs",
               "vae_decoder_macs_with_attention")  # fmt: skip
     counts = {key: result[key] for key in shared}
@@ -235,8 +243,9 @@ def profile_components(
     """Parameters, MACs and (optionally) latency and peak memory of a pipeline's components.
 
     MACs are counted on ``meta`` copies built from the configs: the denoiser for one step at batch 1
-    (``family.step_macs``: SD3's text is 77 + 256 tokens, FLUX.1-dev's 512 T5 tokens, schnell's 256), each text
-    encoder on the prompt length the pipeline gives it (:func:`~bksdm.eval.components.prompt_length`: 77 for CLIP),
+    (``family.step_macs``) on the text tokens the pipeline gives it (``family.text_tokens`` of the encoders' prompt
+    lengths, reported as ``denoiser_text_tokens``: SD3's 77 + 256, FLUX.1-dev's 512 T5 tokens, schnell's 256), each
+    text encoder on its prompt length (:func:`~bksdm.eval.components.prompt_length`: 77 for CLIP),
     and ``vae.decoder`` on one latent of the resolution. ``*_macs`` is the paper's count (convolutions and linear
     layers); ``*_macs_with_attention`` adds the attention matrix products. See :mod:`bksdm.profiling`.
 
@@ -296,15 +305,16 @@ def profile_components(
     config = dict(denoiser.config)
 
     stage("counting parameters and MACs")
-    result: dict[str, Any] = {"resolution": resolution, "latent_size": side}
-    count = family.step_macs(config, resolution, scale)
+    lengths = {name: prompt_length(encoder, config) for name, encoder in text_encoders.items()}
+    tokens = family.text_tokens(config, lengths)
+    result: dict[str, Any] = {"resolution": resolution, "latent_size": side, "denoiser_text_tokens": tokens}
+    count = family.step_macs(config, resolution, scale, text_tokens=tokens)
     counts = {"params": count_params(denoiser), "macs": count.conv_linear, "macs_with_attention": count.total}
     if family.denoiser == "unet":  # the names U-Net reports have always had
         result |= {f"unet_{key}": value for key, value in counts.items()}
     result |= {"family": family.name, "denoiser_class": type(denoiser).__name__}
     result |= {f"denoiser_{key}": value for key, value in counts.items()}
     encoders: dict[str, dict[str, Any]] = {}
-    lengths = {name: prompt_length(encoder, config) for name, encoder in text_encoders.items()}
     for name, encoder in text_encoders.items():
         ids = torch.zeros(1, lengths[name], dtype=torch.long, device="meta")
         macs = count_macs(_meta_copy(encoder), ids)
@@ -388,10 +398,13 @@ def _time_components(
     """The timing half of :func:`profile_components` (called under ``inference_mode``)."""
     scale = vae_scale_factor(vae)
     config = dict(denoiser.config)
-    step_in = step_inputs(family, config, resolution, scale, 1, device, dtype)
+    tokens = family.text_tokens(config, lengths)
+    step_in = step_inputs(family, config, resolution, scale, 1, device, dtype, tokens)
     # One guided step: batch 2, or the same batch-1 call twice for the families that guide that way.
     twice = family.name in GUIDED_TWICE
-    guided_in = [step_in, step_in] if twice else [step_inputs(family, config, resolution, scale, 2, device, dtype)]
+    guided_in = (
+        [step_in, step_in] if twice else [step_inputs(family, config, resolution, scale, 2, device, dtype, tokens)]
+    )
     pixels = resolution // scale * _PROFILING_SCALE
     latents = vae_decoder_inputs(pixels, latent_channels=vae.config.latent_channels, device=device, dtype=dtype)
     ids = {name: torch.zeros(1, lengths[name], dtype=torch.long, device=device) for name in text_encoders}

@@ -82,19 +82,35 @@ class Family:
         """The extra conditioning ``call`` takes besides the text states (SDXL's, the transformers' pooled)."""
         raise NotImplementedError
 
-    def mac_inputs(self, config: Mapping[str, Any], resolution: int, device, vae_scale: int) -> dict[str, Any]:
-        """Keyword inputs of one denoiser step at batch 1 and ``resolution`` px (for counting MACs)."""
+    def mac_inputs(
+        self, config: Mapping[str, Any], resolution: int, device, vae_scale: int, text_tokens: int | None = None
+    ) -> dict[str, Any]:
+        """Keyword inputs of one denoiser step at batch 1 and ``resolution`` px (for counting MACs), with
+        ``text_tokens`` text tokens (None: the family's stock pipeline's count, :meth:`text_tokens`)."""
+        raise NotImplementedError
+
+    def text_tokens(self, config: Mapping[str, Any], lengths: Mapping[str, int] | None = None) -> int:
+        """Text tokens the denoiser reads per prompt, from each text encoder's prompt length by component name
+        (``text_encoder``, ...; None or a missing encoder: the stock pipeline's length)."""
         raise NotImplementedError
 
     def build(self, config: Mapping[str, Any]) -> nn.Module:
         """A denoiser of this family from a config (call under ``torch.device("meta")`` for shapes only)."""
         return self.model_class.from_config(dict(config))
 
-    def step_macs(self, config: Mapping[str, Any], resolution: int, vae_scale: int, group_depth: int = 6) -> MacCount:
+    def step_macs(
+        self,
+        config: Mapping[str, Any],
+        resolution: int,
+        vae_scale: int,
+        group_depth: int = 6,
+        text_tokens: int | None = None,
+    ) -> MacCount:
         """MACs of one denoiser step at batch 1 and ``resolution`` px, counted on a weightless (meta) model."""
         with torch.device("meta"):
             model = self.build(config)
-        return count_macs(model, group_depth=group_depth, **self.mac_inputs(config, resolution, "meta", vae_scale))
+        inputs = self.mac_inputs(config, resolution, "meta", vae_scale, text_tokens)
+        return count_macs(model, group_depth=group_depth, **inputs)
 
 
 def logit_normal(generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> float:

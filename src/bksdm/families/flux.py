@@ -114,10 +114,16 @@ class FluxFamily(FlowMatching):
             extra["guidance"] = torch.full((pooled.shape[0],), TRAIN_GUIDANCE, device=device)
         return extra
 
-    def mac_inputs(self, config: Mapping[str, Any], resolution: int, device, vae_scale: int) -> dict[str, Any]:
+    def text_tokens(self, config: Mapping[str, Any], lengths: Mapping[str, int] | None = None) -> int:
+        """T5's prompt length (512 for FLUX.1-dev, 256 for schnell): FLUX's text stream is T5 alone."""
+        return (lengths or {}).get("text_encoder_2", T5_TOKENS[bool(config.get("guidance_embeds"))])
+
+    def mac_inputs(
+        self, config: Mapping[str, Any], resolution: int, device, vae_scale: int, text_tokens: int | None = None
+    ) -> dict[str, Any]:
         side = resolution // vae_scale // 2
         guided = bool(config.get("guidance_embeds"))
-        tokens = T5_TOKENS[guided]
+        tokens = text_tokens or self.text_tokens(config)
         inputs = {
             "hidden_states": torch.zeros(1, side * side, config["in_channels"], device=device),
             "timestep": torch.ones(1, device=device),

@@ -96,14 +96,23 @@ class SD3Family(FlowMatching):
     def conditioning(self, pooled: Tensor | None, resolution: int, device, model_config: Mapping[str, Any]):
         return {"pooled_projections": pooled.to(device)}
 
-    def mac_inputs(self, config: Mapping[str, Any], resolution: int, device, vae_scale: int) -> dict[str, Any]:
+    def text_tokens(self, config: Mapping[str, Any], lengths: Mapping[str, int] | None = None) -> int:
+        """CLIP's prompt length (both CLIPs share it) then T5's 256 (zeros where the pipeline has no T5)."""
+        lengths = lengths or {}
+        clip = max(
+            (lengths[name] for name in ("text_encoder", "text_encoder_2") if name in lengths), default=CLIP_TOKENS
+        )
+        return clip + lengths.get("text_encoder_3", T5_TOKENS)
+
+    def mac_inputs(
+        self, config: Mapping[str, Any], resolution: int, device, vae_scale: int, text_tokens: int | None = None
+    ) -> dict[str, Any]:
         side = resolution // vae_scale
+        tokens = text_tokens or self.text_tokens(config)
         return {
             "hidden_states": torch.zeros(1, config["in_channels"], side, side, device=device),
             "timestep": torch.full((1,), 999.0, device=device),
-            "encoder_hidden_states": torch.zeros(
-                1, CLIP_TOKENS + T5_TOKENS, config["joint_attention_dim"], device=device
-            ),
+            "encoder_hidden_states": torch.zeros(1, tokens, config["joint_attention_dim"], device=device),
             "pooled_projections": torch.zeros(1, config["pooled_projection_dim"], device=device),
         }
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from bksdm.families.base import Family
 from bksdm.plan.resolved import resolve
 from bksdm.plan.spec import Plan
-from bksdm.profiling import unet_inputs
+from bksdm.profiling import TEXT_LENGTH, unet_inputs
 from bksdm.train.encoders import TextEncoders, encode_text, sdxl_time_ids
 
 
@@ -91,8 +91,16 @@ class UNetFamily(Family):
             return None
         return {"text_embeds": pooled.to(device), "time_ids": sdxl_time_ids(pooled.shape[0], resolution, device)}
 
-    def mac_inputs(self, config: Mapping[str, Any], resolution: int, device, vae_scale: int) -> dict[str, Any]:
-        return unet_inputs(config, resolution, device=device, vae_scale=vae_scale)
+    def text_tokens(self, config: Mapping[str, Any], lengths: Mapping[str, int] | None = None) -> int:
+        """CLIP's prompt length (77; SDXL's two CLIPs share it)."""
+        return max((lengths or {}).values(), default=TEXT_LENGTH)
+
+    def mac_inputs(
+        self, config: Mapping[str, Any], resolution: int, device, vae_scale: int, text_tokens: int | None = None
+    ) -> dict[str, Any]:
+        return unet_inputs(
+            config, resolution, device=device, vae_scale=vae_scale, text_tokens=text_tokens or TEXT_LENGTH
+        )
 
 
 UNET = UNetFamily()
