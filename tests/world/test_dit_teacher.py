@@ -34,6 +34,7 @@ from bksdm.world.dit_teacher import (
 from bksdm.world.dit_teacher_recipe import DitTeacherRecipe
 from bksdm.world.teacher import TEACHER_DIR
 from bksdm.world.teacher_eval import held_out_images, prompt_accuracy
+from bksdm.world.teacher_loop import Clock
 from bksdm.world.train_dit_teacher import (
     TRAINED,
     caption_ids,
@@ -41,7 +42,6 @@ from bksdm.world.train_dit_teacher import (
     prepare_latents,
     train_denoiser,
 )
-from bksdm.world.train_teacher import Clock
 
 TEST_SEED = 20_000
 """Noise seeds of the slow test's pairs: disjoint from the pairs the shipped guidance scale was chosen on."""
@@ -216,7 +216,7 @@ def test_training_resumes_exactly(tmp_path, caplog) -> None:
     straight = run(tmp_path)  # leaves the step-2 checkpoint (none is written at the last step)
     assert torch.load(tmp_path / "denoiser.pt", weights_only=True)["step"] == 2
     assert torch.load(tmp_path / "latents.pt", weights_only=True)["means"].shape == (16, 4, 16, 16)
-    with caplog.at_level("INFO", logger="bksdm.world.train_dit_teacher"):
+    with caplog.at_level("INFO", logger="bksdm.world.teacher_loop"):
         resumed = run(tmp_path)
     assert "training at step 2" in caplog.text
     assert straight.keys() == resumed.keys()

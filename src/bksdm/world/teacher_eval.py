@@ -105,13 +105,16 @@ def machine() -> str:
     return f"{cpu_model()}, {cores} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
 
 
-def write_settings(out: Path, accuracies: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+def write_settings(
+    out: Path, accuracies: dict[str, Any], record: dict[str, Any], scheduler: str = "PNDMScheduler (SD-v1.4's)"
+) -> dict[str, Any]:
     """Write ``bksdm_toy.json``: sampling settings (the best measured guidance scale) plus provenance.
 
     Args:
         out: The teacher's pipeline folder; an existing settings file there is updated, not replaced.
         accuracies: :func:`evaluate`'s result.
         record: Further top-level entries (``training``, ``parameters``) to set.
+        scheduler: The sampler the folder saves, as the record names it.
 
     Returns:
         The settings as written.
@@ -123,7 +126,7 @@ def write_settings(out: Path, accuracies: dict[str, Any], record: dict[str, Any]
     if measured:  # the best scale; ties go to the lower one (less oversaturation)
         best = max(sorted(measured, key=float), key=lambda g: measured[g])
         sampling["guidance_scale"] = float(best)
-    settings["sampling"] = {**sampling, "scheduler": "PNDMScheduler (SD-v1.4's), as saved", "height": 64, "width": 64}
+    settings["sampling"] = {**sampling, "scheduler": f"{scheduler}, as saved", "height": 64, "width": 64}
     settings["evaluation"] = {
         "pairs": f"every scene of bksdm.world.shapes.all_scenes() once, scene i with noise seed {EVAL_SEED} + i",
         "num_inference_steps": 25,
@@ -135,6 +138,6 @@ def write_settings(out: Path, accuracies: dict[str, Any], record: dict[str, Any]
     return settings
 
 
-def parameter_counts(pipe: StableDiffusionPipeline) -> dict[str, int]:
-    """Parameters of the U-Net, the text encoder and the VAE, for the provenance record."""
-    return {name: count_params(getattr(pipe, name)) for name in ("unet", "text_encoder", "vae")}
+def parameter_counts(pipe) -> dict[str, int]:
+    """Parameters of every model of a pipeline (denoiser, text encoders, VAE), for the provenance record."""
+    return {name: count_params(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}

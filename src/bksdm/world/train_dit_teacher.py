@@ -45,39 +45,31 @@ import json
 import logging
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
 from diffusers.models.attention_processor import JointAttnProcessor2_0
-from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
-from bksdm.artifacts import MODEL_RECORD_FILE, atomic_file, write_text
+from bksdm.artifacts import MODEL_RECORD_FILE, atomic_file
 from bksdm.families.sd3 import SD3
 from bksdm.families.token_runs import RepeatedTokenAttnProcessor, attn_processors
-from bksdm.profiling import count_params
 from bksdm.world import shapes
 from bksdm.world.dit_teacher import T5_ZERO_TOKENS, build_untrained_dit_teacher, load_dit_teacher
 from bksdm.world.dit_teacher_recipe import DitTeacherRecipe, parse_args
 from bksdm.world.teacher import TEACHER_DIR
 from bksdm.world.teacher_eval import (
-    EVAL_SEED,
     evaluate,
-    held_out_images,
     machine,
-    prompt_accuracy,
-    save_grid,
+    parameter_counts,
     write_settings,
 )
+from bksdm.world.teacher_loop import Clock, LoopSettings, quick_evaluation, train_modules
 from bksdm.world.teacher_recipe import CAPTION_DROPOUT, UNET_WORLD_SEED
-from bksdm.world.train_teacher import Clock, encode_world
+from bksdm.world.train_teacher import encode_world
 
 logger = logging.getLogger("bksdm.world.train_dit_teacher")
 
@@ -165,94 +157,29 @@ def flow_loss(pipe, batch: tuple[torch.Tensor, torch.Tensor], ids, recipe, gener
 
 
 def train_denoiser(pipe: StableDiffusion3Pipeline, data, recipe: DitTeacherRecipe, work_dir: Path, clock: Clock):
-    """Stage 2: both CLIPs and the transformer trained jointly; leaves the EMA weights and stock processors in
-    ``pipe``. Resumes from ``work_dir/denoiser.pt`` (written every ``recipe.checkpoint_every`` steps)."""
+    """Stage 2: both CLIPs and the transformer trained jointly (:func:`train_modules`), the text stream short;
+    leaves the EMA weights and stock processors in ``pipe``. Resumes from ``work_dir/denoiser.pt`` (written every
+    ``recipe.checkpoint_every`` steps)."""
     means, stds, labels = data
-    modules = [getattr(pipe, name) for name in TRAINED]
     ids = caption_ids(pipe)  # (97, L); row 96 is ""
-    params = [p for module in modules for p in module.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.999), weight_decay=1e-2)
-    schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup, recipe.steps)
-    ema = EMAModel(params, decay=0.9995, use_ema_warmup=True, power=3 / 4)  # as the U-Net teacher's
-    generator = torch.Generator().manual_seed(recipe.seed)
-    start, state_file = 0, work_dir / "denoiser.pt"
-    if state_file.is_file():
-        state = torch.load(state_file, weights_only=True)  # tensors and plain values only: runs no code
-        for name, module in zip(TRAINED, modules, strict=True):
-            module.load_state_dict(state[name])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        start, clock.before = state["step"], state["spent"]
-        logger.info("resumed text encoders + transformer training at step %d", start)
-    for module in modules:
-        module.train()
-    bar = tqdm(range(start, recipe.steps), desc="transformer", initial=start, total=recipe.steps, mininterval=5)
-    running, began = None, time.perf_counter()
+
+    def batch_loss(generator: torch.Generator) -> torch.Tensor:
+        pick = torch.randint(len(labels), (recipe.batch,), generator=generator)
+        latents = means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=generator)  # (B, 4, 16, 16)
+        captions = labels[pick].clone()
+        captions[torch.rand(recipe.batch, generator=generator) < CAPTION_DROPOUT] = len(ids) - 1
+        return flow_loss(pipe, (latents, captions), ids, recipe, generator)
+
+    def quick_eval(step: int) -> None:  # through the stock pipeline: stock processors, 16 + 256 text tokens
+        with attn_processors(pipe.transformer, JointAttnProcessor2_0()):
+            quick_evaluation(pipe, step, [3.0, 5.0], recipe.grid_dir)
+
+    settings = LoopSettings(
+        "transformer", recipe.steps, recipe.lr, recipe.warmup, recipe.seed, recipe.checkpoint_every, recipe.eval_every
+    )
     with attn_processors(pipe.transformer, RepeatedTokenAttnProcessor(T5_ZERO_TOKENS)):
-        for step in bar:
-            pick = torch.randint(len(labels), (recipe.batch,), generator=generator)
-            latents = means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=generator)  # (B, 4, 16, 16)
-            captions = labels[pick].clone()
-            captions[torch.rand(recipe.batch, generator=generator) < CAPTION_DROPOUT] = len(ids) - 1
-            loss = flow_loss(pipe, (latents, captions), ids, recipe, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            ema.step(params)
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-            done = step + 1
-            if done % 100 == 0 or done == recipe.steps:
-                rate = (done - start) / (time.perf_counter() - began)
-                logger.info("step %d/%d: loss %.4f (smoothed), %.2f steps/s", done, recipe.steps, running, rate)
-            if done % recipe.checkpoint_every == 0 and done < recipe.steps:
-                state = {name: module.state_dict() for name, module in zip(TRAINED, modules, strict=True)}
-                state.update(optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), ema=ema.state_dict())
-                state.update(generator=generator.get_state(), step=done, spent=clock.spent())
-                with atomic_file(state_file) as partial:  # an interruption never leaves half a checkpoint
-                    torch.save(state, partial)
-                if recipe.eval_every and done % recipe.eval_every == 0:
-                    with attn_processors(pipe.transformer, JointAttnProcessor2_0()):
-                        _quick_eval(pipe, ema, params, modules, recipe, done)
-    ema.copy_to(params)
-    for module in modules:
-        module.eval().requires_grad_(False)
-
-
-def _quick_eval(pipe, ema: EMAModel, params: list, modules: list, recipe: DitTeacherRecipe, step: int) -> None:
-    """Mid-training check on 24 held-out pairs with the EMA weights through the stock pipeline; training weights
-    are restored after."""
-    ema.store(params)
-    ema.copy_to(params)
-    for module in modules:
-        module.eval()
-    picks = np.random.default_rng(0).choice(len(shapes.all_scenes()), size=24, replace=False)
-    scenes = [shapes.all_scenes()[i] for i in picks]
-    for guidance in (3.0, 5.0):
-        with torch.no_grad():
-            images = held_out_images(pipe, scenes, [EVAL_SEED + int(i) for i in picks], guidance)
-        logger.info(
-            "step %d: quick eval (24 scenes, guidance %g): prompt accuracy %s",
-            step,
-            guidance,
-            prompt_accuracy(images, scenes),
-        )
-        try:
-            from bksdm.world import classifier
-
-            per = classifier.attribute_accuracy(classifier.load_classifier(), images, scenes)
-            logger.info("step %d: per attribute %s", step, {k: round(v, 3) for k, v in per.items()})
-        except FileNotFoundError:
-            pass
-        if recipe.grid_dir:
-            save_grid(images, Path(recipe.grid_dir) / f"step{step:06d}_g{guidance:g}.png")
-    ema.restore(params)
-    for module in modules:
-        module.train()
+        modules = {name: getattr(pipe, name) for name in TRAINED}
+        train_modules(modules, settings, batch_loss, work_dir / "denoiser.pt", clock, quick_eval)
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -260,11 +187,8 @@ def _quick_eval(pipe, ema: EMAModel, params: list, modules: list, recipe: DitTea
 
 def write_record(out: Path, accuracies: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     """:func:`bksdm.world.teacher_eval.write_settings`, with the sampler named as this pipeline's."""
-    settings = write_settings(out, accuracies, record)
     shift = json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"]
-    settings["sampling"]["scheduler"] = f"FlowMatchEulerDiscreteScheduler (SD3's, shift {shift:g}), as saved"
-    write_text(out / MODEL_RECORD_FILE, json.dumps(settings, indent=2) + "\n")
-    return settings
+    return write_settings(out, accuracies, record, f"FlowMatchEulerDiscreteScheduler (SD3's, shift {shift:g})")
 
 
 def train_dit_teacher(recipe: DitTeacherRecipe, command: str) -> dict[str, Any]:
@@ -299,7 +223,7 @@ def train_dit_teacher(recipe: DitTeacherRecipe, command: str) -> dict[str, Any]:
             "data": f"shapes world seed {UNET_WORLD_SEED} ({recipe.train_images} images), encoded by the frozen VAE of "
             + ("the U-Net shapes teacher" if Path(recipe.vae_from) == TEACHER_DIR else recipe.vae_from),
         },
-        "parameters": {name: count_params(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)},
+        "parameters": parameter_counts(pipe),
     }
     return write_record(out, accuracies, record)
 

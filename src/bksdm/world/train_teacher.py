@@ -38,32 +38,28 @@ import json
 import logging
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 from bksdm.artifacts import atomic_file
 from bksdm.world import shapes
 from bksdm.world.teacher import build_untrained_teacher, load_teacher, training_scheduler
 from bksdm.world.teacher_eval import (
-    EVAL_SEED,
     evaluate,
-    held_out_images,
     machine,
     parameter_counts,
-    prompt_accuracy,
     save_grid,
     write_settings,
 )
+from bksdm.world.teacher_loop import Clock, LoopSettings, quick_evaluation, train_modules
 from bksdm.world.teacher_recipe import (
     CAPTION_DROPOUT,
     MIN_SNR_GAMMA,
@@ -74,21 +70,6 @@ from bksdm.world.teacher_recipe import (
 )
 
 logger = logging.getLogger("bksdm.world.train_teacher")
-
-
-class Clock:
-    """Wall and CPU seconds a run has spent, carried across resumes (checkpoints store :meth:`spent`)."""
-
-    def __init__(self) -> None:
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
-        self.before = {"wall": 0.0, "cpu": 0.0}
-        """What earlier processes of this run had spent when the checkpoint resumed from was written."""
-
-    def spent(self) -> dict[str, float]:
-        return {
-            "wall": self.before["wall"] + time.perf_counter() - self._wall,
-            "cpu": self.before["cpu"] + time.process_time() - self._cpu,
-        }
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -211,9 +192,8 @@ def train_denoiser(
     work_dir: Path,
     clock: Clock,
 ) -> None:
-    """Stage 2: the text encoder and the U-Net trained jointly on cached latents; leaves the EMA weights in ``pipe``.
-
-    Resumes from ``work_dir/denoiser.pt`` when present (written every ``recipe.checkpoint_every`` steps).
+    """Stage 2: the text encoder and the U-Net trained jointly on cached latents (:func:`train_modules`); leaves the
+    EMA weights in ``pipe``. Resumes from ``work_dir/denoiser.pt`` (written every ``recipe.checkpoint_every`` steps).
     """
     unet, text_encoder = pipe.unet, pipe.text_encoder
     scale = pipe.vae.config.scaling_factor
@@ -221,31 +201,8 @@ def train_denoiser(
     labels_t = torch.tensor(labels)
     ids = caption_ids(pipe)  # (97, 77); row 96 is ""
     noise_scheduler = training_scheduler(pipe.scheduler.config.prediction_type)
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.999), weight_decay=1e-2)
-    schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup, recipe.unet_steps)
-    # EMA warm-up (decay 1 - (1 + step)^-3/4, capped): the average forgets the random init quickly, which matters
-    # in a run of a few thousand steps.
-    ema = EMAModel(params, decay=0.9995, use_ema_warmup=True, power=3 / 4)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    start = 0
-    state_file = work_dir / "denoiser.pt"
-    if state_file.is_file():
-        state = torch.load(state_file, weights_only=True)  # tensors and plain values only: runs no code
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        start = state["step"]
-        clock.before = state.get("spent", clock.before)
-        logger.info("resumed text encoder + U-Net training at step %d", start)
-    unet.train()
-    text_encoder.train()
-    bar = tqdm(range(start, recipe.unet_steps), desc="unet", initial=start, total=recipe.unet_steps, mininterval=5)
-    running, began = None, time.perf_counter()
-    for step in bar:
+
+    def batch_loss(generator: torch.Generator) -> torch.Tensor:
         pick = torch.randint(len(labels), (recipe.batch,), generator=generator)
         eps = torch.randn(means[pick].shape, generator=generator)
         latents = (means[pick] + stds[pick] * eps) * scale  # (B, 4, 16, 16), std LATENT_SCALE
@@ -261,28 +218,21 @@ def train_denoiser(
             # with full weight there, where an epsilon network must be exact to 1/sqrt(alpha_bar) (12x at t=961)
             # for its x0 to be right (Salimans & Ho 2022; SD-2's objective).
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            loss = F.mse_loss(pred, target)
-        else:
-            loss = _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, recipe)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        ema.step(params)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-        done = step + 1
-        if done % 100 == 0 or done == recipe.unet_steps:
-            rate = (done - start) / (time.perf_counter() - began)
-            logger.info("unet step %d/%d: loss %.4f (smoothed), %.2f steps/s", done, recipe.unet_steps, running, rate)
-        if done % recipe.checkpoint_every == 0 and done < recipe.unet_steps:
-            _save_state(state_file, unet, text_encoder, optimizer, schedule, ema, generator, done, clock.spent())
-            if recipe.eval_every and done % recipe.eval_every == 0:
-                _quick_eval(pipe, ema, params, recipe, done)
-    ema.copy_to(params)
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
+            return F.mse_loss(pred, target)
+        return _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, recipe)
+
+    settings = LoopSettings(
+        "unet", recipe.unet_steps, recipe.lr, recipe.warmup, recipe.seed, recipe.checkpoint_every, recipe.eval_every
+    )
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    train_modules(
+        modules,
+        settings,
+        batch_loss,
+        work_dir / "denoiser.pt",
+        clock,
+        lambda step: quick_evaluation(pipe, step, [5.0], recipe.grid_dir),
+    )
 
 
 def _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, recipe: TeacherRecipe) -> torch.Tensor:
@@ -293,46 +243,6 @@ def _weighted_epsilon_loss(pred, noise, timesteps, noise_scheduler, recipe: Teac
     snr = compute_snr(noise_scheduler, timesteps) * recipe.latent_scale**2
     weight = torch.clamp(snr, min=recipe.snr_floor, max=MIN_SNR_GAMMA) / snr
     return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
-
-
-def _save_state(path: Path, unet, text_encoder, optimizer, schedule, ema, generator, step: int, spent) -> None:
-    state = {
-        "unet": unet.state_dict(),
-        "text_encoder": text_encoder.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "ema": ema.state_dict(),
-        "generator": generator.get_state(),
-        "step": step,
-        "spent": spent,
-    }
-    with atomic_file(path) as partial:  # an interruption never leaves half a checkpoint
-        torch.save(state, partial)
-
-
-def _quick_eval(pipe: StableDiffusionPipeline, ema: EMAModel, params: list, recipe: TeacherRecipe, step: int):
-    """Mid-training check on 24 held-out pairs with the EMA weights; training weights are restored after."""
-    ema.store(params)
-    ema.copy_to(params)
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
-    picks = np.random.default_rng(0).choice(len(shapes.all_scenes()), size=24, replace=False)
-    scenes = [shapes.all_scenes()[i] for i in picks]
-    images = held_out_images(pipe, scenes, [EVAL_SEED + int(i) for i in picks], 5.0)
-    accuracy = prompt_accuracy(images, scenes)
-    logger.info("step %d: quick eval (24 scenes, guidance 5): prompt accuracy %s", step, accuracy)
-    try:
-        from bksdm.world import classifier
-
-        per_attribute = classifier.attribute_accuracy(classifier.load_classifier(), images, scenes)
-        logger.info("step %d: per attribute %s", step, {k: round(v, 3) for k, v in per_attribute.items()})
-    except FileNotFoundError:
-        pass
-    if recipe.grid_dir:
-        save_grid(images, Path(recipe.grid_dir) / f"step{step:06d}.png")
-    ema.restore(params)
-    pipe.unet.train()
-    pipe.text_encoder.train()
 
 
 # -------------------------------------------------------------------------------------------------- main
