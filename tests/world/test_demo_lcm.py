@@ -15,6 +15,7 @@ def test_demo_with_lcm_reports_a_four_step_student(tmp_path) -> None:
     settings = DemoSettings(steps=4, batch_size=8, data_size=64, lcm_steps=4, sampling_steps=2)
     summary = run_demo(tmp_path / "demo", settings)
     assert list(summary["models"]) == ["teacher", "bk-tiny (KD)", "bk-tiny LCM (4 steps)"]
+    assert summary["settings"]["lr_scheduler"] == "constant"  # the U-Net budget (BUDGETS): BK-SDM's schedule
     lcm = summary["models"]["bk-tiny LCM (4 steps)"]
     kd = summary["models"]["bk-tiny (KD)"]
     assert 0 <= lcm["prompt_accuracy"] <= 1 and lcm["denoiser_params"] > kd["denoiser_params"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from bksdm.cli import main
 from bksdm.train.distill import TrainingSetupError
@@ -17,6 +18,9 @@ def test_demo_prunes_half_the_blocks_of_a_transformer_teacher_and_reports_it(tin
     settings = DemoSettings(teacher=str(teacher), steps=2, batch_size=4, data_size=32, sampling_steps=2)
     summary = run_demo(tmp_path / "demo", settings)
     assert summary["settings"]["plan"] == "keep-half"  # the transformer default
+    assert summary["settings"]["lr_scheduler"] == "cosine"  # the transformer budget (BUDGETS)
+    recipe = yaml.safe_load((tmp_path / "demo" / "runs" / "keep-half-KD" / "config.yaml").read_text())
+    assert recipe["optim"]["lr_scheduler"] == "cosine" and recipe["train"]["max_steps"] == 2
     assert list(summary["models"]) == ["teacher", "keep-half (KD)"]
     student, whole = summary["models"]["keep-half (KD)"], summary["models"]["teacher"]
     assert 0 < student["denoiser_params"] < whole["denoiser_params"]

@@ -31,7 +31,12 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--plan", default=None, help="preset or plan YAML (default bk-tiny for a U-Net, keep-half for a transformer)"
     )
-    p.add_argument("--steps", type=int, default=None, help="distillation steps per student")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="distillation steps per student (default 400 for a U-Net teacher, 1000 for a transformer)",
+    )
     p.add_argument(
         "--ablations",
         action="store_true",
