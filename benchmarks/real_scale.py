@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with bksdm installed; offline)::
 
-    python benchmarks/real_scale.py --arch tiny                      # tiny pipelines, about a minute: debug
+    python benchmarks/real_scale.py --arch tiny                      # tiny pipelines, about 4 minutes: debug
     python benchmarks/real_scale.py --arch sd-v1.4                   # 256 px on the CPU, about an hour
     python benchmarks/real_scale.py --arch sd-v1.4 --only prune generate --workdir /tmp/rs --keep
     python benchmarks/real_scale.py --arch sdxl                      # build, profile, generate, prune
@@ -15,10 +15,15 @@ What it does:
    ``bksdm.world.tiny``'s byte-level CLIP tokenizer: real CLIP's vocabulary cannot be fetched offline; it pads
    and truncates to 77 tokens like CLIP's); also random weights of the full-width FID Inception-v3 and of a
    CLIP ViT-L/14-sized Hugging Face CLIP for ``evaluate`` (the published weights cannot be downloaded
-   offline), a 16-image data folder (``metadata.csv``, as ``data.train`` reads it), a subject folder and a
-   prompt file;
+   offline), the teacher's ControlNet (``ControlNetModel.from_unet`` of its U-Net; SD-v1 layouts only) for
+   ``adapt controlnet``, a 16-image data folder (``metadata.csv``, as ``data.train`` reads it), a subject
+   folder, 8 images with control images (``conditioning_image``) for the ControlNet's KD, and a prompt file;
 2. runs each command as a user would: ``bksdm ...`` in its own subprocess (its own process group), at small
-   counts (see ``steps()``);
+   counts (see ``steps()``), in groups (``--only``): build prune profile generate img2img evaluate report
+   export serve cache distill resume dreambooth, ``lcm`` (bk-small as its own teacher, 2 steps: the full LCM
+   pipeline and the LCM-LoRA) and ``adapt`` (a 2-step DreamBooth LoRA of the teacher carried onto bk-small by
+   ``adapt lora``; the teacher's ControlNet pruned for bk-small by ``adapt controlnet``, and pruned then
+   distilled for 2 steps); ``--only`` adds the command that writes a missing input (build, a prune, ...);
 3. per command records exit status, wall time, the peak memory of the child's process tree (the sum of the
    proportional set sizes of every process in the tree, sampled every 0.5 s from ``/proc/PID/smaps_rollup``,
    so data-loader workers forked from the trainer do not count its pages twice), the kernel's peak RSS of
@@ -56,10 +61,20 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from real_scale_steps import (
+    Step,
+    adapt_steps,
+    add_prerequisites,
+    lcm_steps,
+    remove_unneeded,
+    row_order,
+    save_teacher_controlnet,
+    write_control_data,
+)
 
 GIB = 1024**3
 REPO = Path(__file__).resolve().parents[1]
@@ -254,23 +269,6 @@ def _gpu_name() -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ steps
-
-
-@dataclass
-class Step:
-    """One command of the check."""
-
-    name: str
-    argv: list[str]  # after the program; program is `bksdm` unless `python` is set
-    ceiling_gib: float
-    outputs: list[Path]  # removed before the run (a rerun starts clean) and measured on disk after it
-    needs: list[Path] = field(default_factory=list)  # skipped when one is missing
-    python: bool = False  # argv is for `python` (the build step), not `bksdm`
-    keep_outputs: bool = False  # resume: continue in the folder of an earlier step
-    interact: Callable[[subprocess.Popen, Path], str] | None = None  # talks to a running command (serve)
-    check: Callable[[], str] | None = None  # inspects the outputs; returns a note, raises on a wrong result
-    timeout_s: float = 7200.0
-    group: str = "other"
 
 
 @dataclass
@@ -493,10 +491,11 @@ def write_data(folder: Path, count: int = 16) -> None:
 
 
 def prepare(work: Path) -> None:
-    """Data folder, subject folder (4 of the data images), img2img input and prompt file."""
+    """Data folder, subject folder (4 of the data images), control-image folder, prompt file."""
     data = work / "data"
     if not (data / "metadata.csv").is_file():
         write_data(data)
+    write_control_data(work / "control-data")
     subject = work / "subject"
     subject.mkdir(exist_ok=True)
     for i in range(4):
@@ -504,8 +503,9 @@ def prepare(work: Path) -> None:
     (work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
 
 
-def build_main(arch: str, out: Path, weights: Path) -> None:
-    """Subprocess entry (``--build``): the pipeline folder plus Inception / CLIP weight files for evaluate."""
+def build_main(arch: str, out: Path, weights: Path, controlnet: Path | None = None) -> None:
+    """Subprocess entry (``--build``): the pipeline folder, Inception / CLIP weight files for evaluate and (SD-v1
+    layouts, ``controlnet`` given) the teacher's ControlNet for ``adapt controlnet``."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -514,19 +514,24 @@ def build_main(arch: str, out: Path, weights: Path) -> None:
         from bksdm.world.tiny import save_tiny_pipeline
 
         save_tiny_pipeline(out, "sdxl" if arch == "tiny-sdxl" else "sd-v1", seed=0)
+        if controlnet is not None and arch == "tiny":
+            from diffusers import UNet2DConditionModel
+
+            save_teacher_controlnet(UNet2DConditionModel.from_pretrained(out / "unet"), controlnet)
     else:
-        build_arch_pipeline(ARCH_NAMES[arch], out, device)
+        build_arch_pipeline(ARCH_NAMES[arch], out, device, controlnet)
     print(f"pipeline: {out} in {time.monotonic() - t0:.1f} s", flush=True)
     build_eval_weights(weights, tiny=arch.startswith("tiny"))
     print(f"evaluation weights: {weights} in {time.monotonic() - t0:.1f} s", flush=True)
 
 
-def build_arch_pipeline(name: str, out: Path, device: str) -> None:
+def build_arch_pipeline(name: str, out: Path, device: str, controlnet: Path | None = None) -> None:
     """A stock diffusers folder of the architecture ``name`` with random weights, one component in memory at a time.
 
     ``model_index.json`` comes from the pipeline class itself, made of meta-device components (no memory);
     each component is then built for real on ``device``, saved in safetensors and freed before the next, so
-    the peak is the largest component (SDXL's 10.3 GB U-Net), not the whole pipeline.
+    the peak is the largest component (SDXL's 10.3 GB U-Net), not the whole pipeline. With ``controlnet`` (SD-v1
+    layouts) the teacher's ControlNet is made from the U-Net before it is freed (:func:`save_teacher_controlnet`).
     """
     import copy
 
@@ -562,6 +567,8 @@ def build_arch_pipeline(name: str, out: Path, device: str) -> None:
     ):
         module = build()
         module.save_pretrained(out / component, safe_serialization=True)
+        if component == "unet" and controlnet is not None and not spec.is_sdxl:
+            save_teacher_controlnet(module, controlnet)
         del module
     for component, kwargs in spec.text_encoder_configs.items():
         # One encoder at a time (build_text_encoders makes all of them; SDXL's bigG alone is 2.8 GB).
@@ -631,12 +638,18 @@ class Ceilings:
     distill: float
     dreambooth: float
     lora: float
+    lcm: float
+    lcm_lora: float
+    teacher_lora: float
+    adapt_lora: float
+    adapt_controlnet: float
+    controlnet_kd: float
 
 
 CEILINGS = {
     # SD-v1.4 fp32: U-Net 3.44 GB, CLIP-L text 0.49 GB, VAE 0.33 GB: 4.3 GB a pipeline; bk-small U-Net 1.93 GB.
     "sd-v1.4": Ceilings(
-        build=5,
+        build=7,  # U-Net 3.20 GiB, then with the ControlNet made from it (1.35) before it is freed: 4.55 (5.0 measured)
         prune=9,
         profile=7,
         generate=7,
@@ -649,6 +662,20 @@ CEILINGS = {
         distill=18,  # 13.0 of training state + 2.2 of oneDNN-packed teacher convolution weights (the CPU speed lever)
         dreambooth=14,
         lora=7,
+        # GiB below (README's units). lcm: bk-small (1.80 a U-Net) as its own teacher: teacher, student, gradients,
+        # AdamW x2, EMA target = 10.8 + VAE and text 0.77 (twice at the end: the saved pipeline's) + the oneDNN-packed
+        # teacher convolutions 1.27 (distill's CPU kernels) = 13.6, + 2
+        lcm=16,
+        # teacher U-Net + its frozen copy under the adapters 3.6 + VAE and text 0.77 + packed convolutions 1.27 +
+        # rank-64 adapters (38M parameters, 0.14) x5 (weights, gradients, AdamW x2, EMA) 0.71 = 6.4, + 2
+        lcm_lora=9,
+        teacher_lora=7,  # the teacher pipeline 4.0, frozen, + rank-16 adapters (0.01) + 256-px activations, + 2
+        adapt_lora=4,  # configs and the LoRA file (0.03): nothing heavy (U-Nets are built on the meta device)
+        adapt_controlnet=5,  # the teacher's ControlNet 1.35 + the pruned one 0.89, + 2
+        # teacher pipeline 4.0 + bk-small U-Net 1.80 + teacher ControlNet 1.35 + the carried one 0.89 x4 (weights,
+        # gradients, AdamW x2) = 10.7, + the KD loss of the probe batch after training: its 32 samples (probe_size,
+        # no CLI option) VAE-encoded at once, 0.16 a sample at 256 px (measured) = 5.1, + 2
+        controlnet_kd=18,
     ),  # fmt: skip
     # SDXL fp32: U-Net 10.3 GB, text encoders 0.49 + 2.78 GB, VAE 0.33 GB: 13.9 GB; bk-small U-Net 5.2 GB.
     "sdxl": Ceilings(
@@ -665,9 +692,15 @@ CEILINGS = {
         distill=0,
         dreambooth=0,
         lora=19,
+        lcm=0,
+        lcm_lora=0,
+        teacher_lora=0,
+        adapt_lora=0,
+        adapt_controlnet=0,
+        controlnet_kd=0,
     ),  # fmt: skip
 }
-TINY_CEILINGS = Ceilings(*([3.0] * 13))
+TINY_CEILINGS = Ceilings(*([3.0] * len(fields(Ceilings))))
 
 
 def steps(arch: str, work: Path, resolution: int, gpu: bool, distill_overrides: tuple[str, ...] = ()) -> list[Step]:
@@ -679,7 +712,7 @@ def steps(arch: str, work: Path, resolution: int, gpu: bool, distill_overrides: 
     build = Step(
         "build pipeline (not bksdm)",
         [str(Path(__file__).resolve()), "--build", arch, "--workdir", str(work)],
-        c.build, [teacher, weights], python=True, group="build",
+        c.build, [teacher, weights] + ([] if sdxl else [work / "controlnet"]), python=True, group="build",
     )  # fmt: skip
     prunes = [
         Step(
@@ -806,21 +839,10 @@ def steps(arch: str, work: Path, resolution: int, gpu: bool, distill_overrides: 
     ]  # fmt: skip
     for step in dreambooths:
         step.argv.insert(0, "dreambooth")
-    return [build, *prunes, profile, *gens, img2img, *evals, report, export, serve, cache, *distills, *dreambooths]
-
-
-def remove_unneeded(step: Step, later: list[Step]) -> None:
-    """Delete ``step``'s outputs that no later step reads (``--lean``: a GPU machine's 64 GB disk)."""
-    needed = [p for s in later for p in s.needs] + [p for s in later if s.keep_outputs for p in s.outputs]
-    for output in step.outputs:
-        if output.is_dir() and not any(n == output or output in n.parents for n in needed):
-            shutil.rmtree(output, ignore_errors=True)
-
-
-def row_order(name: str, order: list[str]) -> tuple[int, str]:
-    """Sort key of a result row: the step's place in the plan (a ``[overrides]`` suffix ignored), then the name."""
-    base = re.sub(r" \[.*\]$", "", name)
-    return (order.index(base) if base in order else len(order), name)
+    return [
+        build, *prunes, profile, *gens, img2img, *evals, report, export, serve, cache, *distills, *dreambooths,
+        *lcm_steps(c, work, res, gpu), *adapt_steps(c, work, res, gpu),
+    ]  # fmt: skip
 
 
 def _count_pngs(folder: Path, expected: int) -> str:
@@ -886,7 +908,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="256 on CPU, 512 with a GPU (tiny: 128)")
     parser.add_argument("--only", nargs="+", metavar="CMD", default=None,
                         help="groups to run: build prune profile generate img2img evaluate report export "
-                             "serve cache distill resume dreambooth (build runs when missing)")  # fmt: skip
+                             "serve cache distill resume dreambooth lcm adapt (the command writing a missing "
+                             "input, e.g. build or prune, runs too)")  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=None, help="working folder (default: a new one in /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (always kept with --workdir)")
     parser.add_argument("--wait-limit", type=float, default=1800.0,
@@ -904,7 +927,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.build is not None:
-        build_main(args.build, args.workdir / "teacher", args.workdir / "weights")
+        build_main(args.build, args.workdir / "teacher", args.workdir / "weights", args.workdir / "controlnet")
         return 0
     gpu = _gpu_name() is not None
     resolution = args.resolution or (128 if args.arch.startswith("tiny") else 512 if gpu else 256)
@@ -922,9 +945,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"real_scale: error: unknown --only {sorted(unknown)}; known: {sorted({s.group for s in plan})}")
             return 2
         have_teacher = (work / "teacher" / "model_index.json").is_file() and (work / "weights" / "clip").is_dir()
-        plan = [
+        chosen = [
             s for s in plan if s.group in wanted or (s.group == "build" and ("build" in args.only or not have_teacher))
         ]
+        plan = add_prerequisites(chosen, plan)
     host = host_info()
     print(f"real_scale: {args.arch} at {resolution} px in {work}")
     print(f"host: {host['cpu_model']} ({host['cpus_usable']} usable cores, native bf16: {host['native_bf16']}), "
