@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from bksdm.cli import main
-from bksdm.eval.profile import measured_breakdown, per_image
+from bksdm.eval.per_image import measured_breakdown, per_image
 from bksdm.plan.archs import build_vae
 from bksdm.plan.prune import vae_decoder_params
 

@@ -23,7 +23,8 @@ import torch
 
 from bksdm.devices import dtype_name
 from bksdm.eval.components import Components, load_components
-from bksdm.eval.profile import measured_breakdown, profile_components, teacher_macs
+from bksdm.eval.per_image import measured_breakdown, teacher_macs
+from bksdm.eval.profile import profile_components
 from bksdm.families import family_of
 from bksdm.loading import load_denoiser_config
 from bksdm.plan.archs import get_arch
@@ -73,7 +74,7 @@ def profile_pipeline(
     Returns:
         :func:`~bksdm.eval.profile.profile_components`' dict with ``source`` and ``plan`` first, ``end_to_end``
         (:func:`time_end_to_end`, or None) and ``end_to_end_note`` (why it is None, or None), with a plan
-        :func:`~bksdm.eval.profile.teacher_macs`' ``teacher_macs`` and ``macs_ratio_to_teacher``, and ``onnx`` with
+        :func:`~bksdm.eval.per_image.teacher_macs`' ``teacher_macs`` and ``macs_ratio_to_teacher``, and ``onnx`` with
         ``options.onnx``.
 
     Raises:

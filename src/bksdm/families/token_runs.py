@@ -15,14 +15,22 @@ Training only: saved models keep the stock processors and pipelines run the stoc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RepeatedTokenAttnProcessor", "attn_processors", "fold_tail", "trailing_repeats", "unfold_tail"]
+__all__ = [
+    "RepeatedTokenAttnProcessor",
+    "attn_processors",
+    "fold_tail",
+    "folded",
+    "trailing_repeats",
+    "unfold_streams",
+    "unfold_tail",
+]
 
 
 def trailing_repeats(text: Tensor) -> int:
@@ -104,3 +112,17 @@ def attn_processors(model: nn.Module, processor) -> Iterator[None]:
         yield
     finally:
         model.set_attn_processor(before)  # a dict: diffusers pops each layer's entry from it
+
+
+def folded(model: nn.Module, repeats: int) -> AbstractContextManager:
+    """Within the block, ``model``'s (unwrapped) attention runs its last text token as ``repeats`` tokens; for
+    ``repeats`` 1 nothing changes."""
+    return nullcontext() if repeats == 1 else attn_processors(model, RepeatedTokenAttnProcessor(repeats))
+
+
+def unfold_streams(features: Sequence[Tensor], streams: Sequence[str], repeats: int) -> list[Tensor]:
+    """Recorded block outputs in float32, the text-stream ones (``streams[i] == "text"``) at full length."""
+    return [
+        unfold_tail(f, repeats).float() if stream == "text" else f.float()
+        for f, stream in zip(features, streams, strict=True)
+    ]

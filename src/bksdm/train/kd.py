@@ -31,13 +31,7 @@ from diffusers import SchedulerMixin
 from torch import Tensor, nn
 
 from bksdm.families.base import Family
-from bksdm.families.token_runs import (
-    RepeatedTokenAttnProcessor,
-    attn_processors,
-    fold_tail,
-    trailing_repeats,
-    unfold_tail,
-)
+from bksdm.families.token_runs import fold_tail, folded, trailing_repeats, unfold_streams
 from bksdm.families.unet import UNET, diffusion_target
 from bksdm.plan.resolved import FeaturePair
 from bksdm.seeding import STREAM_NOISE, sample_generator
@@ -388,10 +382,10 @@ def kd_step(
         dtype = _param_dtype(unwrap(teacher))
         tap = FeatureTap(teacher, [p.teacher for p in feature_pairs], [p.output for p in feature_pairs])
         text = fold_tail(encoder_hidden_states, repeats).to(dtype)
-        with torch.no_grad(), cpu_kernels(noisy.device), _folded(teacher, repeats), tap:
+        with torch.no_grad(), cpu_kernels(noisy.device), folded(unwrap(teacher), repeats), tap:
             out = family.call(teacher, noisy.to(dtype), timesteps, text, _cast(added_cond_kwargs, dtype))
             teacher_pred = out.float()  # (B, C, h, w)
-            teacher_feats = _unfolded(tap.features, feature_pairs, repeats)
+            teacher_feats = unfold_streams(tap.features, [p.stream for p in feature_pairs], repeats)
 
     dtype = _param_dtype(unwrap(student))
     # The task-only ablation reads no student features either: no hooks at all.
@@ -405,27 +399,12 @@ def kd_step(
     text = fold_tail(encoder_hidden_states, repeats).to(dtype)
     with (
         kernels,
-        _folded(student, repeats),
+        folded(unwrap(student), repeats),
         FeatureTap(student, [p.student for p in pairs], [p.output for p in pairs]) as tap,
     ):
         student_pred = family.call(student, noisy.to(dtype), timesteps, text, _cast(added_cond_kwargs, dtype))
-        student_feats = _unfolded(tap.features, pairs, repeats)  # student_pred: (B, C, h, w)
+        student_feats = unfold_streams(tap.features, [p.stream for p in pairs], repeats)  # student_pred: (B, C, h, w)
     return kd_losses(student_pred, teacher_pred, target, student_feats, teacher_feats, weights)
-
-
-def _folded(model: nn.Module, repeats: int):
-    """The model's attention runs its last text token as ``repeats`` tokens (nothing changes for 1)."""
-    if repeats == 1:
-        return contextlib.nullcontext()
-    return attn_processors(unwrap(model), RepeatedTokenAttnProcessor(repeats))
-
-
-def _unfolded(features: Sequence[Tensor], pairs: Sequence[FeaturePair], repeats: int) -> list[Tensor]:
-    """Features in float32, text-stream ones at full length (the folded token repeated)."""
-    return [
-        unfold_tail(f, repeats).float() if p.stream == "text" else f.float()
-        for f, p in zip(features, pairs, strict=True)
-    ]
 
 
 @torch.no_grad()
