@@ -673,9 +673,9 @@ CEILINGS = {
         adapt_lora=4,  # configs and the LoRA file (0.03): nothing heavy (U-Nets are built on the meta device)
         adapt_controlnet=5,  # the teacher's ControlNet 1.35 + the pruned one 0.89, + 2
         # teacher pipeline 4.0 + bk-small U-Net 1.80 + teacher ControlNet 1.35 + the carried one 0.89 x4 (weights,
-        # gradients, AdamW x2) = 10.7, + the KD loss of the probe batch after training: its 32 samples (probe_size,
-        # no CLI option) VAE-encoded at once, 0.16 a sample at 256 px (measured) = 5.1, + 2
-        controlnet_kd=18,
+        # gradients, AdamW x2) = 10.7, + 2 (the 32-sample probe runs in chunks of the batch size, 1 here: once
+        # VAE-encoded at once it added 0.16 a sample at 256 px, 5.1)
+        controlnet_kd=13,
     ),  # fmt: skip
     # SDXL fp32: U-Net 10.3 GB, text encoders 0.49 + 2.78 GB, VAE 0.33 GB: 13.9 GB; bk-small U-Net 5.2 GB.
     "sdxl": Ceilings(

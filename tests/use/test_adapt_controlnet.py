@@ -389,6 +389,19 @@ def test_a_short_distillation_lowers_the_kd_loss(world, tmp_path: Path) -> None:
     assert any(not torch.equal(v, trained[k]) for k, v in pruned.controlnet.state_dict().items())
 
 
+def test_the_probe_loss_does_not_depend_on_the_chunks_it_runs_in(world, tmp_path: Path) -> None:
+    """The probe runs in chunks of the training batch size (memory of one training forward): 8 samples in chunks of
+    3 (3 + 3 + 2) give the loss of one batch of 8, to float rounding."""
+    data = str(control_data(tmp_path / "data"))
+    before = {}
+    for batch in (3, 8):
+        settings = ControlNetKDSettings(data=data, steps=1, batch_size=batch, lr=1e-3, probe_size=8)
+        report = adapt_controlnet(world["bk-small"], world["controlnet"], tmp_path / f"b{batch}", distill=settings)
+        before[batch] = report["distillation"]["probe_loss_kd_out"]["before"]
+    assert before[8] > 0
+    assert before[3] == pytest.approx(before[8], rel=1e-5)
+
+
 def test_a_resumed_distillation_ends_with_the_uninterrupted_weights(world, tmp_path: Path) -> None:
     data = str(control_data(tmp_path / "data"))
     whole = ControlNetKDSettings(data=data, steps=4, batch_size=4, lr=1e-3, probe_size=4)

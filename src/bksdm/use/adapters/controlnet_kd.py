@@ -237,16 +237,24 @@ def _inputs(models: _Models, batch: dict[str, Any], s: ControlNetKDSettings, dev
 
 @torch.no_grad()
 def _probe(models: _Models, carried: nn.Module, batch: dict[str, Any], s: ControlNetKDSettings, device) -> float:
-    """``loss_kd_out`` of the fixed probe batch (its own noise seed, so it never equals a training batch's draws)."""
-    latents, text, control, timesteps, noise, added = _inputs(models, batch, s, device, s.seed + 1)
+    """``loss_kd_out`` of the fixed probe batch (its own noise seed, so it never equals a training batch's draws).
+
+    Run in chunks of the training batch size, so it needs no more memory than a training step's forward (the probe
+    is larger than a batch: at once, 32 SD-v1.4 samples at 256 px are 5 GB of VAE activations alone); every draw is
+    keyed by the sample's position, so the chunks see what one batch would, and the mean is the same."""
     was_training = carried.training
     carried.eval()
-    losses = controlnet_kd_step(
-        models.student, carried, models.pipe.unet, models.teacher_controlnet, models.scheduler,
-        latents, text, control, timesteps, noise, added,
-    )  # fmt: skip
+    count, total = len(batch["positions"]), 0.0
+    for start in range(0, count, s.batch_size):
+        chunk = {key: value if key == "step" else value[start : start + s.batch_size] for key, value in batch.items()}
+        latents, text, control, timesteps, noise, added = _inputs(models, chunk, s, device, s.seed + 1)
+        losses = controlnet_kd_step(
+            models.student, carried, models.pipe.unet, models.teacher_controlnet, models.scheduler,
+            latents, text, control, timesteps, noise, added,
+        )  # fmt: skip
+        total += float(losses["loss_kd_out"]) * len(chunk["positions"])
     carried.train(was_training)
-    return float(losses["loss_kd_out"])
+    return total / count
 
 
 def distill_controlnet(
