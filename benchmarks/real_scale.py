@@ -90,12 +90,23 @@ COLORS = {"red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 60, 210), "
 # --------------------------------------------------------------------------------------- measurement
 
 
-def mem_available_gib() -> float:
-    """The kernel's estimate of memory available for new work (``MemAvailable``), in GiB."""
+def _meminfo_gib(key: str) -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024 / GIB
     return float("nan")
+
+
+def mem_available_gib() -> float:
+    """The kernel's estimate of memory available for new work (``MemAvailable``), in GiB."""
+    return _meminfo_gib("MemAvailable")
+
+
+def memory_to_wait_for(ceiling_gib: float) -> float:
+    """MemAvailable to wait for before a command: its ceiling + :data:`WAIT_MARGIN_GIB`, at most the machine's memory
+    less :data:`LOW_MEMORY_KILL_GIB` (SDXL's prune, ceiling 21 GiB, on a 23.5 GiB machine: the kill guard still
+    stops it before the kernel's OOM killer would)."""
+    return min(ceiling_gib + WAIT_MARGIN_GIB, _meminfo_gib("MemTotal") - LOW_MEMORY_KILL_GIB)
 
 
 def _children_of() -> dict[int, list[int]]:
@@ -312,15 +323,13 @@ def run_step(step: Step, logs: Path, wait_limit: float) -> Row:
     missing = [str(p) for p in step.needs if not p.exists()]
     if missing:
         return Row(status="skipped", note=f"needs {', '.join(missing)}", load_average_after=load_average(), **base)
-    waited, needed = 0.0, step.ceiling_gib + WAIT_MARGIN_GIB
+    waited, needed = 0.0, memory_to_wait_for(step.ceiling_gib)
     while mem_available_gib() < needed:
         if waited >= wait_limit:
-            note = (
-                f"skipped: MemAvailable {mem_available_gib():.1f} GiB < {needed:g} GiB (ceiling + 2) for {waited:.0f} s"
-            )
+            note = f"skipped: MemAvailable {mem_available_gib():.1f} GiB < {needed:.1f} GiB for {waited:.0f} s"
             return Row(status="skipped", note=note, load_average_after=load_average(), **base)
         if waited == 0:
-            print(f"  waiting for {needed:g} GiB of MemAvailable (now {mem_available_gib():.1f})", flush=True)
+            print(f"  waiting for {needed:.1f} GiB of MemAvailable (now {mem_available_gib():.1f})", flush=True)
         time.sleep(10)
         waited += 10
     if not step.keep_outputs:
@@ -743,14 +752,20 @@ def steps(arch: str, work: Path, resolution: int, gpu: bool, distill_overrides: 
         )  # fmt: skip
 
     gens = [gen("teacher", teacher)] + ([] if sdxl else [gen("bk-small", student)])
-    if sdxl:
-        return [build, profile, *gens, *prunes]
     img2img = Step(
         "img2img teacher",
         ["img2img", "--model", teacher, "--image", data / "000.png", "--prompt", PROMPTS[1], "--strength", "0.5",
          "--steps", "8", "--size", res, "--out", work / "img2img"],
         c.img2img, [work / "img2img"], [teacher], group="img2img", check=lambda: _count_pngs(work / "img2img", 1),
     )  # fmt: skip
+    cache = Step(
+        "cache 16 images",
+        ["cache", "--out", work / "cache", f"model.teacher={teacher}", f"data.train={data}",
+         f"data.resolution={res}"],
+        cache_ceiling(c.cache, resolution), [work / "cache"], [teacher], group="cache",
+    )  # fmt: skip
+    if sdxl:  # see CEILINGS: the other commands need more than a 24 GB machine, or do not take SDXL
+        return [build, profile, *gens, *prunes, img2img, cache]
     evals = [
         Step(
             f"evaluate {name}",
@@ -795,12 +810,6 @@ def steps(arch: str, work: Path, resolution: int, gpu: bool, distill_overrides: 
         "serve 1 request",
         ["serve", "--teacher", teacher, "--student", student, "--port", "0", "--steps", "2"],
         c.serve, [], [teacher, student], interact=serve_one_request, group="serve",
-    )  # fmt: skip
-    cache = Step(
-        "cache 16 images",
-        ["cache", "--out", work / "cache", f"model.teacher={teacher}", f"data.train={data}",
-         f"data.resolution={res}"],
-        cache_ceiling(c.cache, resolution), [work / "cache"], [teacher], group="cache",
     )  # fmt: skip
     common = [
         f"model.teacher={teacher}", "model.plan=bk-small", f"data.train={data}", f"data.resolution={res}",
@@ -953,6 +962,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"real_scale: {args.arch} at {resolution} px in {work}")
     print(f"host: {host['cpu_model']} ({host['cpus_usable']} usable cores, native bf16: {host['native_bf16']}), "
           f"{host['memory_total_gib']} GiB, GPU: {host['gpu']}, torch {host['versions']['torch']}")  # fmt: skip
+    result: dict[str, Any] = {
+        "arch": args.arch, "resolution": resolution, "host": host, "workdir": str(work),
+        "memory_measure": "peak_gib = max(peak sum of PSS over the process tree sampled every 0.5 s, "
+                          "the kernel's peak RSS of the largest single process (wait4 ru_maxrss))",
+        "times": "indicative: the CPU may be shared with other jobs; see each row's load averages",
+    }  # fmt: skip
+    earlier = json.loads(out.read_text()).get("rows", []) if args.update and out.is_file() else []
+    order = [s.name for s in steps(args.arch, work, resolution, gpu)]
     rows: list[dict[str, Any]] = []
     for index, step in enumerate(plan):
         print(f"- {step.name} (ceiling {step.ceiling_gib:g} GiB) ...", flush=True)
@@ -964,24 +981,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row['status']} (exit {row['exit_status']}, {row['wall_s']} s{peak}) {row['note']}", flush=True)
         for line in row["stderr_tail"][-5:]:
             print(f"    | {line}")
+        # Written after every command, so a run stopped part-way keeps what it measured.
+        names = {r["name"] for r in rows}
+        merged = [r for r in earlier if r["name"] not in names] + rows
+        result["rows"] = sorted(merged, key=lambda r: row_order(r["name"], order))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         if step.group == "build" and row["status"] != "ok":
             break
-    result: dict[str, Any] = {
-        "arch": args.arch, "resolution": resolution, "host": host, "workdir": str(work),
-        "memory_measure": "peak_gib = max(peak sum of PSS over the process tree sampled every 0.5 s, "
-                          "the kernel's peak RSS of the largest single process (wait4 ru_maxrss))",
-        "times": "indicative: the CPU may be shared with other jobs; see each row's load averages",
-    }  # fmt: skip
-    if args.update and out.is_file():
-        old = json.loads(out.read_text())
-        names = {r["name"] for r in rows}
-        merged = [r for r in old.get("rows", []) if r["name"] not in names] + rows
-        rows = sorted(
-            merged, key=lambda r: row_order(r["name"], [s.name for s in steps(args.arch, work, resolution, gpu)])
-        )
-    result["rows"] = rows
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    rows = result.get("rows", [])
     print()
     print(table(rows))
     print(f"\nwritten {out}")
