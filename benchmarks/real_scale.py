@@ -676,8 +676,9 @@ CEILINGS = {
         # teacher convolutions 1.27 (distill's CPU kernels) = 13.6, + 2
         lcm=16,
         # teacher U-Net + its frozen copy under the adapters 3.6 + VAE and text 0.77 + packed convolutions 1.27 +
-        # rank-64 adapters (38M parameters, 0.14) x5 (weights, gradients, AdamW x2, EMA) 0.71 = 6.4, + 2
-        lcm_lora=9,
+        # rank-64 adapters (38M parameters, 0.14) x5 (weights, gradients, AdamW x2, EMA) 0.71 = 6.4, + the 4
+        # data-loader workers (forkserver: each a fresh Python with torch, about 0.4) 1.6, + 2 (9 was passed: 9.06)
+        lcm_lora=11,
         teacher_lora=7,  # the teacher pipeline 4.0, frozen, + rank-16 adapters (0.01) + 256-px activations, + 2
         adapt_lora=4,  # configs and the LoRA file (0.03): nothing heavy (U-Nets are built on the meta device)
         adapt_controlnet=5,  # the teacher's ControlNet 1.35 + the pruned one 0.89, + 2
