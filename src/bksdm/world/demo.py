@@ -58,7 +58,8 @@ BUDGETS = {
     # BK-SDM's constant lr; 400 steps: bk-tiny keeps 96% of the teacher's accuracy in about 3 minutes.
     "unet": Budget("bk-tiny", 400, "constant"),
     # Half the joint blocks. The KD student's prompt accuracy (the teacher's is 1.000), 2-core EPYC: constant lr,
-    # 400 steps 0.771, 1500 steps 0.906; cosine decay, 1000 steps 0.958 (the whole demo 4.9 min), 1500 steps 0.969.
+    # 400 steps 0.771, 1500 steps 0.906; cosine decay, 1000 steps 0.958 (the whole demo 4.3 min from a fresh
+    # clone), 1500 steps 0.969.
     "transformer": Budget("keep-half", 1000, "cosine"),
 }
 """The demo's defaults by the teacher's denoiser (``unet``, ``transformer``)."""
