@@ -4,11 +4,13 @@
 #   2. train_throughput.py: one KD step, SD-v1.4 -> bk-small at 512 px, cached vs uncached, fp16;
 #   3. generate_throughput.py on the bundled teacher, fp16;
 #   4. the GPU tests (tests/use/test_gpu.py): mixed-precision distillation and DreamBooth, batch invariance;
+#   4b. bksdm demo --teacher bundled-sd3: the transformer demo (keep-half, 1000 steps) on the GPU, timed;
 #   5. bksdm plan score of an SD-v1.4-sized teacher with the default calibration (issue 14: "in minutes on one
 #      GPU"), timed; the teacher is real_scale.py's build (random weights, the real architecture);
 #   5b. end_to_end.py: SD-v1.4 vs BK-SDM-Base/Small/Tiny per image at 512 px, 25 steps with guidance, fp16, with a
 #      stock pipeline call each (the teacher folder is reused from step 5);
-#   6. real_scale.py: every bksdm command on an SD-v1.4-sized pipeline at 512 px, with peak RSS and GPU memory
+#   6. real_scale.py: every bksdm command (lcm and adapt included) on an SD-v1.4-sized pipeline at 512 px, with
+#      peak RSS and GPU memory
 #      (last: it takes longest; --lean keeps the disk under about 35 GB; set REAL_SCALE=0 to skip it).
 # Usage, from the repository root with bksdm importable: bash benchmarks/gpu_checks.sh
 set -u
@@ -32,6 +34,7 @@ step python benchmarks/generate_throughput.py --device cuda --count 32 --batches
   --out "$out/generate_throughput_cuda.json"
 step python -m pytest -m gpu tests/use/test_gpu.py -s -q -p no:cacheprovider --durations=0 \
   -k "${GPU_TESTS:-batch or dreambooth or bf16 or fp16}"
+step /usr/bin/time -v bksdm demo --teacher bundled-sd3 --out "$out/demo_sd3" train.mixed_precision=bf16
 score_dir=${SCORE_WORKDIR:-/tmp/plan_score_gpu}
 step python benchmarks/real_scale.py --build sd-v1.4 --workdir "$score_dir"
 step /usr/bin/time -v bksdm plan score --teacher "$score_dir/teacher" --out "$out/plan_score_sd-v1.4" --device cuda
