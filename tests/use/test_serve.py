@@ -8,6 +8,7 @@ machine without Chromium it fails and says how to install it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -68,16 +69,25 @@ def app(models_dir: tuple[Path, Path]) -> DemoApp:
     return DemoApp(load_models(str(teacher), [str(student)]), SamplingSettings(steps=STEPS, guidance_scale=GUIDANCE))
 
 
-@pytest.fixture(scope="module")
-def server(app: DemoApp):
-    """The app served on a free loopback port from a background thread."""
+@contextlib.contextmanager
+def serving(app: DemoApp | None):
+    """The app (None: models still loading) served on a free loopback port from a background thread; stopped and
+    closed on exit."""
     httpd = make_server(app, "127.0.0.1", 0)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(app: DemoApp):
+    with serving(app) as httpd:
+        yield httpd
 
 
 def request(
@@ -209,15 +219,9 @@ def test_malformed_http_requests(server) -> None:
 
 
 def test_server_answers_503_until_the_models_are_attached() -> None:
-    httpd = make_server(None, "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(None) as httpd:
         status, answer = request(httpd.url)
-        assert status == 503 and "still loading" in answer["error"]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    assert status == 503 and "still loading" in answer["error"]
 
 
 def test_app_rejects_no_models_and_duplicate_names(app) -> None:

@@ -4,15 +4,13 @@ real headless Chromium (as ``test_serve.py`` does for the U-Net teacher)."""
 from __future__ import annotations
 
 import re
-import threading
 
 import pytest
 
 from bksdm.loading import teacher_or_default
 from bksdm.plan.prune import prune
 from bksdm.use.serve.app import DemoApp, SamplingSettings, load_models
-from bksdm.use.serve.server import make_server
-from tests.use.test_serve import browser, generate_on_page, open_page  # noqa: F401  (browser: the fixture)
+from tests.use.test_serve import browser, generate_on_page, open_page, serving  # noqa: F401  (browser: the fixture)
 
 PROMPT = "a big blue square at the bottom right"
 
@@ -27,13 +25,8 @@ def sd3_app(tmp_path_factory: pytest.TempPathFactory) -> DemoApp:
 
 @pytest.fixture(scope="module")
 def sd3_server(sd3_app: DemoApp):
-    httpd = make_server(sd3_app, "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
+    with serving(sd3_app) as httpd:
+        yield httpd
 
 
 @pytest.mark.slow
