@@ -15,7 +15,6 @@ import csv
 import json
 import re
 import shutil
-import struct
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,13 +133,13 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 def safetensors_keys(path: Path) -> list[str]:
-    """The tensor names of a safetensors file, from its header alone (8-byte length, then JSON)."""
+    """The tensor names of a safetensors file (``safe_open`` reads its header only)."""
+    from safetensors import safe_open
+
     if not path.is_file():
         raise RuntimeError(f"no {path.parent.name}/{path.name}")
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return [k for k in header if k != "__metadata__"]
+    with safe_open(path, "pt") as f:
+        return list(f.keys())
 
 
 def lcm_note(run: Path, mode: str) -> str:

@@ -24,6 +24,7 @@ import torch
 from cpu_contention import environment
 
 from bksdm.families import denoiser_of, family_of
+from bksdm.families.token_runs import fold_tail, trailing_repeats
 from bksdm.loading import teacher_or_default
 from bksdm.plan.spec import ALL_PRESETS
 from bksdm.plan.surgery import build_student
@@ -83,10 +84,9 @@ def main() -> None:
             seconds, loss[name] = step(fold)
             times[name].append(seconds)
     median = {name: statistics.median(values) for name, values in times.items()}
-    tokens = text.shape[1]
     rows = {
-        "folded": {"text_tokens": tokens - int((text[0] == text[0, -1]).all(dim=1).sum()) + 1},
-        "full": {"text_tokens": tokens},
+        "folded": {"text_tokens": fold_tail(text, trailing_repeats(text)).shape[1]},
+        "full": {"text_tokens": text.shape[1]},
     }
     for name in rows:
         rows[name] |= {

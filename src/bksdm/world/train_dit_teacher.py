@@ -31,7 +31,7 @@ Stages (the architecture and why: :mod:`bksdm.world.dit_teacher`):
 
 Training runs the text stream short: the stock pipeline feeds T5's 256 zero tokens, which are identical at every
 layer (no position embedding on text; same input, same output), so 256 of them weigh in every softmax exactly as
-one token with log(256) added to its attention logit (:class:`RepeatedTokenAttnProcessor`). Training uses that one
+one token with log(256) added to its attention logit (`token_runs.RepeatedTokenAttnProcessor`). Training uses that one
 token (5x faster per step on a CPU, measured), the same function of the weights to float precision; the saved
 model has the stock processors and runs the stock 16 + 256 text tokens.
 
@@ -56,7 +56,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from bksdm.artifacts import MODEL_RECORD_FILE, atomic_file
 from bksdm.families.sd3 import SD3
-from bksdm.families.token_runs import RepeatedTokenAttnProcessor, attn_processors
+from bksdm.families.token_runs import attn_processors, folded
 from bksdm.world import shapes
 from bksdm.world.dit_teacher import T5_ZERO_TOKENS, build_untrained_dit_teacher, load_dit_teacher
 from bksdm.world.dit_teacher_recipe import DitTeacherRecipe, parse_args
@@ -146,7 +146,7 @@ def sample_sigmas(count: int, recipe: DitTeacherRecipe, scheduler_config, genera
 
 def flow_loss(pipe, batch: tuple[torch.Tensor, torch.Tensor], ids, recipe, generator) -> torch.Tensor:
     """Rectified-flow loss of one batch (clean latents (B, 4, 16, 16), caption rows of ``ids``), the text stream
-    short (:func:`encode_short`; the transformer must hold :class:`RepeatedTokenAttnProcessor`)."""
+    short (:func:`encode_short`; the transformer must run :func:`bksdm.families.token_runs.folded`)."""
     latents, captions = batch
     noise = torch.randn(latents.shape, generator=generator)
     sigmas = sample_sigmas(len(latents), recipe, pipe.scheduler.config, generator)
@@ -177,7 +177,7 @@ def train_denoiser(pipe: StableDiffusion3Pipeline, data, recipe: DitTeacherRecip
     settings = LoopSettings(
         "transformer", recipe.steps, recipe.lr, recipe.warmup, recipe.seed, recipe.checkpoint_every, recipe.eval_every
     )
-    with attn_processors(pipe.transformer, RepeatedTokenAttnProcessor(T5_ZERO_TOKENS)):
+    with folded(pipe.transformer, T5_ZERO_TOKENS):
         modules = {name: getattr(pipe, name) for name in TRAINED}
         train_modules(modules, settings, batch_loss, work_dir / "denoiser.pt", clock, quick_eval)
 
