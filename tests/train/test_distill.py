@@ -446,6 +446,57 @@ def test_cpu_kernels_pack_a_frozen_conv_weight_once_and_again_when_it_changes() 
     assert id(big.weight) not in _PACKED
 
 
+@pytest.mark.parametrize(
+    ("channels", "size", "stride", "padding", "dilation", "bias"),
+    [((64, 320), (4, 4), 1, 1, 1, True), ((48, 400), (7, 5), 2, 1, 1, True), ((40, 512), (4, 3), 1, 2, 2, False)],
+)
+def test_cpu_kernels_train_a_large_kernel_over_few_positions_as_an_unfolded_product(
+    channels, size, stride, padding, dilation, bias, monkeypatch
+) -> None:
+    from bksdm.train.cpu_kernels import IM2COL_MIN_WEIGHTS_PER_ROW, cpu_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(*channels, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    x = torch.randn(1, channels[0], *size, generator=gen)
+    target = None
+
+    def run(onednn: bool, train_weight: bool = True):
+        nonlocal target
+        monkeypatch.setenv("BKSDM_ONEDNN", "1" if onednn else "0")
+        conv.zero_grad(set_to_none=True)
+        conv.requires_grad_(train_weight)
+        xi = x.clone().requires_grad_()
+        with cpu_kernels():
+            out = conv(xi)
+        target = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)) if target is None else target
+        (out * target).sum().backward()
+        grads = [p.grad for p in conv.parameters()]
+        return out.detach(), xi.grad, *grads
+
+    ours, names = _onednn_calls(lambda: run(True))
+    stock, _ = _onednn_calls(lambda: run(False))
+    rows = ours[0].shape[0] * ours[0].shape[2] * ours[0].shape[3]
+    assert conv.weight.numel() >= IM2COL_MIN_WEIGHTS_PER_ROW * rows  # the case the unfolded product is for
+    assert ours[0].shape == stock[0].shape and ours[0].is_contiguous()
+    assert names == ["mkldnn::_linear_pointwise"]  # one matrix product each way, no convolution kernel
+    for a, b in zip(ours, stock, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(a, torch.zeros_like(a))
+    frozen, stock_frozen = run(True, train_weight=False), run(False, train_weight=False)
+    assert all(grad is None for grad in frozen[2:])  # a frozen weight (LoRA, adapters) gets no gradient
+    torch.testing.assert_close(frozen[1], stock_frozen[1], rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernels_leave_a_trained_kernel_over_many_positions_to_pytorch() -> None:
+    from bksdm.train.cpu_kernels import cpu_kernels
+
+    conv = nn.Conv2d(64, 320, 3, padding=1)
+    x = torch.randn(1, 64, 16, 16)  # 256 output rows: 184,320 weights are too few for the unfolded product
+    with cpu_kernels():
+        _, names = _onednn_calls(lambda: conv(x).sum().backward())
+    assert "mkldnn::_linear_pointwise" not in names
+
+
 def test_cpu_kernels_leave_half_precision_and_autocast_to_pytorch() -> None:
     from bksdm.train.cpu_kernels import cpu_kernels
 

@@ -4,7 +4,9 @@ On the CPU, :func:`cpu_kernels` routes fp32 linear layers (forward and backward)
 convolutions through oneDNN instead of PyTorch's defaults: the same products in another kernel, equal to float
 rounding. On an AMD EPYC the default fp32 matrix products (MKL) ran at a third to a half of oneDNN's speed,
 and every default convolution call re-packed its weights (200 ms for one 1280x1280 3x3 kernel), so the frozen
-teacher and VAE pack theirs once.
+teacher and VAE pack theirs once, and a trained convolution with a large kernel and few output positions runs
+as a matrix product over its unfolded input (no packing at all: the default kernels re-lay out such a weight
+three times a step, for the forward, the input gradient and the weight gradient).
 
 The one piece of module state is the memo of oneDNN-packed copies of frozen convolution weights (derived data,
 dropped with the weight, rebuilt whenever the weight changes). Set ``BKSDM_ONEDNN=0`` to turn it all off.
@@ -82,6 +84,69 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class _Im2colConv(torch.autograd.Function):
+    """A trainable conv2d (groups 1) as one matrix product over unfolded input, forward and backward in oneDNN.
+
+    Where the output has few positions for a large kernel (a U-Net's inner levels at batch 1), the default
+    kernels spend most of their time re-laying out the weight (for the forward, again for the input gradient,
+    and the weight gradient back); as a matrix product the weight is read where it lies, and nothing is packed.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, settings: tuple) -> Tensor:
+        padding, stride, dilation = settings
+        out_channels, kernel = weight.shape[0], tuple(weight.shape[-2:])
+        cols = F.unfold(x, kernel, dilation, padding, stride)  # (N, C*kh*kw, L)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N*L, C*kh*kw)
+        out = _linear(rows, weight.reshape(out_channels, -1), bias)  # (N*L, O)
+        size = _output_size(x, weight, settings)
+        ctx.save_for_backward(x, weight)
+        ctx.settings, ctx.has_bias = settings, bias is not None
+        return out.reshape(x.shape[0], *size, out_channels).permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        padding, stride, dilation = ctx.settings
+        out_channels, kernel = weight.shape[0], tuple(weight.shape[-2:])
+        grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, out_channels).contiguous()  # (N*L, O)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_cols = _linear(grad_rows, weight.reshape(out_channels, -1).t(), None)  # (N*L, C*kh*kw)
+            grad_cols = grad_cols.reshape(x.shape[0], -1, grad_cols.shape[1]).transpose(1, 2)
+            grad_x = F.fold(grad_cols, tuple(x.shape[-2:]), kernel, dilation, padding, stride)
+        if ctx.needs_input_grad[1]:
+            cols = F.unfold(x, kernel, dilation, padding, stride)
+            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            grad_w = _linear(grad_rows.t().contiguous(), rows.t(), None).reshape(weight.shape)  # (O, N*L) @ (N*L, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_rows.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+#: The unfolded product pays (measured on a 2-core AMD EPYC, one thread, forward + backward) where a large
+#: kernel meets few output positions: at most this many output rows (batch x height x width) ...
+IM2COL_MAX_ROWS = 256
+#: ... and at least this many kernel weights per output row (SD-v1.4's 1280-channel 3x3 at 8x8: 2.6x faster,
+#: 640 at 16x16: 1.1x; 320 at 16x16 and anything at 32x32: slower).
+IM2COL_MIN_WEIGHTS_PER_ROW = 10_000
+
+
+def _output_size(x: Tensor, weight: Tensor, settings: tuple) -> list[int]:
+    """Height and width of ``conv2d(x, weight)`` with ``settings`` = (padding, stride, dilation)."""
+    padding, stride, dilation = settings
+    return [
+        (x.shape[i] + 2 * padding[i - 2] - dilation[i - 2] * (weight.shape[i] - 1) - 1) // stride[i - 2] + 1
+        for i in (2, 3)
+    ]
+
+
+def _unfolds_well(x: Tensor, weight: Tensor, settings: tuple) -> bool:
+    height, width = _output_size(x, weight, settings)
+    rows = x.shape[0] * height * width
+    return 0 < rows <= IM2COL_MAX_ROWS and weight.numel() >= IM2COL_MIN_WEIGHTS_PER_ROW * rows
+
+
 # id(weight) -> (weak reference, version, data pointer, conv settings and input shape, packed weight)
 _PACKED: dict[int, tuple[weakref.ref, int, int, tuple, Tensor]] = {}
 
@@ -119,8 +184,8 @@ def _conv2d(args: tuple, kwargs: dict) -> Tensor | None:
     """A float32 CPU conv2d through oneDNN, or None to leave it to PyTorch.
 
     Frozen (nothing needs a gradient) and the weight larger than one input: packed weights, cached. Training:
-    only the 1x1 kernels, which PyTorch sends to its slow path for batch 1 on one thread; the others already
-    go to oneDNN.
+    a large kernel over few output positions as one unfolded matrix product (:class:`_Im2colConv`); the 1x1
+    kernels, which PyTorch sends to its slow path for batch 1 on one thread; the others already go to oneDNN.
     """
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     bound = dict(zip(names, args, strict=False)) | kwargs
@@ -137,6 +202,8 @@ def _conv2d(args: tuple, kwargs: dict) -> Tensor | None:
         # larger (the VAE's first blocks), oneDNN's copies of it in and out cost more than the packing saves.
         packed = _packed_conv_weight(weight, (padding, stride, dilation, groups), tuple(x.shape))
         return _CONV(x.contiguous(), packed, bias, padding, stride, dilation, groups, "none", [], "")
+    if groups == 1 and not frozen and _unfolds_well(x, weight, (padding, stride, dilation)):
+        return _Im2colConv.apply(x, weight, bias, (padding, stride, dilation))
     if weight.shape[-2:] == (1, 1) and groups == 1:
         return torch.mkldnn_convolution(x.contiguous(), weight, bias, padding, stride, dilation, groups)
     return None
@@ -164,7 +231,8 @@ def cpu_kernels(device: torch.device | str = "cpu") -> Iterator[None]:
     """Within the block, float32 CPU linear layers and convolutions run on oneDNN kernels (see the module notes).
 
     Linear layers: forward and backward (:class:`_OneDNNLinear`). Convolutions that need no gradient (the
-    frozen teacher and VAE): oneDNN with weights packed once. Trainable 1x1 convolutions: oneDNN. Everything
+    frozen teacher and VAE): oneDNN with weights packed once. Trainable convolutions with a large kernel and
+    few output positions: an unfolded matrix product on oneDNN. Trainable 1x1 convolutions: oneDNN. Everything
     else, other dtypes and devices, autocast regions, and all layers when ``BKSDM_ONEDNN=0`` or PyTorch lacks
     oneDNN: PyTorch's own kernels. Equal to the default kernels to float rounding; deterministic.
 
