@@ -20,7 +20,8 @@ resume fail with :class:`CheckpointError` and runs nothing. The same format serv
 ``bksdm dreambooth``.
 
 Every process of a multi-process run holds the same replicated state (DDP), so the main process writes and every
-process reads. Sharded states (FSDP, DeepSpeed ZeRO) are not supported by this writer.
+process reads; a sharded state (``train.sharding=fsdp``, :mod:`bksdm.train.sharding`) is gathered by every process
+into the same whole tensors first, and placed back as shards on reading. DeepSpeed ZeRO is not supported.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bksdm.artifacts import atomic_dir, write_text
+from bksdm.train.sharding import full, is_sharded, placed_like
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -220,12 +222,14 @@ def write_checkpoint(
     root = out / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
     failure: BaseException | None = None
+    # A sharded optimizer state is gathered by every process together; a replicated one is read by the main one.
+    gathered = _optimizer_tensors(optimizer) if is_sharded(_parameters(optimizer)) else None
     if accelerator.is_main_process:
         try:
             root.mkdir(parents=True, exist_ok=True)
             with atomic_dir(final) as folder:
                 write_files(folder)
-                tensors, groups = _optimizer_tensors(optimizer)
+                tensors, groups = gathered or _optimizer_tensors(optimizer)
                 rng_tensors, rng = _rng_state()
                 tensors.update(rng_tensors)
                 save_file(tensors, str(folder / TRAINING_STATE_FILE))
@@ -260,12 +264,17 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     for index, values in state["state"].items():
         for name, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().to("cpu").contiguous()
+                tensors[f"optimizer.{index}.{name}"] = full(value).detach().to("cpu").contiguous()
             elif value is None or isinstance(value, (bool, int, float, str)):
                 scalars.setdefault(str(index), {})[name] = value
             else:
                 raise TypeError(f"optimizer state {name!r} of type {type(value).__name__} cannot be checkpointed")
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's parameters in the order of its state dict's indices."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -371,17 +380,21 @@ def load_module(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], wh
             f"the checkpoint's {what} does not fit this run's: {'; '.join(parts)}. It was made with another plan "
             "or model: resume with the settings it was made with, or start a new run in another output folder"
         )
-    module.load_state_dict(dict(tensors), strict=True)
+    module.load_state_dict({k: placed_like(own[k], v) for k, v in tensors.items()}, strict=True)
 
 
 def restore_training_state(folder: Path, state: dict[str, Any], optimizer, lr_scheduler) -> None:
     """Loads the optimizer, the learning-rate schedule and the RNG state written by :func:`write_checkpoint`."""
     tensors = read_weights(folder, Path(TRAINING_STATE_FILE).stem)
     groups = state["optimizer"]["param_groups"]
+    params = _parameters(optimizer)
     per_param: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
+            param = params[int(index)] if int(index) < len(params) else None
+            if param is not None and value.shape == param.shape:  # a moment of a sharded parameter: its shard
+                value = placed_like(param, value)
             per_param.setdefault(int(index), {})[name] = value
     for index, values in state["optimizer"].get("scalars", {}).items():
         per_param.setdefault(int(index), {}).update(values)

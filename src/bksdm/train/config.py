@@ -212,6 +212,10 @@ class TrainConfig:
     embedded guidance value instead (its model card uses 3.5); FLUX.1-schnell ignores it."""
     trackers: list[str] = field(default_factory=list)
     """Experiment trackers to log to, any of ``tensorboard`` and ``wandb``; empty logs to the console only."""
+    sharding: str = "none"
+    """``fsdp``: split the student's weights, gradients, optimizer state and EMA across the processes (PyTorch's
+    FSDP2; launch with ``accelerate launch --multi_gpu --num_processes N``), for students whose training state does
+    not fit one device; ``none``: every process holds all of it (DDP). Not part of the paper's recipe."""
     attention: str = "sdpa"
     """Attention kernel: ``sdpa`` (PyTorch scaled-dot-product attention) or ``default`` (diffusers' plain
     processor). Not part of the paper's recipe; sdpa computes the same attention, faster and in less memory."""
@@ -255,6 +259,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.teacher_dtype": ("auto", "fp32", "fp16", "bf16"),
     "train.trackers": ("tensorboard", "wandb"),
     "train.attention": ("sdpa", "default"),
+    "train.sharding": ("none", "fsdp"),
     "loss.feature_sites": ("blocks", "self_attention"),
 }
 

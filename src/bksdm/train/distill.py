@@ -62,6 +62,7 @@ from bksdm.train.runtime import (
     stop_on_sigterm,
     tracker_config,
 )
+from bksdm.train.sharding import full, full_state, placed_like, plain_model, shard_student, wants_sharding
 from bksdm.train.validation import Validator, plot_losses
 
 logger = get_logger(__name__)
@@ -148,11 +149,13 @@ def save_checkpoint(
     weights in ``unet_ema/`` (``transformer_ema/``), both stock diffusers folders, the optimizer and schedule, the
     resolved config."""
     student = accelerator.unwrap_model(models.student)
+    weights = full_state(student)  # every process: a sharded student's whole tensors are gathered
+    ema_weights = ema_state(ema, student) if ema is not None else None
 
     def write_files(folder: Path) -> None:
-        student.save_pretrained(folder / models.folder)
-        if ema is not None:
-            save_ema_weights(ema, student, folder / f"{models.folder}_ema")
+        write_weights(weights, student, folder / models.folder)
+        if ema_weights is not None:
+            write_weights(ema_weights, student, folder / f"{models.folder}_ema")
         save_config(cfg, folder / "config.yaml")
 
     return write_checkpoint(
@@ -186,45 +189,54 @@ def resume_from(accelerator: Accelerator, checkpoint: Path, models: Models, ema,
             raise CheckpointError(
                 f"checkpoint {checkpoint}: {models.folder}_ema/ does not hold every student parameter"
             )
-        shadow = [stored[name].to(p.device, p.dtype) for name, p in zip(names, ema.shadow_params, strict=True)]
+        shadow = [
+            placed_like(p, stored[name].to(p.device, p.dtype)) for name, p in zip(names, ema.shadow_params, strict=True)
+        ]
         ema.load_state_dict({**state["extra"]["ema"], "shadow_params": shadow})
     restore_training_state(checkpoint, state, optimizer, lr_scheduler)
     return int(state["step"])
 
 
 def save_ema_weights(ema, student: torch.nn.Module, folder: Path) -> None:
-    """The EMA weights as a stock diffusers folder of the student's class, written straight from the EMA's tensors.
+    """The EMA weights as a stock diffusers folder of the student's class (:func:`ema_state`, :func:`write_weights`)."""
+    write_weights(ema_state(ema, student), student, folder)
 
-    (``EMAModel.save_pretrained`` first builds a second student to copy them into: 1.8 GB more at the end of every
-    checkpoint at SD size, which took a 256-px distill run past 18 GB.) The EMA averages parameters only; the
-    student's persistent buffers (SD3's fixed sin-cos ``pos_embed``; a U-Net has none) are written as they are. The
-    EMA's counters go to ``trainer_state.json``.
+
+def ema_state(ema, student: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The EMA weights by the student's state-dict names, whole (collective when sharded).
+
+    The EMA averages parameters only; the student's persistent buffers (SD3's fixed sin-cos ``pos_embed``; a U-Net
+    has none) are taken as they are. (``EMAModel.save_pretrained`` would first build a second student to copy them
+    into: 1.8 GB more at the end of every checkpoint at SD size, which took a 256-px distill run past 18 GB.)
     """
     names = [name for name, _ in student.named_parameters()]
-    tensors = {name: p.detach().contiguous() for name, p in zip(names, ema.shadow_params, strict=True)}
-    tensors.update({k: v.detach().contiguous() for k, v in student.state_dict().items() if k not in tensors})
+    tensors = {name: full(p).detach() for name, p in zip(names, ema.shadow_params, strict=True)}
+    tensors.update({k: v for k, v in full_state(student).items() if k not in tensors})
+    return tensors
+
+
+def write_weights(tensors: dict[str, torch.Tensor], model: torch.nn.Module, folder: Path) -> None:
+    """A stock diffusers model folder: ``tensors`` in one safetensors file and ``model``'s config.json."""
     folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
     save_file(tensors, str(folder / f"{WEIGHTS}.safetensors"), metadata={"format": "pt"})
-    student.save_config(folder)
+    model.save_config(folder)
 
 
 def _ema_scalars(ema) -> dict[str, Any]:
     return {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
 
 
-def save_student(accelerator: Accelerator, models: Models, ema, out: Path) -> Path:
-    """The final output: a complete pipeline of the teacher's class (its encoders/VAE/scheduler + the student
-    denoiser, EMA if on), loadable by the stock ``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``, ...
+def save_student(models: Models, denoiser: torch.nn.Module, out: Path) -> Path:
+    """The final output: a complete pipeline of the teacher's class (its encoders/VAE/scheduler + ``denoiser``, the
+    student with its EMA weights if on), loadable by the stock ``StableDiffusionPipeline``,
+    ``StableDiffusion3Pipeline``, ...
 
-    With EMA the pipeline holds the EMA weights; the raw weights of the last step stay in the last checkpoint's
-    ``unet/`` (``transformer/``). Written atomically: a crash or a full disk leaves the checkpoints and no half
-    pipeline.
+    With EMA the raw weights of the last step stay in the last checkpoint's ``unet/`` (``transformer/``). Written
+    atomically: a crash or a full disk leaves the checkpoints and no half pipeline.
     """
-    student = accelerator.unwrap_model(models.student)
-    if ema is not None:
-        ema.copy_to(student.parameters())
     pipe = models.pipe
-    setattr(pipe, models.folder, student)  # pipe.unet / pipe.transformer: model_index.json follows
+    setattr(pipe, models.folder, denoiser)  # pipe.unet / pipe.transformer: model_index.json follows
     pipe.to(torch.float32)
     target = out / "student"
     with atomic_dir(target) as partial:
@@ -250,9 +262,10 @@ def distill(cfg: DistillConfig) -> Path:
     )
     if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
         raise TrainingSetupError(
-            f"{accelerator.distributed_type.value} shards the training state, which bksdm's checkpoints do not gather; "
-            "run distill with DDP (accelerate launch --multi_gpu)"
+            f"accelerate's {accelerator.distributed_type.value} plugin is not used by bksdm distill: launch with "
+            "accelerate launch --multi_gpu --num_processes N and set train.sharding=fsdp to shard the student"
         )
+    sharded = wants_sharding(cfg.train.sharding, accelerator.num_processes, mixed, cfg.optim.use_8bit_adam)
     if accelerator.is_main_process:
         remove_entries(stale)  # train.overwrite=true: the earlier run's checkpoints and logs
     accelerator.wait_for_everyone()
@@ -275,6 +288,11 @@ def distill(cfg: DistillConfig) -> Path:
     if cfg.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
+    if sharded:  # before the optimizer and the EMA, which then hold shards too
+        units = shard_student(models.student, accelerator.device, bf16=mixed == "bf16")
+        logger.info(
+            f"student sharded across {accelerator.num_processes} processes ({units} units)", main_process_only=True
+        )
     o = cfg.optim
     world = accelerator.num_processes
     lr = o.lr * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world if o.scale_lr else o.lr
@@ -292,7 +310,10 @@ def distill(cfg: DistillConfig) -> Path:
         )
         ema.to(accelerator.device)
     # The lr schedule is stepped by hand once per optimizer step (accelerate would step it once per process).
-    models.student, optimizer = accelerator.prepare(models.student, optimizer)
+    if sharded:  # FSDP2 reduces the gradients itself; accelerate only steps the optimizer on sync steps
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        models.student, optimizer = accelerator.prepare(models.student, optimizer)
 
     step = 0
     if checkpoint is not None:
@@ -310,7 +331,12 @@ def distill(cfg: DistillConfig) -> Path:
     metrics_file = (out / "logs" / "metrics.jsonl") if accelerator.is_main_process else None
     if metrics_file:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="distill", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=step,
+        desc="distill, sharded" if sharded else "distill",
+        disable=not accelerator.is_main_process,
+    )
     # Loss terms stay on the device until a log step: one reduction across processes per log_every steps.
     window = LossWindow(accum)
     samples, tick = 0, time.perf_counter()
@@ -386,8 +412,11 @@ def distill(cfg: DistillConfig) -> Path:
             saved = None
             if (every and step % every == 0) or step == cfg.train.max_steps:
                 saved = save_checkpoint(accelerator, cfg, models, ema, step, out, optimizer, lr_scheduler)
-            if validator and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
-                validator.run(accelerator.unwrap_model(models.student), step)
+            if cfg.train.validate_every and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
+                student = accelerator.unwrap_model(models.student)
+                denoiser = plain_model(student, full_state(student), models.family.model_class)  # gathers if sharded
+                if validator:
+                    validator.run(denoiser, step)
             if step < cfg.train.max_steps and stop.requested(accelerator):
                 saved = saved or save_checkpoint(accelerator, cfg, models, ema, step, out, optimizer, lr_scheduler)
                 bar.close()
@@ -397,8 +426,10 @@ def distill(cfg: DistillConfig) -> Path:
     bar.close()
     accelerator.wait_for_everyone()
     target = out / "student"
+    student = accelerator.unwrap_model(models.student)
+    final = ema_state(ema, student) if ema is not None else full_state(student)  # every process: gathers if sharded
     if accelerator.is_main_process:
-        target = save_student(accelerator, models, ema, out)
+        target = save_student(models, plain_model(student, final, models.family.model_class), out)
         if metrics_file and metrics_file.is_file():
             plot_losses(metrics_file, out / "loss_curve.png")
         logger.info(f"student pipeline written to {target}", main_process_only=True)
