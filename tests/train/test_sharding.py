@@ -22,7 +22,7 @@ from bksdm.train.sharding import (
     is_sharded,
     placed_like,
     plain_model,
-    shard_student,
+    shard_model,
     shard_units,
     wants_sharding,
 )
@@ -62,7 +62,7 @@ def test_unsharded_tensors_pass_through_and_one_process_cannot_shard() -> None:
     reference = next(model.parameters())
     assert placed_like(reference, reference.detach() * 2) is not reference
     with pytest.raises(ValueError, match="several processes"):
-        shard_student(model, torch.device("cpu"))
+        shard_model(model, torch.device("cpu"))
 
 
 def test_a_plain_model_holds_the_given_tensors_without_copying_them() -> None:
@@ -101,11 +101,13 @@ def test_two_sharded_processes_take_the_same_steps_as_one_and_write_the_same_che
 
     def two(out: Path, *extra: str) -> None:
         args = overrides(teacher, shapes, out, train__batch_size=2, train__sharding="fsdp", **common)
+        args += ["train.validate_every=4", "train.validation_steps=2"]  # drawn by both processes, written by one
         done = subprocess.run([*launch, "distill", *args, *extra], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "distill, sharded: 100%" in done.stderr  # the progress bar says so
 
     two(tmp_path / "two")
+    assert (tmp_path / "two" / "validation" / "step-0000004.png").is_file()
     student = build_student(getattr(DiffusionPipeline.from_pretrained(teacher), folder), ALL_PRESETS[plan]).student
     start = student.state_dict()
 

@@ -223,7 +223,8 @@ def write_checkpoint(
     final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
     failure: BaseException | None = None
     # A sharded optimizer state is gathered by every process together; a replicated one is read by the main one.
-    gathered = _optimizer_tensors(optimizer) if is_sharded(_parameters(optimizer)) else None
+    sharded = is_sharded(_parameters(optimizer))
+    gathered = _optimizer_tensors(optimizer, keep=accelerator.is_main_process) if sharded else None
     if accelerator.is_main_process:
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -256,15 +257,18 @@ def write_checkpoint(
     return final
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The optimizer's state: tensors by ``optimizer.<param index>.<name>``, the rest as JSON."""
+def _optimizer_tensors(
+    optimizer: torch.optim.Optimizer, keep: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's state: tensors by ``optimizer.<param index>.<name>`` (whole: ``sharding.full``), the rest as
+    JSON."""
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in state["state"].items():
         for name, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{name}"] = full(value).detach().to("cpu").contiguous()
+                tensors[f"optimizer.{index}.{name}"] = full(value, keep).detach().to("cpu").contiguous()
             elif value is None or isinstance(value, (bool, int, float, str)):
                 scalars.setdefault(str(index), {})[name] = value
             else:

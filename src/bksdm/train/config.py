@@ -213,9 +213,10 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)
     """Experiment trackers to log to, any of ``tensorboard`` and ``wandb``; empty logs to the console only."""
     sharding: str = "none"
-    """``fsdp``: split the student's weights, gradients, optimizer state and EMA across the processes (PyTorch's
-    FSDP2; launch with ``accelerate launch --multi_gpu --num_processes N``), for students whose training state does
-    not fit one device; ``none``: every process holds all of it (DDP). Not part of the paper's recipe."""
+    """``fsdp``: split the student's weights, gradients, optimizer state and EMA, and the frozen teacher's weights,
+    across the processes (PyTorch's FSDP2; launch with ``accelerate launch --multi_gpu --num_processes N``), for
+    models whose training does not fit one device; ``none``: every process holds all of it (DDP). Not part of the
+    paper's recipe."""
     attention: str = "sdpa"
     """Attention kernel: ``sdpa`` (PyTorch scaled-dot-product attention) or ``default`` (diffusers' plain
     processor). Not part of the paper's recipe; sdpa computes the same attention, faster and in less memory."""

@@ -62,7 +62,7 @@ from bksdm.train.runtime import (
     stop_on_sigterm,
     tracker_config,
 )
-from bksdm.train.sharding import full, full_state, placed_like, plain_model, shard_student, wants_sharding
+from bksdm.train.sharding import full, full_state, placed_like, plain_model, shard_model, wants_sharding
 from bksdm.train.validation import Validator, plot_losses
 
 logger = get_logger(__name__)
@@ -149,8 +149,9 @@ def save_checkpoint(
     weights in ``unet_ema/`` (``transformer_ema/``), both stock diffusers folders, the optimizer and schedule, the
     resolved config."""
     student = accelerator.unwrap_model(models.student)
-    weights = full_state(student)  # every process: a sharded student's whole tensors are gathered
-    ema_weights = ema_state(ema, student) if ema is not None else None
+    main = accelerator.is_main_process  # every process gathers a sharded student's tensors, the main one keeps them
+    weights = full_state(student, keep=main)
+    ema_weights = ema_state(ema, student, keep=main) if ema is not None else None
 
     def write_files(folder: Path) -> None:
         write_weights(weights, student, folder / models.folder)
@@ -202,16 +203,16 @@ def save_ema_weights(ema, student: torch.nn.Module, folder: Path) -> None:
     write_weights(ema_state(ema, student), student, folder)
 
 
-def ema_state(ema, student: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The EMA weights by the student's state-dict names, whole (collective when sharded).
+def ema_state(ema, student: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The EMA weights by the student's state-dict names, whole (collective when sharded: ``sharding.full``).
 
     The EMA averages parameters only; the student's persistent buffers (SD3's fixed sin-cos ``pos_embed``; a U-Net
     has none) are taken as they are. (``EMAModel.save_pretrained`` would first build a second student to copy them
     into: 1.8 GB more at the end of every checkpoint at SD size, which took a 256-px distill run past 18 GB.)
     """
     names = [name for name, _ in student.named_parameters()]
-    tensors = {name: full(p).detach() for name, p in zip(names, ema.shadow_params, strict=True)}
-    tensors.update({k: v for k, v in full_state(student).items() if k not in tensors})
+    tensors = {name: full(p, keep).detach() for name, p in zip(names, ema.shadow_params, strict=True)}
+    tensors.update({k: full(v, keep).detach() for k, v in student.state_dict().items() if k not in tensors})
     return tensors
 
 
@@ -289,10 +290,8 @@ def distill(cfg: DistillConfig) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     if sharded:  # before the optimizer and the EMA, which then hold shards too
-        units = shard_student(models.student, accelerator.device, bf16=mixed == "bf16")
-        logger.info(
-            f"student sharded across {accelerator.num_processes} processes ({units} units)", main_process_only=True
-        )
+        shard_model(models.teacher, accelerator.device)  # frozen: gathered block by block under no_grad
+        shard_model(models.student, accelerator.device, bf16=mixed == "bf16")
     o = cfg.optim
     world = accelerator.num_processes
     lr = o.lr * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world if o.scale_lr else o.lr
@@ -326,7 +325,11 @@ def distill(cfg: DistillConfig) -> Path:
         accelerator.init_trackers("bksdm-distill", config=tracker_config(config_to_dict(cfg)))
     weights = LossWeights(cfg.loss.lambda_task, cfg.loss.lambda_out, cfg.loss.lambda_feat)
     accum = cfg.train.gradient_accumulation_steps
-    validator = Validator(cfg, models, out) if accelerator.is_main_process and cfg.train.validate_every else None
+    # A sharded run's grids are drawn by every process together (each holds a share of both denoisers).
+    drawers = sharded or accelerator.is_main_process
+    validator = (
+        Validator(cfg, models, out, write=accelerator.is_main_process) if drawers and cfg.train.validate_every else None
+    )
     batches = batch_stream(cfg, models, accelerator, start_micro_step=step * accum)
     metrics_file = (out / "logs" / "metrics.jsonl") if accelerator.is_main_process else None
     if metrics_file:
@@ -412,11 +415,8 @@ def distill(cfg: DistillConfig) -> Path:
             saved = None
             if (every and step % every == 0) or step == cfg.train.max_steps:
                 saved = save_checkpoint(accelerator, cfg, models, ema, step, out, optimizer, lr_scheduler)
-            if cfg.train.validate_every and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
-                student = accelerator.unwrap_model(models.student)
-                denoiser = plain_model(student, full_state(student), models.family.model_class)  # gathers if sharded
-                if validator:
-                    validator.run(denoiser, step)
+            if validator and (step % cfg.train.validate_every == 0 or step == cfg.train.max_steps):
+                validator.run(accelerator.unwrap_model(models.student), step)
             if step < cfg.train.max_steps and stop.requested(accelerator):
                 saved = saved or save_checkpoint(accelerator, cfg, models, ema, step, out, optimizer, lr_scheduler)
                 bar.close()
@@ -427,7 +427,8 @@ def distill(cfg: DistillConfig) -> Path:
     accelerator.wait_for_everyone()
     target = out / "student"
     student = accelerator.unwrap_model(models.student)
-    final = ema_state(ema, student) if ema is not None else full_state(student)  # every process: gathers if sharded
+    main = accelerator.is_main_process  # every process gathers a sharded student's tensors, the main one keeps them
+    final = ema_state(ema, student, main) if ema is not None else full_state(student, main)
     if accelerator.is_main_process:
         target = save_student(models, plain_model(student, final, models.family.model_class), out)
         if metrics_file and metrics_file.is_file():

@@ -5,8 +5,9 @@ CPUs with gloo) applies PyTorch's ``fully_shard`` to every block of the student'
 down and up blocks, SD3's and FLUX's transformer blocks) and then to the student itself. Each process then holds
 1/N of every parameter, of its gradient, of AdamW's two moments and of the EMA copy; a block's full weights exist
 only while it runs. That is most of the memory of training a large student: for a 3B student in fp32, weights,
-gradients, moments and EMA are 5 x 12 GB; with 8 processes 7.5 GB each. The frozen teacher is not sharded (each
-process keeps it whole, in ``train.teacher_dtype``): validation draws the teacher's row on the main process.
+gradients, moments and EMA are 5 x 12 GB; with 8 processes 7.5 GB each. The frozen teacher is sharded the same
+way (a 12B FLUX.1 teacher in bf16: 24 GB, 3 GB a process with 8), and validation grids are drawn by every process
+together (the main one writes them).
 
 What leaves the run is unchanged: checkpoints and the final pipeline hold whole tensors in the same files as an
 unsharded run's (a sharded run resumes unsharded and the other way round). Gathering is collective: every process
@@ -27,7 +28,7 @@ __all__ = [
     "is_sharded",
     "placed_like",
     "plain_model",
-    "shard_student",
+    "shard_model",
     "shard_units",
     "wants_sharding",
 ]
@@ -74,10 +75,11 @@ def wants_sharding(setting: str, processes: int, mixed_precision: str, eight_bit
     return True
 
 
-def shard_student(student: nn.Module, device: torch.device, *, bf16: bool = False) -> int:
-    """Shards ``student`` in place across the processes of the default process group; returns the unit count.
+def shard_model(model: nn.Module, device: torch.device, *, bf16: bool = False) -> int:
+    """Shards ``model`` in place across the processes of the default process group; returns the unit count.
 
-    Call it after the student is on its device and before its optimizer and EMA are made (they take the shards).
+    Call it after the model is on its device and, for the student, before its optimizer and EMA are made (they
+    take the shards).
     With ``bf16`` the gathered weights and the computation are bf16 (the shards, the optimizer and the gradient
     reduction stay fp32): FSDP's mixed precision, in place of autocast.
 
@@ -98,7 +100,7 @@ def shard_student(student: nn.Module, device: torch.device, *, bf16: bool = Fals
     # (tests/train/test_sharding.py, FLUX, SD3.5, U-Net), so the warning, repeated by every process, is dropped.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    units = shard_units(student)
+    units = shard_units(model)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     for unit in units:
         fully_shard(unit, mesh=mesh, **({"mp_policy": policy} if policy else {}))
@@ -110,16 +112,23 @@ def is_sharded(tensors: Iterable[Tensor]) -> bool:
     return _DTENSOR is not None and any(isinstance(t, _DTENSOR) for t in tensors)
 
 
-def full(tensor: Tensor) -> Tensor:
-    """The whole tensor of a shard (collective: every process must call it), or the tensor itself."""
+def full(tensor: Tensor, keep: bool = True) -> Tensor:
+    """The whole tensor of a shard, in host memory (collective: every process must call it), or the tensor itself.
+
+    ``keep=False`` (the processes that write nothing): take part in the gathering and drop the result at once
+    (an empty tensor is returned), so that only the writing process holds a whole copy, one tensor at a time on
+    the device.
+    """
     if _DTENSOR is not None and isinstance(tensor, _DTENSOR):
-        return tensor.full_tensor()
+        whole = tensor.full_tensor()
+        return whole.cpu() if keep else torch.empty(0)
     return tensor
 
 
-def full_state(module: nn.Module) -> dict[str, Tensor]:
-    """``module.state_dict()`` with whole tensors, detached (collective when sharded; references when not)."""
-    return {name: full(value).detach() for name, value in module.state_dict().items()}
+def full_state(module: nn.Module, keep: bool = True) -> dict[str, Tensor]:
+    """``module.state_dict()`` with whole tensors, detached (collective when sharded, see :func:`full`; references
+    to the module's own tensors when not)."""
+    return {name: full(value, keep).detach() for name, value in module.state_dict().items()}
 
 
 def placed_like(reference: Tensor, value: Tensor) -> Tensor:

@@ -40,10 +40,11 @@ def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None) -
 class Validator:
     """Generates the same prompts with the same seeds from the teacher (once) and the student (each call)."""
 
-    def __init__(self, cfg, models, out: Path):
+    def __init__(self, cfg, models, out: Path, *, write: bool = True):
         self.cfg = cfg
         self.models = models
         self.dir = out / "validation"
+        self.write = write  # False: draw only (the other processes of a sharded run draw with the main one)
         self.teacher_images: list[Image.Image] | None = None
 
     def _generate(self, denoiser) -> list[Image.Image]:
@@ -85,7 +86,7 @@ class Validator:
 
     @torch.no_grad()
     def run(self, student, step: int) -> Path:
-        """Writes ``validation/step-NNNNNNN.png``: teacher row above student row."""
+        """Writes ``validation/step-NNNNNNN.png``: teacher row above student row (drawn only, unless ``write``)."""
         was_training = student.training
         student.eval()
         try:
@@ -94,8 +95,10 @@ class Validator:
             student_images = self._generate(student)
         finally:
             student.train(was_training)
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"step-{step:07d}.png"
+        if not self.write:
+            return path
+        self.dir.mkdir(parents=True, exist_ok=True)
         image_grid([self.teacher_images, student_images], ["teacher", f"student, step {step}"]).save(path)
         return path
 
