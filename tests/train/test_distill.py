@@ -533,6 +533,36 @@ def test_kd_step_on_onednn_kernels_equals_the_default_kernels(pipes: dict, layou
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_a_student_checkpointed_with_the_kernels_runs_them_and_equals_the_default_kernels(pipes, monkeypatch) -> None:
+    from bksdm.train.cpu_kernels import kernel_checkpointing, recomputes_with_kernels
+
+    teacher, student, scheduler, pairs = setup(pipes, "sd-v1", "bk-small")
+    student.train()
+    inputs = batch(dict(teacher.config))
+
+    def run(flag: str) -> tuple[tuple, int]:
+        monkeypatch.setenv("BKSDM_ONEDNN", flag)
+        student.zero_grad(set_to_none=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            losses = kd_step(student, teacher, scheduler, **inputs, feature_pairs=pairs, weights=LossWeights())
+            losses["loss"].backward()  # the checkpointed blocks are recomputed here
+        calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+        return ({k: v.detach() for k, v in losses.items()}, [p.grad.clone() for p in student.parameters()]), calls
+
+    student.enable_gradient_checkpointing()  # diffusers' own: recomputed outside the kernels, so none for the student
+    assert not recomputes_with_kernels(student)
+    _, teacher_only_calls = run("1")
+    student.enable_gradient_checkpointing(kernel_checkpointing())
+    assert recomputes_with_kernels(student)
+    (ours, ours_grads), calls = run("1")
+    (stock, stock_grads), stock_calls = run("0")
+    assert calls > teacher_only_calls > 0 and stock_calls == 0  # the student's layers joined, recomputation too
+    for key in stock:
+        torch.testing.assert_close(ours[key], stock[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours_grads, stock_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_ema_update_equals_diffusers_ema_step() -> None:
     from diffusers.training_utils import EMAModel
 

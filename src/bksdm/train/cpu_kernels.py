@@ -17,15 +17,16 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ONEDNN_ENV", "cpu_kernels"]
+__all__ = ["ONEDNN_ENV", "cpu_kernels", "kernel_checkpointing", "recomputes_with_kernels"]
 
 
 #: Set ``BKSDM_ONEDNN=0`` to run every layer with PyTorch's default CPU kernels (to compare, or to rule them out).
@@ -246,3 +247,27 @@ def cpu_kernels(device: torch.device | str = "cpu") -> Iterator[None]:
         return
     with _OneDNNMode():
         yield
+
+
+def kernel_checkpointing(device: torch.device | str = "cpu") -> Callable[..., Any]:
+    """A gradient-checkpointing function for diffusers' ``enable_gradient_checkpointing`` that runs the checkpointed
+    blocks inside :func:`cpu_kernels`, in the forward and in the backward's recomputation alike.
+
+    torch's checkpoint requires the recomputation to save the same tensors as the forward, so a block that ran the
+    kernels must be recomputed with them; the default checkpointing function recomputes outside any such block, and
+    a checkpointed student then had to run PyTorch's kernels throughout (``kd_step``).
+    """
+
+    def checkpoint(module: Callable[..., Any], *args: Any) -> Any:
+        contexts = lambda: (cpu_kernels(device), cpu_kernels(device))  # noqa: E731 (forward, recomputation)
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+    checkpoint.runs_cpu_kernels = True  # type: ignore[attr-defined]
+    return checkpoint
+
+
+def recomputes_with_kernels(model: nn.Module) -> bool:
+    """Whether ``model``'s gradient checkpointing is :func:`kernel_checkpointing`'s."""
+    return any(
+        getattr(getattr(m, "_gradient_checkpointing_func", None), "runs_cpu_kernels", False) for m in model.modules()
+    )

@@ -52,6 +52,7 @@ from bksdm.train.checkpoints import (
     write_checkpoint,
 )
 from bksdm.train.config import DistillConfig, OptimConfig, config_to_dict, save_config
+from bksdm.train.cpu_kernels import kernel_checkpointing
 from bksdm.train.encoders import freeze_teacher_parts, sample_latents
 from bksdm.train.kd import LossWeights, draw_noise, ema_update, kd_step
 from bksdm.train.runtime import (
@@ -59,6 +60,7 @@ from bksdm.train.runtime import (
     TrainingStopped,
     make_accelerator,
     peak_memory_mb,
+    status_line,
     stop_on_sigterm,
     tracker_config,
 )
@@ -276,7 +278,7 @@ def distill(cfg: DistillConfig) -> Path:
         weight_dtype = parse_dtype(cfg.train.teacher_dtype)
     models = load_models(cfg, accelerator.device, weight_dtype)
     if cfg.train.gradient_checkpointing:
-        models.student.enable_gradient_checkpointing()
+        models.student.enable_gradient_checkpointing(kernel_checkpointing(accelerator.device))
     if cfg.train.attention == "default" and models.folder != "unet":
         raise TrainingSetupError(
             "train.attention=default is the U-Net's classic attention processor; a transformer student keeps its "
@@ -408,8 +410,8 @@ def distill(cfg: DistillConfig) -> Path:
                 if metrics_file:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps(record) + "\n")
-                    bar.set_postfix_str(_status(record))
-                    logger.info(_status(record), main_process_only=True)
+                    bar.set_postfix_str(status_line(record))
+                    logger.info(status_line(record), main_process_only=True)
                 samples, tick = 0, time.perf_counter()
             every = cfg.train.checkpoint_every
             saved = None
@@ -436,13 +438,3 @@ def distill(cfg: DistillConfig) -> Path:
         logger.info(f"student pipeline written to {target}", main_process_only=True)
     accelerator.end_training()
     return target
-
-
-def _status(record: dict[str, Any]) -> str:
-    terms = " ".join(
-        f"{k}={record[k]:.4f}" for k in ("loss", "loss_task", "loss_kd_out", "loss_kd_feat") if k in record
-    )
-    return (
-        f"step {record['step']} {terms} lr={record['lr']:.2e} {record['samples_per_s']:.1f} samples/s "
-        f"peak {record['peak_memory_mb']:.0f} MB"
-    )

@@ -35,7 +35,7 @@ from bksdm.families.token_runs import fold_tail, folded, trailing_repeats, unfol
 from bksdm.families.unet import UNET, diffusion_target
 from bksdm.plan.resolved import FeaturePair
 from bksdm.seeding import STREAM_NOISE, sample_generator
-from bksdm.train.cpu_kernels import cpu_kernels
+from bksdm.train.cpu_kernels import cpu_kernels, recomputes_with_kernels
 
 __all__ = [
     "FeatureTap",
@@ -393,8 +393,10 @@ def kd_step(
     # Gradient checkpointing recomputes the forward during backward, outside this block: the recomputation must
     # run the kernels and attention the first forward ran (else torch's checkpoint sees other saved tensors and
     # raises, or, for the attention, silently computes other gradients).
+    # (A student checkpointed by ``cpu_kernels.kernel_checkpointing``, as distill's is, recomputes with the kernels.)
     recomputed = getattr(unwrap(student), "is_gradient_checkpointing", False)
-    kernels = contextlib.nullcontext() if recomputed else cpu_kernels(noisy.device)
+    kernels = contextlib.nullcontext() if recomputed and not recomputes_with_kernels(unwrap(student)) else None
+    kernels = kernels or cpu_kernels(noisy.device)
     repeats = 1 if recomputed else repeats
     text = fold_tail(encoder_hidden_states, repeats).to(dtype)
     with (

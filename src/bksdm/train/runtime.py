@@ -42,6 +42,7 @@ __all__ = [
     "TrainingStopped",
     "make_accelerator",
     "peak_memory_mb",
+    "status_line",
     "stop_on_sigterm",
 ]
 
@@ -207,3 +208,14 @@ def tracker_config(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
+
+
+def status_line(record: dict[str, Any]) -> str:
+    """One log record as the progress bar and the log show it: step, loss terms, lr, throughput, peak memory."""
+    terms = " ".join(
+        f"{k}={record[k]:.4f}" for k in ("loss", "loss_task", "loss_kd_out", "loss_kd_feat") if k in record
+    )
+    return (
+        f"step {record['step']} {terms} lr={record['lr']:.2e} {record['samples_per_s']:.1f} samples/s "
+        f"peak {record['peak_memory_mb']:.0f} MB"
+    )
