@@ -148,6 +148,37 @@ def test_the_untrained_student_is_the_teacher(tiny_sd_pipe, mode) -> None:
         assert trained and all("lora_" in n for n in trained)
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_student_checkpointed_with_the_kernels_takes_the_same_step(tiny_sd_pipe, mode) -> None:
+    from bksdm.train.cpu_kernels import kernel_checkpointing
+
+    teacher = tiny_sd_pipe.unet
+    config = LcmModelConfig(mode=mode, time_cond_proj_dim=8, lora_rank=4)
+    student = build_lcm_student(teacher, config, torch.float32).train()
+    objective = LcmObjective(
+        DDIMSolver.from_alphas(DDPMScheduler.from_config(tiny_sd_pipe.scheduler.config).alphas_cumprod),
+        "epsilon", "l2", embed_dim=8 if mode == "full" else None,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen)
+    text, uncond = torch.randn(2, 77, 32, generator=gen), torch.randn(1, 77, 32, generator=gen)
+    index, guidance = torch.tensor([3, 7]), torch.tensor([3.0, 6.0])
+    other = {name: p.detach().clone() for name, p in student.named_parameters()}
+
+    def step() -> tuple[float, list]:
+        student.zero_grad(set_to_none=True)
+        losses = lcm_step(student, teacher, other, objective, latents, text, uncond, index, noise, guidance)
+        losses["loss"].backward()  # a checkpointed student's blocks are recomputed here, on the same kernels
+        return losses["loss"].item(), [p.grad.clone() for p in student.parameters() if p.requires_grad]
+
+    plain_loss, plain_grads = step()
+    student.enable_gradient_checkpointing(kernel_checkpointing())
+    loss, grads = step()
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for a, b in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_at_the_first_solver_step_the_target_is_the_teachers_ddim_step(tiny_sd_pipe) -> None:
     """At n = 0 the solver lands on t = 0, where f(x, 0) = x: the target is the teacher's guided DDIM step itself,
     whatever the target network's weights; the teacher gets no gradient, the student does."""

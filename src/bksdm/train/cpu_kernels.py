@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ONEDNN_ENV", "cpu_kernels", "kernel_checkpointing", "recomputes_with_kernels"]
+__all__ = ["ONEDNN_ENV", "cpu_kernels", "kernel_checkpointing", "student_kernels"]
 
 
 #: Set ``BKSDM_ONEDNN=0`` to run every layer with PyTorch's default CPU kernels (to compare, or to rule them out).
@@ -266,8 +266,12 @@ def kernel_checkpointing(device: torch.device | str = "cpu") -> Callable[..., An
     return checkpoint
 
 
-def recomputes_with_kernels(model: nn.Module) -> bool:
-    """Whether ``model``'s gradient checkpointing is :func:`kernel_checkpointing`'s."""
-    return any(
+def student_kernels(model: nn.Module, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The kernels a trained model's forward may run: :func:`cpu_kernels`, unless the model is checkpointed by
+    another function than :func:`kernel_checkpointing` (its backward would recompute its blocks on other kernels than
+    the forward's, and torch's checkpoint would see other saved tensors); then PyTorch's own."""
+    checkpointed = getattr(model, "is_gradient_checkpointing", False)
+    ours = any(
         getattr(getattr(m, "_gradient_checkpointing_func", None), "runs_cpu_kernels", False) for m in model.modules()
     )
+    return cpu_kernels(device) if ours or not checkpointed else contextlib.nullcontext()

@@ -19,7 +19,6 @@ default ones to float rounding).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -35,7 +34,7 @@ from bksdm.families.token_runs import fold_tail, folded, trailing_repeats, unfol
 from bksdm.families.unet import UNET, diffusion_target
 from bksdm.plan.resolved import FeaturePair
 from bksdm.seeding import STREAM_NOISE, sample_generator
-from bksdm.train.cpu_kernels import cpu_kernels, recomputes_with_kernels
+from bksdm.train.cpu_kernels import cpu_kernels, student_kernels
 
 __all__ = [
     "FeatureTap",
@@ -395,8 +394,7 @@ def kd_step(
     # raises, or, for the attention, silently computes other gradients).
     # (A student checkpointed by ``cpu_kernels.kernel_checkpointing``, as distill's is, recomputes with the kernels.)
     recomputed = getattr(unwrap(student), "is_gradient_checkpointing", False)
-    kernels = contextlib.nullcontext() if recomputed and not recomputes_with_kernels(unwrap(student)) else None
-    kernels = kernels or cpu_kernels(noisy.device)
+    kernels = student_kernels(unwrap(student), noisy.device)
     repeats = 1 if recomputed else repeats
     text = fold_tail(encoder_hidden_states, repeats).to(dtype)
     with (

@@ -58,6 +58,7 @@ from bksdm.train.checkpoints import (
     trim_metrics,
     write_checkpoint,
 )
+from bksdm.train.cpu_kernels import kernel_checkpointing
 from bksdm.train.distill import WEIGHTS, TrainingSetupError, make_optimizer, save_ema_weights
 from bksdm.train.encoders import sample_latents
 from bksdm.train.kd import draw_noise, ema_update
@@ -250,7 +251,7 @@ def lcm(cfg: LcmConfig) -> Path:
         remove_entries(stale)  # train.overwrite=true: the earlier run's checkpoints and logs
     accelerator.wait_for_everyone()
     if t.gradient_checkpointing:
-        models.student.enable_gradient_checkpointing()
+        models.student.enable_gradient_checkpointing(kernel_checkpointing(accelerator.device))
     if t.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 

@@ -27,7 +27,6 @@ Pure: no files, no prints; randomness from :mod:`bksdm.seeding` generators keyed
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bksdm.seeding import sample_generator
-from bksdm.train.cpu_kernels import cpu_kernels
+from bksdm.train.cpu_kernels import cpu_kernels, student_kernels
 from bksdm.train.kd import unwrap
 
 __all__ = [
@@ -303,9 +302,7 @@ def lcm_step(
         )
         goal = c_skip * x_end + c_out * predicted_original(pred, x_end, end, kind, alphas)  # f_target(x_{t_n}, t_n)
 
-    recomputed = getattr(unwrap(student), "is_gradient_checkpointing", False)  # see bksdm.train.kd.kd_step
-    kernels = contextlib.nullcontext() if recomputed else cpu_kernels(latents.device)
-    with kernels:
+    with student_kernels(unwrap(student), latents.device):  # see bksdm.train.kd.kd_step
         dtype = _dtype(unwrap(student))
         out = _unet(student, x_start.to(dtype), start, text.to(dtype), cond)
     c_skip, c_out = (c.view(-1, 1, 1, 1) for c in boundary_scalings(start, timestep_scaling=objective.timestep_scaling))
