@@ -270,8 +270,8 @@ def student_kernels(model: nn.Module, device: torch.device | str) -> contextlib.
     """The kernels a trained model's forward may run: :func:`cpu_kernels`, unless the model is checkpointed by
     another function than :func:`kernel_checkpointing` (its backward would recompute its blocks on other kernels than
     the forward's, and torch's checkpoint would see other saved tensors); then PyTorch's own."""
-    checkpointed = getattr(model, "is_gradient_checkpointing", False)
-    ours = any(
-        getattr(getattr(m, "_gradient_checkpointing_func", None), "runs_cpu_kernels", False) for m in model.modules()
-    )
-    return cpu_kernels(device) if ours or not checkpointed else contextlib.nullcontext()
+    if not getattr(model, "is_gradient_checkpointing", False):  # the common case: no walk over the modules
+        return cpu_kernels(device)
+    functions = {getattr(m, "_gradient_checkpointing_func", None) for m in model.modules()}
+    ours = any(getattr(f, "runs_cpu_kernels", False) for f in functions)
+    return cpu_kernels(device) if ours else contextlib.nullcontext()

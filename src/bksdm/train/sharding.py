@@ -146,8 +146,8 @@ def plain_model(model: nn.Module, tensors: Mapping[str, Tensor], model_class: ty
     """An unsharded ``model_class`` model of ``model``'s config holding ``tensors`` (not copies of them): what the
     main process validates and saves. ``model`` itself where nothing is sharded and the tensors are its own."""
     own = model.state_dict()
-    mine = own.keys() == tensors.keys() and all(tensors[k].data_ptr() == own[k].data_ptr() for k in own)
-    if mine and not is_sharded(own.values()):
+    unsharded = not is_sharded(own.values()) and own.keys() == tensors.keys()  # (shards have no data to compare)
+    if unsharded and all(tensors[k].data_ptr() == own[k].data_ptr() for k in own):  # its own tensors: no new model
         return model
     with torch.device("meta"):
         plain = model_class.from_config(model.config)
