@@ -66,6 +66,14 @@ def run_cli(args: list[str], **kwargs) -> subprocess.Popen:
     )
 
 
+def run_two_processes(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``bksdm ARGS`` as two CPU processes under ``accelerate launch`` (one OpenMP thread each), run to the end."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bksdm.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def kill_at_checkpoint(args: list[str], out: Path, step: int = 4) -> None:
     """Runs a training command and SIGKILLs it as soon as its checkpoint of ``step`` is complete (a crash)."""
     victim = run_cli(args)

@@ -4,16 +4,14 @@ process count, resume, manifest, U-Net swap, user errors; the COCO 30K prompt bu
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from builders import run_two_processes
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -69,14 +67,10 @@ def batch1(tiny_sd_dir, prompt_file, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_batch_size_and_process_count_do_not_change_the_images(tiny_sd_dir, prompt_file, batch1, tmp_path) -> None:
     # Two processes, one prompt per call: byte for byte the files of one process.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "bksdm.cli", "-v", "generate",
-         "--model", str(tiny_sd_dir), "--prompts", str(prompt_file), "--out", str(tmp_path / "two"),
+    two = run_two_processes(
+        ["-v", "generate", "--model", str(tiny_sd_dir), "--prompts", str(prompt_file), "--out", str(tmp_path / "two"),
          "--steps", STEPS, "--batch-size", "1"],
-        env=env, capture_output=True, text=True, timeout=300,
+        timeout=300,
     )  # fmt: skip
     assert two.returncode == 0, two.stdout + two.stderr
     assert "on 2 process(es)" in two.stdout

@@ -3,14 +3,11 @@ with a sharded student (FLUX, SD3.5, U-Net) take the same steps as one unsharded
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from builders import make_shapes, run_cli
+from builders import make_shapes, run_cli, run_two_processes
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 from test_train import overrides
@@ -95,14 +92,10 @@ def test_two_sharded_processes_take_the_same_steps_as_one_and_write_the_same_che
     one = run_cli(["distill", *overrides(teacher, shapes, tmp_path / "one", train__batch_size=4, **common)])
     assert one.wait(timeout=300) == 0, one.stdout.read()
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bksdm.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
     def two(out: Path, *extra: str) -> None:
         args = overrides(teacher, shapes, out, train__batch_size=2, train__sharding="fsdp", **common)
         args += ["train.validate_every=4", "train.validation_steps=2"]  # drawn by both processes, written by one
-        done = subprocess.run([*launch, "distill", *args, *extra], env=env, capture_output=True, text=True, timeout=600)
+        done = run_two_processes(["distill", *args, *extra])
         assert done.returncode == 0, done.stdout + done.stderr
         assert "distill, sharded: 100%" in done.stderr  # the progress bar says so
 

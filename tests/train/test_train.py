@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from builders import kill_at_checkpoint, make_shapes, run_cli, sigterm_after_first_log
+from builders import kill_at_checkpoint, make_shapes, run_cli, run_two_processes, sigterm_after_first_log
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -173,30 +170,8 @@ def test_two_processes_take_the_same_step_as_one(tiny_sd_dir, shapes_dir, tmp_pa
         ["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "one", train__batch_size=4, train__max_steps=2)]
     )
     assert one.wait(timeout=300) == 0, one.stdout.read()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "bksdm.cli",
-            "distill",
-            *overrides(tiny_sd_dir, shapes_dir, tmp_path / "two", train__batch_size=2, train__max_steps=2),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    two = run_two_processes(
+        ["distill", *overrides(tiny_sd_dir, shapes_dir, tmp_path / "two", train__batch_size=2, train__max_steps=2)]
     )
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = unet_weights(tmp_path / "one" / "student" / "unet"), unet_weights(tmp_path / "two" / "student" / "unet")

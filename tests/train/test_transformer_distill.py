@@ -8,15 +8,12 @@ import copy
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from builders import kill_at_checkpoint, make_shapes, run_cli
+from builders import kill_at_checkpoint, make_shapes, run_cli, run_two_processes
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, StableDiffusion3Pipeline
 from PIL import Image
 from safetensors import safe_open
@@ -406,15 +403,7 @@ def test_two_processes_take_the_same_step_as_one(teacher_dirs, shapes_dir, tmp_p
     teacher = teacher_dirs[layout]
     one = run_cli(["distill", *dit_overrides(teacher, shapes_dir, tmp_path / "one", train__batch_size=4)])
     assert one.wait(timeout=300) == 0, one.stdout.read()
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bksdm.cli"]
-    two = subprocess.run(
-        [*launch, "distill", *dit_overrides(teacher, shapes_dir, tmp_path / "two", train__batch_size=2)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    two = run_two_processes(["distill", *dit_overrides(teacher, shapes_dir, tmp_path / "two", train__batch_size=2)])
     assert two.returncode == 0, two.stdout + two.stderr
     a = load_file(str(tmp_path / "one" / "student" / "transformer" / WEIGHTS))
     b = load_file(str(tmp_path / "two" / "student" / "transformer" / WEIGHTS))
